@@ -1,0 +1,28 @@
+# Two commands a user needs: `make demo` and `make test`. Both create .venv when missing.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.PHONY: demo test bench lint venv
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	# torch==2.13.0 is the CPU build on this machine's disk; other specifiers pull a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+venv: .venv/.installed
+
+demo: venv
+	.venv/bin/sd info tiny-sd1
+	.venv/bin/sd info sd1
+
+test: venv
+	.venv/bin/ruff check .
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) benchmarks/bench_components.py
+
+lint: venv
+	.venv/bin/ruff check .

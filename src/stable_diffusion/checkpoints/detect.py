@@ -1,0 +1,147 @@
+"""Model family and config from a single-file state dict's keys and shapes (the approach ComfyUI takes).
+
+Works on tensors of any device, ``meta`` and ``torch.empty`` fakes included: only names and shapes are read.
+Our own files also carry their exact config in the safetensors metadata, which wins when present."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+
+import torch
+
+from ..models.configs import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from .errors import CheckpointError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+# (prefix, layout) of each text encoder, per family
+TEXT_PREFIXES = {
+    "sd1": [("cond_stage_model.transformer.", "openai")],
+    "sd2": [("cond_stage_model.model.", "openclip")],
+    "sdxl": [("conditioner.embedders.0.transformer.", "openai"), ("conditioner.embedders.1.model.", "openclip")],
+}
+
+Shapes = Mapping[str, torch.Tensor]
+
+
+def _indices(keys: list[str], pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def detect_family(sd: Shapes) -> str:
+    keys = sd.keys()
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise CheckpointError("no text encoder keys (cond_stage_model.* or conditioner.embedders.*): "
+                          "not a Stable Diffusion single-file checkpoint")
+
+
+def detect_unet(sd: Shapes, prefix: str = UNET_PREFIX) -> UNetConfig:
+    keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
+    if "input_blocks.0.0.weight" not in keys:
+        raise CheckpointError(f"no UNet found (expected {prefix}input_blocks.0.0.weight)")
+
+    def shape(name: str) -> tuple[int, ...]:
+        return tuple(sd[prefix + name].shape)
+
+    mc, in_channels = shape("input_blocks.0.0.weight")[:2]
+    blocks = _indices(keys, r"input_blocks\.(\d+)\.")[1:]
+    levels: list[list[int]] = [[]]
+    for n in blocks:
+        if f"input_blocks.{n}.0.op.weight" in keys:
+            levels.append([])
+        else:
+            levels[-1].append(n)
+    num_res_blocks = len(levels[0])
+    channel_mult, depths, attn_res = [], [], []
+    context_dim = None
+    linear = False
+    for level, members in enumerate(levels):
+        channel_mult.append(shape(f"input_blocks.{members[0]}.0.out_layers.3.weight")[0] // mc)
+        depth = len(_indices(keys, rf"input_blocks\.{members[0]}\.1\.transformer_blocks\.(\d+)\."))
+        depths.append(depth)
+        if depth:
+            attn_res.append(2**level)
+            block = f"input_blocks.{members[0]}.1"
+            context_dim = shape(f"{block}.transformer_blocks.0.attn2.to_k.weight")[1]
+            linear = len(shape(f"{block}.proj_in.weight")) == 2
+    middle_depth = len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    if middle_depth and context_dim is None:
+        context_dim = shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
+        linear = len(shape("middle_block.1.proj_in.weight")) == 2
+    emb_out = shape(f"input_blocks.{levels[0][0]}.0.emb_layers.1.weight")[0]
+    adm = shape("label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in keys else None
+    # Heads cannot be read from weights: SD1 uses 8 heads, SD2/SDXL 64-channel heads (as LDM configs say).
+    heads = dict(num_heads=-1, num_head_channels=64) if linear else dict(num_heads=8, num_head_channels=-1)
+    return UNetConfig(
+        in_channels=in_channels, out_channels=shape("out.2.weight")[0], model_channels=mc,
+        channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks, attention_resolutions=tuple(attn_res),
+        transformer_depth=tuple(depths), transformer_depth_middle=middle_depth, context_dim=context_dim,
+        use_linear_in_transformer=linear, adm_in_channels=adm,
+        use_scale_shift_norm=emb_out == 2 * shape(f"input_blocks.{levels[0][0]}.0.out_layers.3.weight")[0],
+        **heads,
+    )
+
+
+def detect_vae(sd: Shapes, prefix: str = VAE_PREFIX) -> VAEConfig:
+    if prefix + "encoder.conv_in.weight" not in sd:
+        raise CheckpointError(f"no VAE found (expected {prefix}encoder.conv_in.weight)")
+    keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
+    ch, in_channels = sd[prefix + "encoder.conv_in.weight"].shape[:2]
+    levels = _indices(keys, r"encoder\.down\.(\d+)\.")
+    ch_mult = tuple(sd[f"{prefix}encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
+    return VAEConfig(
+        in_channels=in_channels, out_ch=sd[prefix + "decoder.conv_out.weight"].shape[0], ch=ch, ch_mult=ch_mult,
+        num_res_blocks=len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\.")),
+        z_channels=sd[prefix + "decoder.conv_in.weight"].shape[1],
+        embed_dim=sd[prefix + "post_quant_conv.weight"].shape[1],
+    )
+
+
+def detect_text_encoder(sd: Shapes, prefix: str, layout: str) -> TextEncoderConfig:
+    keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
+    if layout == "openai":
+        tok = sd[prefix + "text_model.embeddings.token_embedding.weight"]
+        pos = sd[prefix + "text_model.embeddings.position_embedding.weight"]
+        layers = len(_indices(keys, r"text_model\.encoder\.layers\.(\d+)\."))
+        inter = sd[prefix + "text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+        proj = sd[prefix + "text_projection.weight"].shape[0] if prefix + "text_projection.weight" in sd else None
+        act, pad = "quick_gelu", 49407
+    else:
+        tok = sd[prefix + "token_embedding.weight"]
+        pos = sd[prefix + "positional_embedding"]
+        layers = len(_indices(keys, r"transformer\.resblocks\.(\d+)\."))
+        inter = sd[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        proj = sd[prefix + "text_projection"].shape[1] if prefix + "text_projection" in sd else None
+        act, pad = "gelu", 0
+    vocab, width = tok.shape
+    return TextEncoderConfig(vocab_size=vocab, max_positions=pos.shape[0], width=width, layers=layers,
+                             heads=max(width // 64, 1), intermediate=inter, activation=act, projection_dim=proj,
+                             layout=layout, pad_token_id=pad)
+
+
+def detect_config(sd: Shapes) -> ModelConfig:
+    """The full ModelConfig of an LDM/SGM single-file state dict."""
+    family = detect_family(sd)
+    unet = detect_unet(sd)
+    texts = [detect_text_encoder(sd, p, layout) for p, layout in TEXT_PREFIXES[family]]
+    vae = detect_vae(sd) if VAE_PREFIX + "encoder.conv_in.weight" in sd else VAEConfig()
+    size_embed = 0
+    if family == "sd2":
+        # SD2 (FrozenOpenCLIPEmbedder, layer="penultimate") keeps the final norm; the projection is unused
+        texts = [dataclasses.replace(texts[0], output_layer=-2, projection_dim=None)]
+    elif family == "sdxl":
+        texts = [dataclasses.replace(t, output_layer=-2, final_norm=False) for t in texts]
+        vae = dataclasses.replace(vae, scaling_factor=0.13025)
+        pooled = texts[1].projection_dim or texts[1].width
+        size_embed = ((unet.adm_in_channels or pooled) - pooled) // 6
+    image_size = {"sd1": 512, "sd2": 512, "sdxl": 1024}[family]
+    return ModelConfig(family=family, unet=unet, vae=vae, text_encoders=texts, image_size=image_size,
+                       size_embed_dim=size_embed)

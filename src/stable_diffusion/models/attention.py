@@ -1,0 +1,111 @@
+"""Cross-attention transformer blocks of the LDM UNet (Rombach et al. 2022, "High-Resolution Image Synthesis
+with Latent Diffusion Models", sec. 3.3). Module names follow ldm/modules/attention.py."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    """The 32-group normalisation used throughout LDM."""
+    return nn.GroupNorm(32, channels, eps=eps, affine=True)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention; keys/values come from ``context`` (text tokens) or from ``x`` itself."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b, n, _ = x.shape
+        h = self.heads
+        # (B, N, h*d) -> (B, h, N, d)
+        q = self.to_q(x).view(b, n, h, -1).transpose(1, 2)
+        k = self.to_k(context).view(b, context.shape[1], h, -1).transpose(1, 2)
+        v = self.to_v(context).view(b, context.shape[1], h, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU feed-forward input (Shazeer 2020): ``a * gelu(b)`` for ``a, b = proj(x).chunk(2)``."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the context, then a GEGLU feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Feature map (B, C, H, W) -> tokens (B, H*W, C) -> transformer blocks -> feature map, plus residual.
+
+    ``use_linear`` selects the SD2/SDXL linear proj_in/proj_out instead of SD1's 1x1 convolutions."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int | None,
+                 use_linear: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = group_norm(channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, height, width = x.shape
+        h = self.norm(x)
+        if not self.use_linear:
+            h = self.proj_in(h)
+        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        if self.use_linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.use_linear:
+            h = self.proj_out(h)
+        h = h.transpose(1, 2).reshape(b, -1, height, width)
+        if not self.use_linear:
+            h = self.proj_out(h)
+        return h + x

@@ -1,0 +1,188 @@
+"""The LDM UNet noise predictor (Ho et al. 2020 UNet with BigGAN ResBlocks, plus the cross-attention of
+Rombach et al. 2022). Module names are those of ldm/modules/diffusionmodules/openaimodel.py and SGM, so
+``model.diffusion_model.*`` of an official checkpoint loads with ``strict=True``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import SpatialTransformer, group_norm
+from .configs import UNetConfig
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim): ``[cos(t f), sin(t f)]`` with ``f = max_period^(-i/half)``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class Downsample(nn.Module):
+    """Halve H and W: a stride-2 3x3 convolution (``op``), or average pooling without a convolution."""
+
+    def __init__(self, channels: int, use_conv: bool = True) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour interpolation, then (optionally) a 3x3 convolution."""
+
+    def __init__(self, channels: int, use_conv: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.conv is not None else x
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep embedding (added, or FiLM scale/shift when
+    ``use_scale_shift_norm``); ``up``/``down`` resample inside the block (BigGAN style)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0,
+                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False) -> None:
+        super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            h = self.in_layers[:-1](x)
+            h, x = self.h_upd(h), self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)[..., None, None]  # (B, C, 1, 1)
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """Runs its layers in order, giving each the inputs it takes (emb for ResBlocks, context for attention)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """``unet(x, timesteps, context, y=None)`` -> the eps (or v) prediction, shaped like ``x``.
+
+    x: (B, in_channels, H, W) latent; timesteps: (B,) in [0, 1000); context: (B, T, context_dim) text
+    tokens; y: (B, adm_in_channels) SDXL pooled-text + size embedding."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        mc = c.model_channels
+        emb_dim = mc * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.adm_in_channels:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
+
+        def res(ch_in: int, ch_out: int, **kw: bool) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, ch_out, c.dropout, c.use_scale_shift_norm, **kw)
+
+        def attn(ch: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = c.heads_for(ch)
+            return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer,
+                                      c.dropout)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]
+        ch = mc
+        last = len(c.channel_mult) - 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mc * mult)]
+                ch = mc * mult
+                if c.depth_at(level):
+                    layers.append(attn(ch, c.depth_at(level)))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != last:
+                down = res(ch, ch, down=True) if c.resblock_updown else Downsample(ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_channels.append(ch)
+
+        middle: list[nn.Module] = [res(ch, ch)]
+        if c.transformer_depth_middle:
+            middle.append(attn(ch, c.transformer_depth_middle))
+        middle.append(res(ch, ch))
+        self.middle_block = TimestepEmbedSequential(*middle)
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mc * mult)]
+                ch = mc * mult
+                if c.depth_at(level):
+                    layers.append(attn(ch, c.depth_at(level)))
+                if level and i == c.num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, c.out_channels, 3, padding=1))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out[2].weight.dtype
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        if timesteps.dim() == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        if self.config.adm_in_channels:
+            if y is None:
+                raise ValueError("this UNet needs the SDXL vector conditioning y (pooled text + size embedding)")
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        if context is not None:
+            context = context.to(x.dtype)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)

@@ -1,0 +1,199 @@
+"""The Pipeline: a model family's components (UNet, VAE, text encoders, tokenizers) and how they load and save.
+
+``load_pipeline(path_or_name)`` accepts an LDM/SGM single file (.safetensors, or .ckpt read weights-only),
+a diffusers folder, or a preset name (random weights, for tests and benchmarks)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import diffusers_folder
+from .checkpoints.detect import VAE_PREFIX, detect_config, detect_vae
+from .checkpoints.errors import CheckpointError
+from .checkpoints.io import read_state_dict, write_safetensors
+from .checkpoints.single_file import CONFIG_METADATA_KEY, join_components, split_components
+from .models.clip import CLIPTextModel
+from .models.configs import PRESETS, ModelConfig, preset
+from .models.tokenizer import CLIPTokenizer
+from .models.unet import UNetModel
+from .models.vae import AutoencoderKL
+
+BUILTIN_MODEL = Path(__file__).parent / "assets" / "builtin.safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Pipeline:
+    """Stable Diffusion's components; ``txt2img``/``img2img``/``inpaint`` build on them.
+
+    ``unet(x, timesteps, context, y=None)``, ``vae.encode(img)`` / ``vae.decode(z)``, ``text_encoder(ids)``
+    and ``tokenizer(texts)`` are called like the LDM originals. SDXL has two text encoders and tokenizers
+    (``text_encoders``, ``tokenizers``); ``text_encoder``/``tokenizer`` are the first of each."""
+
+    def __init__(self, config: ModelConfig, unet: UNetModel, vae: AutoencoderKL,
+                 text_encoders: list[CLIPTextModel], tokenizers: list[CLIPTokenizer]) -> None:
+        self.config = config
+        self.unet = unet
+        self.vae = vae
+        self.text_encoders = text_encoders
+        self.tokenizers = tokenizers
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        return self.tokenizers[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.out[2].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {"unet": self.unet, "vae": self.vae}
+        mods.update({f"text_encoder_{i}": te for i, te in enumerate(self.text_encoders)})
+        return mods
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+        for module in self.modules().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
+
+    def component_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: m.state_dict() for name, m in self.modules().items()}
+
+    def save(self, path: str | Path, format: str = "single-file", dtype: str | torch.dtype | None = None) -> None:
+        """Write a single-file ``.safetensors`` (LDM/SGM layout) or a diffusers folder."""
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        parts = {name: {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in sd.items()}
+                 for name, sd in self.component_state_dicts().items()}
+        if format == "single-file":
+            write_safetensors(path, join_components(parts, self.config),
+                              metadata={CONFIG_METADATA_KEY: self.config.to_json(), "format": "pt"})
+        elif format == "diffusers":
+            diffusers_folder.write_folder(path, self.config, parts, self.tokenizers)
+        else:
+            raise ValueError(f"unknown format {format!r} (single-file or diffusers)")
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, seed: int = 0) -> Pipeline:
+        """Random weights (PyTorch's default initialisation, seeded) for a config."""
+        torch.manual_seed(seed)
+        tokenizers = [CLIPTokenizer.builtin(tc.pad_token_id) for tc in config.text_encoders]
+        pipe = cls(config, UNetModel(config.unet), AutoencoderKL(config.vae),
+                   [CLIPTextModel(tc) for tc in config.text_encoders], tokenizers)
+        for module in pipe.modules().values():
+            module.eval()
+        return pipe
+
+    @classmethod
+    def from_parts(cls, config: ModelConfig, parts: dict[str, dict[str, torch.Tensor]],
+                   tokenizers: list[CLIPTokenizer], source: str = "checkpoint") -> Pipeline:
+        """Build the modules on the meta device and adopt the given weights (strict: every key must fit)."""
+        with torch.device("meta"):
+            pipe = cls(config, UNetModel(config.unet), AutoencoderKL(config.vae),
+                       [CLIPTextModel(tc) for tc in config.text_encoders], tokenizers)
+        for name, module in pipe.modules().items():
+            _adopt(module, parts.get(name, {}), f"{source} ({name})")
+            module.eval()
+        return pipe
+
+
+def _adopt(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{what}: weights do not fit the detected architecture: {'; '.join(detail)}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{what}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def _sidecar_prediction(path: Path) -> str | None:
+    """A1111's convention: ``model.yaml`` beside ``model.safetensors`` with ``parameterization: "v"``."""
+    for yaml in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
+        if yaml.exists():
+            m = re.search(r"parameterization:\s*[\"']?(\w+)", yaml.read_text(errors="replace"))
+            if m:
+                return "v" if m.group(1) == "v" else "eps"
+    return None
+
+
+def read_vae(path: str | Path, scaling_factor: float) -> tuple[object, dict[str, torch.Tensor]]:
+    """A standalone VAE file (LDM names, with or without ``first_stage_model.``, or diffusers names)."""
+    sd, _ = read_state_dict(path)
+    if any(k.startswith("encoder.down_blocks.") for k in sd):  # diffusers layout: convert via our key map
+        raise CheckpointError(f"{path}: diffusers-layout VAE files are read from a diffusers folder's vae/")
+    prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in sd) else ""
+    config = detect_vae(sd, prefix)
+    config.scaling_factor = scaling_factor
+    state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not k[len(prefix):].startswith("loss.")}
+    return config, state
+
+
+def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None, *, prediction: str | None = None,
+                  vae: str | Path | None = None) -> Pipeline:
+    """Load a model: a single file, a diffusers folder, a preset name, or (None) the built-in model.
+
+    ``prediction`` ("eps" or "v") overrides what the file says (SD2 768-v checkpoints look like eps ones);
+    ``vae`` replaces the model's VAE with a standalone VAE file."""
+    if path_or_name is None:
+        if not BUILTIN_MODEL.exists():
+            raise CheckpointError(f"the built-in model is not installed ({BUILTIN_MODEL}); pass a model path")
+        path_or_name = BUILTIN_MODEL
+    name = str(path_or_name)
+    if name in PRESETS and not Path(name).exists():
+        pipe = Pipeline.from_config(preset(name))
+    else:
+        path = Path(path_or_name)
+        if path.is_dir():
+            config, parts, tokenizers = diffusers_folder.read_folder(path)
+        else:
+            sd, metadata = read_state_dict(path)
+            config = ModelConfig.from_json(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata \
+                else detect_config(sd)
+            parts = split_components(sd, config)
+            if not parts["vae"] and vae is None:
+                raise CheckpointError(f"{path}: has no VAE weights (first_stage_model.*); pass a VAE file")
+            hinted = _sidecar_prediction(path) or ("v" if "v_pred" in sd else None)
+            hinted = hinted or {"v": "v", "epsilon": "eps"}.get(metadata.get("modelspec.prediction_type", ""))
+            if hinted:
+                config = config.replace(prediction=hinted)
+            tokenizers = [CLIPTokenizer.builtin(tc.pad_token_id) for tc in config.text_encoders]
+        if vae is not None:
+            vae_config, parts["vae"] = read_vae(vae, config.vae.scaling_factor)
+            config = config.replace(vae=vae_config)
+        if prediction:
+            if prediction not in ("eps", "v"):
+                raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+            config = config.replace(prediction=prediction, image_size=768 if prediction == "v" and
+                                    config.family == "sd2" else config.image_size)
+        pipe = Pipeline.from_parts(config, parts, tokenizers, source=str(path))
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    return pipe.to(device=device, dtype=dtype)
