@@ -45,10 +45,17 @@ def _builtin_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def _folder_vocab(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-    return vocab, merges  # type: ignore[return-value]
+    """vocab.json + merges.txt (classic layout) or tokenizer.json (what transformers 5 writes)."""
+    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        return vocab, merges  # type: ignore[return-value]
+    if (folder / "tokenizer.json").exists():
+        model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+        merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return model["vocab"], merges  # type: ignore[return-value]
+    raise FileNotFoundError(f"{folder}: no tokenizer files (vocab.json + merges.txt, or tokenizer.json)")
 
 
 class CLIPTokenizer:
