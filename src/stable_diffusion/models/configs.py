@@ -41,10 +41,15 @@ class UNetConfig:
         self.transformer_depth = tuple(self.transformer_depth)
         if len(self.transformer_depth) != len(self.channel_mult):
             raise ValueError("transformer_depth needs one entry per channel_mult level")
+        # canonical form: a level has attention iff its factor is listed and its depth is > 0
+        levels = range(len(self.channel_mult))
+        self.transformer_depth = tuple(d if 2**lv in self.attention_resolutions else 0
+                                       for lv, d in zip(levels, self.transformer_depth))
+        self.attention_resolutions = tuple(2**lv for lv in levels if self.transformer_depth[lv])
 
     def depth_at(self, level: int) -> int:
         """Transformer blocks at a level (0 = no attention there)."""
-        return self.transformer_depth[level] if 2**level in self.attention_resolutions else 0
+        return self.transformer_depth[level]
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(num_heads, head_dim) for a block of ``channels`` width, as LDM computes them."""
