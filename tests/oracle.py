@@ -53,8 +53,13 @@ def hf_tokenizer(pad: str = "<|endoftext|>"):
 
 def build_diffusers_pipeline(family: str, seed: int = 0, in_channels: int = 4):
     """A random-weight diffusers pipeline of the tiny family."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -107,9 +112,11 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor, rel: float = 1e-4) ->
 def ldm_original_config(config) -> dict:
     """The LDM/SGM yaml (as a dict) that describes ``config``, for diffusers' single-file converters."""
     u, v = config.unet, config.vae
+    depth = list(u.transformer_depth)
+    depth[-1] = depth[-1] or u.transformer_depth_middle  # diffusers sizes the middle block by the last level
     unet = dict(in_channels=u.in_channels, out_channels=u.out_channels, model_channels=u.model_channels,
                 attention_resolutions=list(u.attention_resolutions), num_res_blocks=u.num_res_blocks,
-                channel_mult=list(u.channel_mult), transformer_depth=list(u.transformer_depth),
+                channel_mult=list(u.channel_mult), transformer_depth=depth,
                 context_dim=u.context_dim, use_linear_in_transformer=u.use_linear_in_transformer)
     if u.num_head_channels == -1:
         unet["num_heads"] = u.num_heads

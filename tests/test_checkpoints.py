@@ -194,8 +194,9 @@ def test_separate_vae_file_replaces_the_vae(tmp_path):
     pipe = Pipeline.from_config(preset("tiny-sd1"), seed=0)
     other = Pipeline.from_config(preset("tiny-sd1"), seed=9)
     pipe.save(tmp_path / "m.safetensors")
-    save_file({"first_stage_model." + k: v for k, v in other.vae.state_dict().items()}, tmp_path / "vae.safetensors")
-    save_file(dict(other.vae.state_dict()), tmp_path / "bare_vae.safetensors")
+    vae_sd = other.component_state_dicts()["vae"]
+    save_file({"first_stage_model." + k: v for k, v in vae_sd.items()}, tmp_path / "vae.safetensors")
+    save_file(vae_sd, tmp_path / "bare_vae.safetensors")
     z = torch.randn(1, 4, 8, 8)
     for vae in ("vae.safetensors", "bare_vae.safetensors"):
         loaded = load_pipeline(tmp_path / "m.safetensors", vae=tmp_path / vae)

@@ -75,7 +75,8 @@ class Pipeline:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
 
     def component_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: m.state_dict() for name, m in self.modules().items()}
+        """Each module's weights, contiguous (NCHW) whatever the layout they run in."""
+        return {name: {k: v.contiguous() for k, v in m.state_dict().items()} for name, m in self.modules().items()}
 
     def save(self, path: str | Path, format: str = "single-file", dtype: str | torch.dtype | None = None) -> None:
         """Write a single-file ``.safetensors`` (LDM/SGM layout) or a diffusers folder."""
@@ -111,6 +112,8 @@ class Pipeline:
         for name, module in pipe.modules().items():
             _adopt(module, parts.get(name, {}), f"{source} ({name})")
             module.eval()
+        for module in (pipe.unet, pipe.vae):
+            module.to(memory_format=torch.channels_last)  # adopted file tensors arrive contiguous (NCHW)
         return pipe
 
 

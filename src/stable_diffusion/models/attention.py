@@ -45,8 +45,15 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
+        if torch.is_grad_enabled():
+            a, gate = self.proj(x).chunk(2, dim=-1)
+            return a * F.gelu(gate)
+        # inference: two half-width matmuls give contiguous halves that can be combined in place
+        half = self.proj.out_features // 2
+        w, b = self.proj.weight, self.proj.bias
+        a = F.linear(x, w[:half], b[:half])
+        gate = F.linear(x, w[half:], b[half:])
+        return a.mul_(F.gelu(gate))
 
 
 class FeedForward(nn.Module):
@@ -98,14 +105,16 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x)
         if not self.use_linear:
             h = self.proj_in(h)
-        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        h = h.permute(0, 2, 3, 1).reshape(b, height * width, -1)  # (B, H*W, C), contiguous
         if self.use_linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.use_linear:
             h = self.proj_out(h)
-        h = h.transpose(1, 2).reshape(b, -1, height, width)
+        h = h.reshape(b, height, width, -1).permute(0, 3, 1, 2)  # back to (B, C, H, W), channels-last in memory
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            h = h.contiguous()
         if not self.use_linear:
             h = self.proj_out(h)
         return h + x

@@ -161,6 +161,13 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, c.out_channels, 3, padding=1))
+        self.to(memory_format=torch.channels_last)
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the convolution weights are stored channels-last (NHWC), the faster layout for oneDNN and
+        tensor cores; the forward pass then runs channels-last throughout. ``.to(memory_format=...)`` switches."""
+        return self.out[2].weight.is_contiguous(memory_format=torch.channels_last)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -178,11 +185,11 @@ class UNetModel(nn.Module):
         if context is not None:
             context = context.to(x.dtype)
         skips = []
-        h = x
+        h = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h)
+        return self.out(h).contiguous()

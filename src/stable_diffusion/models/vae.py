@@ -3,6 +3,10 @@ Module names follow ldm/modules/diffusionmodules/model.py so ``first_stage_model
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,10 +68,12 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)
-        # (B, C, H, W) -> (B, 1, H*W, C)
-        q, k, v = (proj(n).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))
+        # (B, C, H, W) -> (B, 1, H*W, C); a free view when x is channels-last
+        q, k, v = (proj(n).permute(0, 2, 3, 1).reshape(b, 1, h * w, c) for proj in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+        out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous()
         return x + self.proj_out(out)
 
 
@@ -181,6 +187,12 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        self.to(memory_format=torch.channels_last)  # faster convolutions (oneDNN, tensor cores); same maths
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_conv.weight.is_contiguous(memory_format=torch.channels_last):
+            return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return x.to(self.dtype)
 
     @property
     def scaling_factor(self) -> float:
@@ -195,11 +207,115 @@ class AutoencoderKL(nn.Module):
         return self.quant_conv.weight.dtype
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(self.quant_conv(self.encoder(x.to(self.dtype))))
+        return DiagonalGaussian(self._moments(x))
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(self._layout(x))).contiguous()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z.to(self.dtype)))
+        return self.decoder(self.post_quant_conv(self._layout(z))).contiguous()
+
+    def encode_tiled(self, x: torch.Tensor, tile: int = 512, overlap: int = 64) -> DiagonalGaussian:
+        """``encode`` in overlapping ``tile``-pixel tiles: memory bounded by the tile size (see ``tiled_map``)."""
+        with shared_group_norm_stats(self.encoder, lambda: self._moments(_shrink(x, tile))):
+            return DiagonalGaussian(tiled_map(self._moments, x, tile, overlap, 1 / self.downscale))
+
+    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+        """``decode`` in overlapping ``tile``-latent tiles: memory bounded by the tile size (see ``tiled_map``)."""
+        with shared_group_norm_stats(self.decoder, lambda: self.decode(_shrink(z, tile))):
+            return tiled_map(self.decode, z, tile, overlap, self.downscale)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    return [*range(0, size - tile, stride), size - tile]
+
+
+def _ramp(length: int, overlap: int, first: bool, last: bool) -> torch.Tensor:
+    """Blend weights along one axis of a tile: rising over the leading overlap, falling over the trailing one."""
+    w = torch.ones(length)
+    overlap = min(overlap, length // 2)
+    if overlap > 0:
+        up = torch.linspace(0, 1, overlap + 2)[1:-1]
+        if not first:
+            w[:overlap] = up
+        if not last:
+            w[-overlap:] = up.flip(0)
+    return w
+
+
+def tiled_map(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
+              scale: float) -> torch.Tensor:
+    """Apply a spatial map ``fn`` (output size = input size * scale) tile by tile over (B, C, H, W) and blend
+    the overlapping outputs with linear ramps, so neighbouring tiles fade into each other without seams."""
+    b, _, height, width = x.shape
+    if height <= tile and width <= tile:
+        return fn(x)
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap ({overlap}) must be smaller than the tile ({tile})")
+    ys, xs = _starts(height, tile, tile - overlap), _starts(width, tile, tile - overlap)
+    out = weight = None
+    for y0 in ys:
+        for x0 in xs:
+            part = fn(x[:, :, y0:y0 + tile, x0:x0 + tile])
+            if out is None:
+                out = part.new_zeros(b, part.shape[1], round(height * scale), round(width * scale))
+                weight = part.new_zeros(1, 1, out.shape[2], out.shape[3])
+            oy, ox, ph, pw = round(y0 * scale), round(x0 * scale), part.shape[2], part.shape[3]
+            ov = round(overlap * scale)
+            mask = (_ramp(ph, ov, y0 == ys[0], y0 == ys[-1])[:, None] * _ramp(pw, ov, x0 == xs[0], x0 == xs[-1])[None])
+            mask = mask.to(part)
+            out[:, :, oy:oy + ph, ox:ox + pw] += part * mask
+            weight[:, :, oy:oy + ph, ox:ox + pw] += mask
+    return out / weight
+
+
+def _shrink(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` resized (area average) so that its longer side is at most ``size``."""
+    h, w = x.shape[-2:]
+    scale = min(1.0, size / max(h, w))
+    return F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
+
+
+@contextmanager
+def shared_group_norm_stats(module: nn.Module, probe: Callable[[], object]) -> Iterator[None]:
+    """Make every GroupNorm in ``module`` normalise with whole-image statistics instead of per-tile ones.
+
+    ``probe`` runs the network once on a downsized copy of the whole input; the mean and variance each
+    GroupNorm sees there are then used for every tile, so all tiles share one normalisation (per-tile
+    statistics are what makes tiles differ in brightness and colour, i.e. visible seams)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+    stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(norm: nn.GroupNorm, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        g = args[0].float().reshape(args[0].shape[0], norm.num_groups, -1)
+        stats[id(norm)] = (g.mean(dim=-1), g.var(dim=-1, unbiased=False))
+
+    hooks = [n.register_forward_hook(record) for n in norms]
+    try:
+        probe()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    def frozen(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        mean, var = stats[id(norm)]
+        b, c = x.shape[:2]
+        scale = (var + norm.eps).rsqrt()
+        y = (x.float().reshape(b, norm.num_groups, c // norm.num_groups, -1) - mean[..., None, None]) \
+            * scale[..., None, None]
+        y = y.reshape(x.shape).to(x.dtype)
+        return y * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+    for n in norms:
+        n.forward = partial(frozen, n)  # instance attribute shadows the class method
+    try:
+        yield
+    finally:
+        for n in norms:
+            del n.forward

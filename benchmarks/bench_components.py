@@ -1,0 +1,138 @@
+"""Our UNet step, VAE decode and text encoder against diffusers / transformers, same weights and inputs, one run.
+
+SD1.5 sizes, fp32, CPU by default: UNet at 512px (latent 64x64), batch 2 (CFG's cond + uncond) with a 77x768
+context; VAE decode of one 64x64 latent to 512x512; text encoder on 2 prompts. Prints the best-of-N time of each,
+the ratio ours/theirs (< 1 means we are faster), achieved GFLOP/s, and the peak extra RSS during the call.
+
+    python benchmarks/bench_components.py [--repeats 3] [--device cpu] [--components unet,vae,text]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from stable_diffusion.checkpoints.keymap import rename, unet_module_map, vae_to_diffusers
+from stable_diffusion.models.configs import preset
+from stable_diffusion.pipeline import Pipeline
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread; ``extra`` is the peak above the level at start (bytes)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.proc = psutil.Process(os.getpid())
+        self.start = self.peak = self.proc.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.start
+
+
+def measure_pair(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
+                 device: torch.device) -> tuple[float, float, int, int]:
+    """Best-of-``repeats`` seconds of ours and theirs, timed alternately after a warm-up of each (so drift in
+    the machine's speed hits both alike), and the peak extra RSS of each."""
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    peaks = {"ours": 0, "theirs": 0}
+    fns = {"theirs": theirs, "ours": ours}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with PeakRSS() as rss:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+            peaks[name] = max(peaks[name], rss.extra)
+    return min(times["ours"]), min(times["theirs"]), peaks["ours"], peaks["theirs"]
+
+
+def flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def build(device: torch.device):
+    """Our SD1.5-size pipeline with random weights, and diffusers/transformers models holding the same weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    ours = Pipeline.from_config(preset("sd1"), seed=0)
+    theirs_unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    theirs_unet.load_state_dict(rename(ours.unet.state_dict(), unet_module_map(ours.config.unet)), strict=True)
+    theirs_vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+    theirs_vae.load_state_dict(vae_to_diffusers(ours.vae.state_dict(), ours.config.vae), strict=True)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768))
+    text_sd = ours.text_encoder.state_dict()
+    if not hasattr(text, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
+    text.load_state_dict(text_sd, strict=True)
+    for m in (theirs_unet, theirs_vae, text):
+        m.eval().to(device)
+    ours.to(device)
+    return ours, theirs_unet, theirs_vae, text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--components", default="unet,vae,text")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    ours, unet, vae, text = build(device)
+    x = torch.randn(2, 4, 64, 64, device=device)
+    t = torch.tensor([500.0, 500.0], device=device)
+    context = torch.randn(2, 77, 768, device=device)
+    z = torch.randn(1, 4, 64, 64, device=device)
+    ids = ours.tokenizer(["a photo of an astronaut riding a horse on mars", ""]).to(device)
+    cases = {
+        "unet": (lambda: ours.unet(x, t, context), lambda: unet(x, t, encoder_hidden_states=context).sample),
+        "vae": (lambda: ours.vae.decode(z), lambda: vae.decode(z).sample),
+        "text": (lambda: ours.text_encoder(ids), lambda: text(ids).last_hidden_state),
+    }
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, fp32, "
+          f"best of {args.repeats} alternating runs after 1 warm-up")
+    print(f"{'component':<10}{'ours s':>9}{'diffusers s':>13}{'ratio':>8}{'GFLOP':>9}{'ours GFLOP/s':>14}"
+          f"{'ours +RSS MB':>14}{'theirs +RSS MB':>16}")
+    with torch.inference_mode():
+        for name in args.components.split(","):
+            ours_fn, theirs_fn = cases[name]
+            gflop = flops(ours_fn) / 1e9
+            t_ours, t_theirs, m_ours, m_theirs = measure_pair(ours_fn, theirs_fn, args.repeats, device)
+            print(f"{name:<10}{t_ours:>9.3f}{t_theirs:>13.3f}{t_ours / t_theirs:>8.3f}{gflop:>9.1f}"
+                  f"{gflop / t_ours:>14.1f}{m_ours / 2**20:>14.0f}{m_theirs / 2**20:>16.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
