@@ -17,7 +17,7 @@ def test_info_on_a_preset_and_a_file(tmp_path, capsys):
     Pipeline.from_config(preset("tiny-sd2")).save(tmp_path / "m.safetensors", dtype="fp16")
     assert main(["info", str(tmp_path / "m.safetensors")]) == 0
     out = capsys.readouterr().out
-    assert "family:      sd2" in out and "prediction:  eps" in out
+    assert "family:      sd2" in out and "prediction:  eps" in out and "float16 stored, float32 loaded" in out
 
 
 def test_convert_round_trip_with_dtype(tmp_path, capsys):

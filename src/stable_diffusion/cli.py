@@ -20,9 +20,10 @@ def _describe(pipe: object, source: str) -> str:
         f"model:       {source}",
         f"family:      {c.family}{' (inpainting, 9-channel UNet)' if c.is_inpainting else ''}",
         f"prediction:  {c.prediction}",
-        f"native size: {c.image_size}x{c.image_size} (latent {c.unet.in_channels if not c.is_inpainting else 4}"
-        f"x{c.image_size // pipe.vae.downscale}x{c.image_size // pipe.vae.downscale})",
-        f"dtype:       {str(pipe.dtype).removeprefix('torch.')}",
+        f"native size: {c.image_size}x{c.image_size} (latent {c.vae.embed_dim}x{c.image_size // pipe.vae.downscale}"
+        f"x{c.image_size // pipe.vae.downscale})",
+        f"dtype:       {str(pipe.stored_dtype).removeprefix('torch.')} stored, "
+        f"{str(pipe.dtype).removeprefix('torch.')} loaded",
         f"UNet:        {counts['unet'] / 1e6:.1f}M parameters, channels {c.unet.model_channels} x "
         f"{list(c.unet.channel_mult)}, context {c.unet.context_dim}",
         f"VAE:         {counts['vae'] / 1e6:.1f}M parameters, scaling factor {c.vae.scaling_factor}",

@@ -40,6 +40,7 @@ class Pipeline:
         self.vae = vae
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
+        self.stored_dtype = unet.dtype  # the dtype the weights had in the file they came from
 
     @property
     def family(self) -> str:
@@ -112,6 +113,7 @@ class Pipeline:
         for name, module in pipe.modules().items():
             _adopt(module, parts.get(name, {}), f"{source} ({name})")
             module.eval()
+        pipe.stored_dtype = pipe.unet.dtype
         for module in (pipe.unet, pipe.vae):
             module.to(memory_format=torch.channels_last)  # adopted file tensors arrive contiguous (NCHW)
         return pipe
