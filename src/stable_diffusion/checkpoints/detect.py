@@ -105,26 +105,30 @@ def detect_vae(sd: Shapes, prefix: str = VAE_PREFIX) -> VAEConfig:
     )
 
 
+# Where each text-encoder layout keeps the tensors whose shapes give the config.
+_TEXT_NAMES = {
+    "openai": dict(token="text_model.embeddings.token_embedding.weight",
+                   position="text_model.embeddings.position_embedding.weight",
+                   layer=r"text_model\.encoder\.layers\.(\d+)\.", fc1="text_model.encoder.layers.0.mlp.fc1.weight",
+                   projection="text_projection.weight", projection_axis=0, activation="quick_gelu", pad=49407),
+    "openclip": dict(token="token_embedding.weight", position="positional_embedding",
+                     layer=r"transformer\.resblocks\.(\d+)\.", fc1="transformer.resblocks.0.mlp.c_fc.weight",
+                     projection="text_projection", projection_axis=1, activation="gelu", pad=0),
+}
+
+
 def detect_text_encoder(sd: Shapes, prefix: str, layout: str) -> TextEncoderConfig:
+    names = _TEXT_NAMES[layout]
     keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
-    if layout == "openai":
-        tok = sd[prefix + "text_model.embeddings.token_embedding.weight"]
-        pos = sd[prefix + "text_model.embeddings.position_embedding.weight"]
-        layers = len(_indices(keys, r"text_model\.encoder\.layers\.(\d+)\."))
-        inter = sd[prefix + "text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
-        proj = sd[prefix + "text_projection.weight"].shape[0] if prefix + "text_projection.weight" in sd else None
-        act, pad = "quick_gelu", 49407
-    else:
-        tok = sd[prefix + "token_embedding.weight"]
-        pos = sd[prefix + "positional_embedding"]
-        layers = len(_indices(keys, r"transformer\.resblocks\.(\d+)\."))
-        inter = sd[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-        proj = sd[prefix + "text_projection"].shape[1] if prefix + "text_projection" in sd else None
-        act, pad = "gelu", 0
-    vocab, width = tok.shape
-    return TextEncoderConfig(vocab_size=vocab, max_positions=pos.shape[0], width=width, layers=layers,
-                             heads=max(width // 64, 1), intermediate=inter, activation=act, projection_dim=proj,
-                             layout=layout, pad_token_id=pad)
+    vocab, width = sd[prefix + names["token"]].shape
+    projection = sd.get(prefix + names["projection"])
+    return TextEncoderConfig(
+        vocab_size=vocab, max_positions=sd[prefix + names["position"]].shape[0], width=width,
+        layers=len(_indices(keys, names["layer"])), heads=max(width // 64, 1),
+        intermediate=sd[prefix + names["fc1"]].shape[0], activation=names["activation"],
+        projection_dim=projection.shape[names["projection_axis"]] if projection is not None else None,
+        layout=layout, pad_token_id=names["pad"],
+    )
 
 
 def detect_config(sd: Shapes) -> ModelConfig:
