@@ -76,3 +76,32 @@ def test_family_and_prediction_from_folder(pair):
     family, _, ours = pair
     assert ours.family == family
     assert ours.config.prediction == ("v" if family == "sd2" else "eps")  # from scheduler_config.json
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd2", "tiny-sdxl"])
+@torch.no_grad()
+def test_diffusers_loads_our_exported_folder(name, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from stable_diffusion.models.configs import preset
+    from stable_diffusion.pipeline import Pipeline
+
+    ours = Pipeline.from_config(preset(name), seed=7)
+    ours.save(tmp_path / "export", format="diffusers")
+    theirs = DiffusionPipeline.from_pretrained(tmp_path / "export")
+    ids = ours.tokenizer(PROMPTS)
+    assert torch.equal(theirs.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
+                                        return_tensors="pt").input_ids, ids)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([5.0, 600.0])
+    context = torch.randn(2, 77, ours.config.unet.context_dim)
+    kwargs, y = {}, None
+    if ours.family == "sdxl":
+        pooled, time_ids = torch.randn(2, 32), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+        kwargs = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        y = torch.cat([pooled, size_embedding(time_ids, SIZE_DIM)], dim=1)
+    assert_close(ours.unet(x, t, context, y), theirs.unet(x, t, encoder_hidden_states=context, **kwargs).sample)
+    z = torch.randn(1, 4, 8, 8)
+    assert_close(ours.vae.decode(z), theirs.vae.decode(z).sample)
+    hidden = theirs.text_encoder(ids, output_hidden_states=True)
+    expected = hidden.hidden_states[-2] if ours.family == "sdxl" else hidden.last_hidden_state
+    assert_close(ours.text_encoder(ids)[0], expected)
