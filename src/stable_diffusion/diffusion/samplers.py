@@ -1,0 +1,125 @@
+"""Samplers as pure functions ``sample_x(model, x, sigmas, *, callback, noise) -> x`` over a decreasing sigma
+list ending in 0, where ``model(x, sigma) -> x0`` (the k-diffusion convention; Karras et al. 2022). No hidden
+state survives a call. Registered under AUTOMATIC1111's names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[dict], None] | None
+Noise = Callable[[torch.Tensor], torch.Tensor]  # returns standard normal noise shaped like its argument
+
+
+def default_noise(generator: torch.Generator | None = None) -> Noise:
+    """Fresh N(0, I) noise per call, drawn on the generator's device (CPU by default) for reproducibility."""
+    def draw(like: torch.Tensor) -> torch.Tensor:
+        device = generator.device if generator is not None else like.device
+        return torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32).to(like)
+    return draw
+
+
+def _d(x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The probability-flow ODE derivative dx/dsigma = (x - x0) / sigma."""
+    return (x - x0) / sigma
+
+
+def _report(callback: Callback, i: int, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "denoised": x0})
+
+
+def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up): the deterministic target and the noise to add back for an ancestral step."""
+    if not eta or sigma_next == 0:
+        return sigma_next, sigma_next * 0
+    up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
+    return (sigma_next**2 - up**2).sqrt(), up
+
+
+@torch.no_grad()
+def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                 noise: Noise | None = None) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, sigmas[i])
+        _report(callback, i, x, sigmas[i], x0)
+        x = x + _d(x, sigmas[i], x0) * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                           noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
+    """Euler steps down to sigma_down, then fresh noise up to sigma_next (ancestral sampling)."""
+    noise = noise or default_noise()
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, sigmas[i])
+        _report(callback, i, x, sigmas[i], x0)
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = x + _d(x, sigmas[i], x0) * (down - sigmas[i])
+        if sigmas[i + 1] > 0:
+            x = x + noise(x) * up
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                noise: Noise | None = None) -> torch.Tensor:
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1); Euler on the last step to sigma 0."""
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, sigmas[i])
+        _report(callback, i, x, sigmas[i], x0)
+        d = _d(x, sigmas[i], x0)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_next = x + d * dt
+            d_next = _d(x_next, sigmas[i + 1], model(x_next, sigmas[i + 1]))
+            x = x + (d + d_next) / 2 * dt
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                    noise: Noise | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): multistep second order in log-SNR time, data prediction."""
+    old_x0 = None
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, sigmas[i])
+        _report(callback, i, x, sigmas[i], x0)
+        if sigmas[i + 1] == 0:
+            x = x0
+            continue
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        if old_x0 is None:
+            guess = x0
+        else:
+            r = (t - (-sigmas[i - 1].log())) / h
+            guess = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+        x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * guess
+        old_x0 = x0
+    return x
+
+
+# A1111 label -> (sampler function, default scheduler)
+SAMPLERS = {
+    "Euler": (sample_euler, "uniform"),
+    "Euler a": (sample_euler_ancestral, "uniform"),
+    "Heun": (sample_heun, "uniform"),
+    "DPM++ 2M": (sample_dpmpp_2m, "karras"),
+}
+
+
+def resolve_sampler(name: str) -> tuple[Callable[..., torch.Tensor], str]:
+    """Sampler function and scheduler for an A1111 name; legacy "DPM++ 2M Karras" splits into both."""
+    if name in SAMPLERS:
+        return SAMPLERS[name]
+    for suffix, scheduler in ((" Karras", "karras"), (" Exponential", "exponential")):
+        if name.endswith(suffix) and name[: -len(suffix)] in SAMPLERS:
+            return SAMPLERS[name[: -len(suffix)]][0], scheduler
+    raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")

@@ -1,0 +1,153 @@
+"""Schedules and samplers: the same denoiser, sigmas and noise as diffusers' scheduler loops give the same
+latent, and on Gaussian data (exact denoiser known) errors shrink with steps at the expected order."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stable_diffusion.diffusion.denoiser import CFGDenoiser, Denoiser
+from stable_diffusion.diffusion.samplers import (
+    default_noise,
+    resolve_sampler,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+)
+from stable_diffusion.diffusion.schedules import DiscreteSigmas, add_noise, alphas_cumprod, make_betas, make_sigmas
+
+MU, S = 0.3, 0.6  # data ~ N(MU, S^2) per element
+
+
+def gaussian_x0(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The exact denoiser E[x0 | x] for Gaussian data."""
+    return (S**2 * x + sigma**2 * MU) / (S**2 + sigma**2)
+
+
+def exact_solution(x_t: torch.Tensor, sigma_t: float) -> torch.Tensor:
+    """The probability-flow ODE solved in closed form from sigma_t down to 0."""
+    return MU + (x_t - MU) * S / math.sqrt(S**2 + sigma_t**2)
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return DiscreteSigmas(alphas_cumprod(make_betas("scaled_linear")))
+
+
+def test_add_noise_is_the_forward_process():
+    abar = alphas_cumprod(make_betas("linear", 1000, 1e-4, 0.02))
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 500, 999])
+    expected = torch.stack([abar[i].sqrt() * x0[j] + (1 - abar[i]).sqrt() * noise[j]
+                            for j, i in enumerate(t.tolist())]).float()
+    assert torch.allclose(add_noise(x0, noise, t, abar), expected, atol=1e-6)
+
+
+def test_sigma_t_round_trip_and_uniform_hits_training_sigmas(schedule):
+    t = torch.tensor([0.0, 10.5, 999.0])
+    assert torch.allclose(schedule.sigma_to_t(schedule.t_to_sigma(t)), t, atol=1e-3)
+    sigmas = make_sigmas("uniform", 4, schedule)  # t = 999, 666, 333, 0
+    assert torch.allclose(sigmas[:-1], schedule.sigmas[[999, 666, 333, 0]], rtol=1e-5)
+    for name in ("karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "normal"):
+        s = make_sigmas(name, 10, schedule)
+        assert len(s) == 11 and s[-1] == 0 and bool((s[:-1] > 0).all()) and bool((s[1:] < s[:-1]).all()), name
+
+
+def test_karras_sigmas_match_diffusers(schedule):
+    from diffusers import EulerDiscreteScheduler
+
+    theirs = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    use_karras_sigmas=True)
+    theirs.set_timesteps(12)
+    assert torch.allclose(make_sigmas("karras", 12, schedule), theirs.sigmas.float(), rtol=1e-4)
+
+
+def _diffusers_loop(scheduler, x_t, n, ancestral_generator=None, vp=False):
+    """diffusers' own loop; ``vp``: the scheduler keeps x / sqrt(sigma^2 + 1) (DPM-Solver) instead of x."""
+    scheduler.set_timesteps(n)
+    sigma0 = scheduler.sigmas[0]
+    x = x_t * sigma0 / (sigma0**2 + 1).sqrt() if vp else x_t * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = scheduler.sigmas[i]
+        x_ve = x * (sigma**2 + 1).sqrt() if vp else x
+        eps = (x_ve - gaussian_x0(x_ve, sigma)) / sigma  # an eps-prediction model
+        kwargs = {"generator": ancestral_generator} if ancestral_generator is not None else {}
+        x = scheduler.step(eps, t, x, **kwargs).prev_sample
+    return x, scheduler.sigmas.float()
+
+
+@pytest.mark.parametrize("kind", ["Euler", "Euler a", "DPM++ 2M"])
+def test_samplers_match_diffusers_loops(kind):
+    from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    common = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.manual_seed(0)
+    x_t = torch.randn(2, 4, 8, 8, dtype=torch.float64).float()
+    if kind == "Euler":
+        expected, sigmas = _diffusers_loop(EulerDiscreteScheduler(**common), x_t, 15)
+        ours = sample_euler(gaussian_x0, x_t * sigmas[0], sigmas)
+    elif kind == "Euler a":
+        expected, sigmas = _diffusers_loop(EulerAncestralDiscreteScheduler(**common), x_t, 15,
+                                           torch.Generator().manual_seed(7))
+        ours = sample_euler_ancestral(gaussian_x0, x_t * sigmas[0], sigmas,
+                                      noise=default_noise(torch.Generator().manual_seed(7)))
+    else:
+        scheduler = DPMSolverMultistepScheduler(**common, use_karras_sigmas=True, final_sigmas_type="zero",
+                                                lower_order_final=False, euler_at_final=False)
+        expected, sigmas = _diffusers_loop(scheduler, x_t, 15, vp=True)
+        ours = sample_dpmpp_2m(gaussian_x0, x_t * sigmas[0], sigmas)
+    assert torch.allclose(ours, expected.float(), atol=1e-4), (ours - expected).abs().max()
+
+
+@pytest.mark.parametrize("sampler,order", [(sample_euler, 1), (sample_heun, 2), (sample_dpmpp_2m, 2)])
+def test_convergence_order_on_gaussian_data(sampler, order):
+    torch.manual_seed(0)
+    sigma_max = 14.6
+    x_t = torch.randn(1000, dtype=torch.float64) * math.sqrt(S**2 + sigma_max**2) + MU
+    exact = exact_solution(x_t, sigma_max)
+    errors = []
+    for n in (10, 20, 40):
+        sigmas = torch.cat([torch.exp(torch.linspace(math.log(sigma_max), math.log(0.03), n, dtype=torch.float64)),
+                            torch.zeros(1, dtype=torch.float64)])
+        errors.append((sampler(gaussian_x0, x_t, sigmas) - exact).abs().max().item())
+    rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert errors[2] < errors[0]
+    assert min(rates) > order - 0.5, (errors, rates)
+
+
+def test_denoiser_eps_and_v_and_cfg():
+    abar = alphas_cumprod(make_betas("scaled_linear"))
+    sched = DiscreteSigmas(abar)
+    x0_true = torch.full((1, 4, 2, 2), 0.25)
+    noise = torch.randn(1, 4, 2, 2)
+    sigma = torch.tensor([2.0])
+
+    def eps_unet(x, t, context, y):
+        return noise.expand_as(x)
+
+    def v_unet(x, t, context, y):  # v = alpha * eps - sigma_vp * x0 for the scaled input alpha * x
+        s = sched.t_to_sigma(t).reshape(-1, 1, 1, 1)
+        return ((noise - s * x0_true) / (s**2 + 1).sqrt()).expand_as(x)
+
+    x = x0_true + sigma * noise
+    assert torch.allclose(Denoiser(eps_unet, abar)(x, sigma), x0_true, atol=1e-5)
+    assert torch.allclose(Denoiser(v_unet, abar, "v")(x, sigma), x0_true, atol=1e-4)
+    calls = []
+
+    def counting(x, s, context, y):
+        calls.append(x.shape[0])
+        return x * 0 + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+
+    cfg = CFGDenoiser(counting, torch.ones(1, 3, 2), torch.zeros(1, 3, 2), scale=7.5)
+    out = cfg(torch.randn(1, 4, 2, 2), sigma)
+    assert calls == [2] and torch.allclose(out, torch.full_like(out, 7.5))
+
+
+def test_sampler_names():
+    assert resolve_sampler("DPM++ 2M Karras") == (sample_dpmpp_2m, "karras")
+    assert resolve_sampler("Euler a")[0] is sample_euler_ancestral
+    with pytest.raises(ValueError, match="unknown sampler"):
+        resolve_sampler("Magic")
