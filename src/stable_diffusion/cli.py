@@ -62,6 +62,51 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({args.format}, {args.dtype or 'fp32'})")
 
 
+def _next_index(out: Path) -> int:
+    numbers = [int(p.name.split("-")[0]) for p in out.glob("*.png") if p.name.split("-")[0].isdigit()]
+    return max(numbers, default=-1) + 1
+
+
+def cmd_txt2img(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .checkpoints.io import atomic_write
+    from .generate import GenerationRequest, txt2img
+    from .infotext import save_png
+    from .pipeline import load_pipeline
+
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg,
+        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch, n_iter=args.n_iter,
+        width=args.width, height=args.height, clip_skip=args.clip_skip,
+    )
+    pipe = load_pipeline(args.model, device=args.device)
+    request.validate(pipe.config.image_size)  # bad sizes / samplers fail before any work
+    total = request.steps * request.n_iter
+    with tqdm(total=total, desc="sampling", unit="step") as bar:
+        result = txt2img(pipe, request, callback=lambda _: bar.update(1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = _next_index(out)
+    for image, seed, info in zip(result.images, result.seeds, result.infotexts, strict=True):
+        path = out / f"{index:05d}-{seed}.png"
+        atomic_write(path, lambda tmp, image=image, info=info: save_png(image, tmp, info))
+        print(path)
+        index += 1
+
+
+def cmd_pnginfo(args: argparse.Namespace) -> None:
+    from .infotext import read_png_infotext
+
+    try:
+        text = read_png_infotext(args.image)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{args.image}: not a readable image ({e})") from None
+    if text is None:
+        raise ValueError(f"{args.image}: no generation parameters in this PNG")
+    print(text)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_components.py"
     if not bench.exists():
@@ -90,6 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="replace the VAE with this standalone VAE file")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("txt2img", help="generate images from a prompt")
+    p.add_argument("prompt")
+    p.add_argument("--negative", default="", help="negative prompt (the unconditional side of CFG)")
+    p.add_argument("--model", help="checkpoint file, diffusers folder or preset (default: the built-in model)")
+    p.add_argument("--sampler", default="Euler a", help='A1111 name, e.g. "DPM++ 2M" or "DPM++ 2M Karras"')
+    p.add_argument("--scheduler", default="automatic", help="automatic, uniform, karras, exponential, ...")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--seed", type=int, default=-1)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--n-iter", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="outputs/txt2img")
+    p.set_defaults(func=cmd_txt2img)
+
+    p = sub.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
+    p.add_argument("image")
+    p.set_defaults(func=cmd_pnginfo)
 
     p = sub.add_parser("bench", help="time our UNet, VAE and text encoder against diffusers (dev extras)")
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -92,6 +92,13 @@ class Pipeline:
         else:
             raise ValueError(f"unknown format {format!r} (single-file or diffusers)")
 
+    def txt2img(self, prompt: str = "", **kwargs: object) -> list:
+        """Generate images from a prompt; keywords are GenerationRequest's (A1111 names). Returns PIL images."""
+        from .generate import GenerationRequest, txt2img
+
+        callback = kwargs.pop("callback", None)
+        return txt2img(self, GenerationRequest(prompt=prompt, **kwargs), callback).images  # type: ignore[arg-type]
+
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0) -> Pipeline:
         """Random weights (PyTorch's default initialisation, seeded) for a config."""

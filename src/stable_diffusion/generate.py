@@ -1,0 +1,111 @@
+"""One generation path: encode prompts -> prepare the first latent -> sample -> decode (txt2img for now;
+img2img and inpainting will differ only in the first latent and the denoiser wrapper)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .conditioning import condition
+from .diffusion.denoiser import CFGDenoiser, Denoiser
+from .diffusion.samplers import SAMPLERS, resolve_sampler
+from .diffusion.schedules import alphas_cumprod, make_betas, make_sigmas
+from .infotext import format_infotext
+
+
+@dataclass
+class GenerationRequest:
+    """The A1111 txt2img fields this pipeline understands (names and defaults as in /sdapi/v1/txt2img)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "Euler a"
+    scheduler: str = "automatic"
+    seed: int = -1
+    batch_size: int = 1
+    n_iter: int = 1
+    width: int | None = None
+    height: int | None = None
+    clip_skip: int = 1
+    eta: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self, native: int) -> None:
+        self.width = self.width or native
+        self.height = self.height or native
+        if self.width % 8 or self.height % 8 or self.width <= 0 or self.height <= 0:
+            raise ValueError(f"width and height must be positive multiples of 8, got {self.width}x{self.height}")
+        if self.steps < 1 or self.batch_size < 1 or self.n_iter < 1:
+            raise ValueError("steps, batch_size and n_iter must be at least 1")
+        resolve_sampler(self.sampler)
+        if self.seed == -1:
+            self.seed = random.randrange(2**32)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """AUTOMATIC1111's noise: image i is ``torch.randn(shape, generator=cpu_generator(seed_i))``, so a seed gives
+    the same image on every device and inside any batch. The generators continue for ancestral noise."""
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
+
+
+def _per_image_noise(generators: list[torch.Generator]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def draw(like: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like)
+    return draw
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL RGB images."""
+    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+def txt2img(pipe, request: GenerationRequest, callback: Callable[[dict], None] | None = None) -> GenerationResult:
+    c = pipe.config
+    request.validate(c.image_size)
+    sampler, default_scheduler = resolve_sampler(request.sampler)
+    scheduler = default_scheduler if request.scheduler in ("automatic", "", None) else request.scheduler
+    label = next(name for name, (fn, _) in SAMPLERS.items() if fn is sampler)  # "DPM++ 2M Karras" -> "DPM++ 2M"
+    abar = alphas_cumprod(make_betas(c.beta_schedule, c.timesteps, c.beta_start, c.beta_end))
+    denoiser = Denoiser(pipe.unet, abar, c.prediction)
+    sigmas = make_sigmas(scheduler, request.steps, denoiser.schedule).to(pipe.device)
+    f = pipe.vae.downscale
+    latent_shape = (c.vae.embed_dim, request.height // f, request.width // f)
+    result = GenerationResult([], [], [])
+    with torch.inference_mode():
+        for it in range(request.n_iter):
+            n = request.batch_size
+            seeds = [request.seed + it * n + i for i in range(n)]
+            cond = condition(pipe, [request.prompt] * n, request.width, request.height, request.clip_skip)
+            uncond = condition(pipe, [request.negative_prompt] * n, request.width, request.height, request.clip_skip)
+            model = CFGDenoiser(denoiser, cond.context, uncond.context, request.cfg_scale, cond.y, uncond.y)
+            noise, generators = initial_noise(seeds, latent_shape)
+            x = noise.to(pipe.device) * sigmas[0]
+            kwargs = {"eta": request.eta} if request.eta is not None and "eta" in sampler.__code__.co_varnames else {}
+            x = sampler(model, x, sigmas, callback=callback, noise=_per_image_noise(generators), **kwargs)
+            images = to_pil(pipe.vae.decode(x / c.vae.scaling_factor))
+            for seed, image in zip(seeds, images, strict=True):
+                result.images.append(image)
+                result.seeds.append(seed)
+                result.infotexts.append(format_infotext(request.prompt, request.negative_prompt, {
+                    "Steps": request.steps, "Sampler": label, "Schedule type": scheduler.capitalize(),
+                    "CFG scale": request.cfg_scale, "Seed": seed, "Size": f"{request.width}x{request.height}",
+                    "Model": c.name or None, "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+                    "Version": "stable_diffusion 0.1.0",
+                }))
+    return result

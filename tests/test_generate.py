@@ -1,0 +1,87 @@
+"""txt2img on tiny random models: A1111 seeds, determinism, batches, validation, infotext, the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stable_diffusion import load_pipeline
+from stable_diffusion.cli import main
+from stable_diffusion.diffusion.samplers import SAMPLERS
+from stable_diffusion.generate import initial_noise
+from stable_diffusion.infotext import format_infotext, parse_infotext, read_png_infotext
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return load_pipeline("tiny-sd1")
+
+
+def pixels(image):
+    return np.asarray(image).astype(int)
+
+
+def test_noise_is_a1111s_cpu_noise():
+    noise, _ = initial_noise([42, 43], (4, 8, 8))
+    assert torch.equal(noise[1], torch.randn((4, 8, 8), generator=torch.Generator("cpu").manual_seed(43)))
+
+
+def test_same_seed_same_image_and_batches_match_singles(sd1):
+    a = sd1.txt2img("a red circle", steps=3, seed=10)[0]
+    b = sd1.txt2img("a red circle", steps=3, seed=10)[0]
+    c = sd1.txt2img("a red circle", steps=3, seed=11)[0]
+    batch = sd1.txt2img("a red circle", steps=3, seed=10, batch_size=2)
+    assert np.array_equal(pixels(a), pixels(b))
+    assert np.abs(pixels(a) - pixels(c)).mean() > 5
+    assert np.abs(pixels(batch[1]) - pixels(c)).max() <= 2  # batched maths differ only in float rounding
+    assert a.size == (64, 64)
+
+
+def test_negative_prompt_and_cfg_change_the_image(sd1):
+    base = pixels(sd1.txt2img("a cat", steps=2, seed=1, sampler="Euler")[0])
+    assert np.abs(base - pixels(sd1.txt2img("a cat", negative_prompt="dog", steps=2, seed=1, sampler="Euler")[0])).mean() > 0
+    assert np.abs(base - pixels(sd1.txt2img("a cat", cfg_scale=1.0, steps=2, seed=1, sampler="Euler")[0])).mean() > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-sd2-v", "tiny-sdxl"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_runs_on_every_family(name, sampler):
+    pipe = load_pipeline(name)
+    steps = []
+    images = pipe.txt2img("a blue square", sampler=sampler, steps=3, seed=0, width=48, height=64,
+                          callback=lambda info: steps.append(info["i"]))
+    assert images[0].size == (48, 64) and steps == [0, 1, 2]
+
+
+def test_bad_requests_fail_before_work(sd1):
+    with pytest.raises(ValueError, match="multiples of 8"):
+        sd1.txt2img("x", width=65)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sd1.txt2img("x", sampler="Nope")
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        sd1.txt2img("x", scheduler="nope", steps=1)
+
+
+def test_infotext_round_trip():
+    text = format_infotext("a cat, sitting", "blurry\nugly", {"Steps": 20, "Sampler": "DPM++ 2M", "CFG scale": 7.0,
+                                                               "Seed": 5, "Model": "a: b", "Clip skip": None})
+    assert text.split("\n")[-1].startswith("Steps: 20, Sampler: DPM++ 2M, CFG scale: 7.0, Seed: 5, Model: \"a: b\"")
+    parsed = parse_infotext(text)
+    assert parsed["Prompt"] == "a cat, sitting" and parsed["Negative prompt"] == "blurry\nugly"
+    assert parsed["Seed"] == "5" and parsed["Model"] == "a: b" and "Clip skip" not in parsed
+
+
+def test_cli_txt2img_writes_numbered_pngs_with_parameters(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["txt2img", "a green triangle", "--model", "tiny-sd1", "--steps", "2", "--seed", "7", "--batch", "2",
+            "--sampler", "DPM++ 2M Karras", "--out", str(out)]
+    assert main(args) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["00000-7.png", "00001-8.png"]
+    params = parse_infotext(read_png_infotext(out / "00001-8.png"))
+    assert params["Prompt"] == "a green triangle" and params["Seed"] == "8"
+    assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras"
+    assert main(args) == 0 and len(list(out.iterdir())) == 4
+    assert main(["txt2img", "x", "--model", "tiny-sd1", "--width", "100", "--out", str(tmp_path / "bad")]) == 1
+    assert "multiples of 8" in capsys.readouterr().err and not (tmp_path / "bad").exists()
