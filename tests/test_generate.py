@@ -85,3 +85,41 @@ def test_cli_txt2img_writes_numbered_pngs_with_parameters(tmp_path, capsys):
     assert main(args) == 0 and len(list(out.iterdir())) == 4
     assert main(["txt2img", "x", "--model", "tiny-sd1", "--width", "100", "--out", str(tmp_path / "bad")]) == 1
     assert "multiples of 8" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_img2img_strength_semantics(sd1):
+    from PIL import Image
+
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8))
+    steps = []
+    out = sd1.img2img(init, "a cat", denoising_strength=0.5, steps=10, seed=3, sampler="Euler",
+                      callback=lambda info: steps.append(float(info["sigma"])))
+    assert out[0].size == (80, 64)  # init size by default
+    assert len(steps) == 6  # int(10 * 0.5) + 1 sigmas of a 10-step schedule, A1111 semantics
+    full = sd1.txt2img("a cat", steps=10, seed=3, sampler="Euler", width=80, height=64,
+                       callback=lambda info: steps.append(float(info["sigma"])))
+    assert steps[:6] == steps[-6:]  # the last steps of the same schedule
+    low = sd1.img2img(init, "a cat", denoising_strength=0.0, steps=10, seed=3)[0]
+    high = sd1.img2img(init, "a cat", denoising_strength=1.0, steps=10, seed=3)[0]
+    recon = sd1.vae.decode(sd1.vae.encode(torch.from_numpy(np.asarray(init, np.float32) / 127.5 - 1)
+                                          .permute(2, 0, 1)[None]).mean)
+    from stable_diffusion.generate import to_pil
+
+    near = np.abs(pixels(low) - pixels(to_pil(recon)[0])).mean()
+    far = np.abs(pixels(high) - pixels(to_pil(recon)[0])).mean()
+    assert near < far and full[0].size == (80, 64)
+    with pytest.raises(ValueError, match="strength"):
+        sd1.img2img(init, "x", denoising_strength=1.5)
+
+
+def test_cli_img2img_and_bad_images(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (72, 64), "red").save(tmp_path / "in.png")
+    assert main(["img2img", "a blue square", "--init", str(tmp_path / "in.png"), "--model", "tiny-sd1", "--steps",
+                 "4", "--seed", "1", "--out", str(tmp_path / "out")]) == 0
+    params = parse_infotext(read_png_infotext(tmp_path / "out" / "00000-1.png"))
+    assert params["Denoising strength"] == "0.75" and params["Size"] == "72x64"
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert main(["img2img", "x", "--init", str(tmp_path / "broken.png"), "--model", "tiny-sd1"]) == 1
+    assert "not a readable image" in capsys.readouterr().err

@@ -67,24 +67,37 @@ def _next_index(out: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def cmd_txt2img(args: argparse.Namespace) -> None:
+def _open_image(path: str) -> object:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """txt2img, or img2img when --init is given; both go through generate.generate."""
     from tqdm import tqdm
 
     from .checkpoints.io import atomic_write
-    from .generate import GenerationRequest, txt2img
+    from .generate import GenerationRequest, generate
     from .infotext import save_png
     from .pipeline import load_pipeline
 
+    init = _open_image(args.init) if getattr(args, "init", None) else None
+    strength = getattr(args, "strength", 1.0)
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg,
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch, n_iter=args.n_iter,
         width=args.width, height=args.height, clip_skip=args.clip_skip,
     )
     pipe = load_pipeline(args.model, device=args.device)
-    request.validate(pipe.config.image_size)  # bad sizes / samplers fail before any work
-    total = request.steps * request.n_iter
-    with tqdm(total=total, desc="sampling", unit="step") as bar:
-        result = txt2img(pipe, request, callback=lambda _: bar.update(1))
+    steps = int(min(strength, 0.999) * request.steps) + 1 if init is not None else request.steps
+    with tqdm(total=steps * request.n_iter, desc="sampling", unit="step") as bar:
+        result = generate(pipe, request, init, strength, callback=lambda _: bar.update(1))  # validates first
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index = _next_index(out)
@@ -117,6 +130,28 @@ def cmd_bench(args: argparse.Namespace) -> None:
     runpy.run_path(str(bench), run_name="__main__")
 
 
+def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--negative", default="", help="negative prompt (the unconditional side of CFG)")
+    p.add_argument("--model", help="checkpoint file, diffusers folder or preset (default: the built-in model)")
+    p.add_argument("--sampler", default="Euler a", help='A1111 name, e.g. "DPM++ 2M" or "DPM++ 2M Karras"')
+    p.add_argument("--scheduler", default="automatic", help="automatic, uniform, karras, exponential, ...")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--seed", type=int, default=-1)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--n-iter", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=f"outputs/{mode}")
+    if mode == "img2img":
+        p.add_argument("--init", required=True, help="the starting image")
+        p.add_argument("--strength", type=float, default=0.75, help="denoising strength: 0 keeps, 1 repaints")
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd", description="Stable Diffusion: run, convert, train and serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,23 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("txt2img", help="generate images from a prompt")
-    p.add_argument("prompt")
-    p.add_argument("--negative", default="", help="negative prompt (the unconditional side of CFG)")
-    p.add_argument("--model", help="checkpoint file, diffusers folder or preset (default: the built-in model)")
-    p.add_argument("--sampler", default="Euler a", help='A1111 name, e.g. "DPM++ 2M" or "DPM++ 2M Karras"')
-    p.add_argument("--scheduler", default="automatic", help="automatic, uniform, karras, exponential, ...")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.0)
-    p.add_argument("--seed", type=int, default=-1)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--n-iter", type=int, default=1)
-    p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default="outputs/txt2img")
-    p.set_defaults(func=cmd_txt2img)
+    for mode in ("txt2img", "img2img"):
+        p = sub.add_parser(mode, help="generate images from a prompt" if mode == "txt2img" else
+                           "redraw an image guided by a prompt (SDEdit)")
+        _generation_arguments(p, mode)
+        p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
     p.add_argument("image")

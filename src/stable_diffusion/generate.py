@@ -75,8 +75,36 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
 
 
+def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """PIL image -> (1, 3, H, W) in [-1, 1], resized (Lanczos) to width x height ("just resize")."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    return (array / 127.5 - 1.0).permute(2, 0, 1)[None]
+
+
 def txt2img(pipe, request: GenerationRequest, callback: Callable[[dict], None] | None = None) -> GenerationResult:
+    return generate(pipe, request, callback=callback)
+
+
+def img2img(pipe, request: GenerationRequest, init_image: Image.Image, denoising_strength: float = 0.75,
+            callback: Callable[[dict], None] | None = None) -> GenerationResult:
+    """SDEdit (Meng et al. 2022): noise the encoded image to the sigma at ``denoising_strength`` and denoise
+    from there, over the last ``int(steps * strength)`` steps of a ``steps``-step schedule (A1111 semantics).
+    Width/height default to the init image's size rounded down to multiples of 8."""
+    return generate(pipe, request, init_image, denoising_strength, callback)
+
+
+def generate(pipe, request: GenerationRequest, init_image: Image.Image | None = None, strength: float = 1.0,
+             callback: Callable[[dict], None] | None = None) -> GenerationResult:
+    """The one sampling path: conditioning -> first latent (noise, or noised init image) -> sampler -> decode."""
     c = pipe.config
+    if init_image is not None:
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"denoising strength must be in [0, 1], got {strength}")
+        request.width = request.width or init_image.width // 8 * 8
+        request.height = request.height or init_image.height // 8 * 8
     request.validate(c.image_size)
     sampler, default_scheduler = resolve_sampler(request.sampler)
     scheduler = default_scheduler if request.scheduler in ("automatic", "", None) else request.scheduler
@@ -84,6 +112,13 @@ def txt2img(pipe, request: GenerationRequest, callback: Callable[[dict], None] |
     abar = alphas_cumprod(make_betas(c.beta_schedule, c.timesteps, c.beta_start, c.beta_end))
     denoiser = Denoiser(pipe.unet, abar, c.prediction)
     sigmas = make_sigmas(scheduler, request.steps, denoiser.schedule).to(pipe.device)
+    init_latent = None
+    if init_image is not None:
+        t_enc = int(min(strength, 0.999) * request.steps)  # steps actually run
+        sigmas = sigmas[request.steps - t_enc - 1:]
+        with torch.inference_mode():
+            pixels = image_to_tensor(init_image, request.width, request.height).to(pipe.device)
+            init_latent = pipe.vae.encode(pixels).mean * c.vae.scaling_factor
     f = pipe.vae.downscale
     latent_shape = (c.vae.embed_dim, request.height // f, request.width // f)
     result = GenerationResult([], [], [])
@@ -96,6 +131,8 @@ def txt2img(pipe, request: GenerationRequest, callback: Callable[[dict], None] |
             model = CFGDenoiser(denoiser, cond.context, uncond.context, request.cfg_scale, cond.y, uncond.y)
             noise, generators = initial_noise(seeds, latent_shape)
             x = noise.to(pipe.device) * sigmas[0]
+            if init_latent is not None:
+                x = x + init_latent
             kwargs = {"eta": request.eta} if request.eta is not None and "eta" in sampler.__code__.co_varnames else {}
             x = sampler(model, x, sigmas, callback=callback, noise=_per_image_noise(generators), **kwargs)
             images = to_pil(pipe.vae.decode(x / c.vae.scaling_factor))
@@ -105,7 +142,8 @@ def txt2img(pipe, request: GenerationRequest, callback: Callable[[dict], None] |
                 result.infotexts.append(format_infotext(request.prompt, request.negative_prompt, {
                     "Steps": request.steps, "Sampler": label, "Schedule type": scheduler.capitalize(),
                     "CFG scale": request.cfg_scale, "Seed": seed, "Size": f"{request.width}x{request.height}",
-                    "Model": c.name or None, "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+                    "Model": c.name or None, "Denoising strength": strength if init_image is not None else None,
+                    "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
                     "Version": "stable_diffusion 0.1.0",
                 }))
     return result

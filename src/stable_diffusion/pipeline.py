@@ -99,6 +99,15 @@ class Pipeline:
         callback = kwargs.pop("callback", None)
         return txt2img(self, GenerationRequest(prompt=prompt, **kwargs), callback).images  # type: ignore[arg-type]
 
+    def img2img(self, init_image: object, prompt: str = "", denoising_strength: float = 0.75,
+                **kwargs: object) -> list:
+        """SDEdit from ``init_image`` (PIL); the same keywords as txt2img. Returns PIL images."""
+        from .generate import GenerationRequest, img2img
+
+        callback = kwargs.pop("callback", None)
+        request = GenerationRequest(prompt=prompt, **kwargs)  # type: ignore[arg-type]
+        return img2img(self, request, init_image, denoising_strength, callback).images  # type: ignore[arg-type]
+
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0) -> Pipeline:
         """Random weights (PyTorch's default initialisation, seeded) for a config."""
