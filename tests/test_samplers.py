@@ -13,6 +13,7 @@ from stable_diffusion.diffusion.samplers import (
     default_noise,
     resolve_sampler,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
@@ -79,7 +80,7 @@ def _diffusers_loop(scheduler, x_t, n, ancestral_generator=None, vp=False):
     return x, scheduler.sigmas.float()
 
 
-@pytest.mark.parametrize("kind", ["Euler", "Euler a", "DPM++ 2M"])
+@pytest.mark.parametrize("kind", ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE"])
 def test_samplers_match_diffusers_loops(kind):
     from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
@@ -94,11 +95,18 @@ def test_samplers_match_diffusers_loops(kind):
                                            torch.Generator().manual_seed(7))
         ours = sample_euler_ancestral(gaussian_x0, x_t * sigmas[0], sigmas,
                                       noise=default_noise(torch.Generator().manual_seed(7)))
-    else:
+    elif kind == "DPM++ 2M":
         scheduler = DPMSolverMultistepScheduler(**common, use_karras_sigmas=True, final_sigmas_type="zero",
                                                 lower_order_final=False, euler_at_final=False)
         expected, sigmas = _diffusers_loop(scheduler, x_t, 15, vp=True)
         ours = sample_dpmpp_2m(gaussian_x0, x_t * sigmas[0], sigmas)
+    else:
+        scheduler = DPMSolverMultistepScheduler(**common, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True,
+                                                final_sigmas_type="zero", lower_order_final=False,
+                                                euler_at_final=False)
+        expected, sigmas = _diffusers_loop(scheduler, x_t, 15, torch.Generator().manual_seed(3), vp=True)
+        ours = sample_dpmpp_2m_sde(gaussian_x0, x_t * sigmas[0], sigmas,
+                                   noise=default_noise(torch.Generator().manual_seed(3)))
     assert torch.allclose(ours, expected.float(), atol=1e-4), (ours - expected).abs().max()
 
 

@@ -106,12 +106,38 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, call
     return x
 
 
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                        noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022), midpoint variant: the 2M update on the reverse SDE, which
+    re-injects ``sigma_next * sqrt(1 - exp(-2 eta h))`` of fresh noise each step."""
+    noise = noise or default_noise()
+    old_x0 = h_last = None
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, sigmas[i])
+        _report(callback, i, x, sigmas[i], x0)
+        if sigmas[i + 1] == 0:
+            x = x0
+            continue
+        h = sigmas[i].log() - sigmas[i + 1].log()  # step in log-SNR time -log(sigma)
+        eta_h = eta * h
+        decay = -torch.expm1(-h - eta_h)  # 1 - exp(-(1 + eta) h)
+        x = sigmas[i + 1] / sigmas[i] * torch.exp(-eta_h) * x + decay * x0
+        if old_x0 is not None:
+            x = x + 0.5 * decay * (h / h_last) * (x0 - old_x0)
+        if eta:
+            x = x + noise(x) * sigmas[i + 1] * (-torch.expm1(-2 * eta_h)).sqrt()
+        old_x0, h_last = x0, h
+    return x
+
+
 # A1111 label -> (sampler function, default scheduler)
 SAMPLERS = {
     "Euler": (sample_euler, "uniform"),
     "Euler a": (sample_euler_ancestral, "uniform"),
     "Heun": (sample_heun, "uniform"),
     "DPM++ 2M": (sample_dpmpp_2m, "karras"),
+    "DPM++ 2M SDE": (sample_dpmpp_2m_sde, "exponential"),
 }
 
 
