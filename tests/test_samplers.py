@@ -12,6 +12,8 @@ from stable_diffusion.diffusion.denoiser import CFGDenoiser, Denoiser
 from stable_diffusion.diffusion.samplers import (
     default_noise,
     resolve_sampler,
+    sample_ddim,
+    sample_ddpm,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
     sample_euler,
@@ -159,3 +161,34 @@ def test_sampler_names():
     assert resolve_sampler("Euler a")[0] is sample_euler_ancestral
     with pytest.raises(ValueError, match="unknown sampler"):
         resolve_sampler("Magic")
+
+
+def _vp_loop(scheduler, x_t, n, generator=None):
+    """diffusers' DDIM/DDPM loop, in their x_vp = sqrt(abar) x0 + sqrt(1 - abar) eps space."""
+    scheduler.set_timesteps(n)
+    abar = scheduler.alphas_cumprod
+    sigmas = [((1 - abar[t]) / abar[t]).sqrt() for t in scheduler.timesteps]
+    x = x_t * sigmas[0] / (sigmas[0] ** 2 + 1).sqrt()
+    for sigma, t in zip(sigmas, scheduler.timesteps):
+        x_ve = x * (sigma**2 + 1).sqrt()
+        eps = (x_ve - gaussian_x0(x_ve, sigma)) / sigma
+        kwargs = {"generator": generator} if generator is not None else {}
+        x = scheduler.step(eps, t, x, **kwargs).prev_sample
+    return x, torch.stack(sigmas + [torch.zeros(())]).float()
+
+
+@pytest.mark.parametrize("kind", ["DDIM", "DDPM"])
+def test_ddim_and_ddpm_match_diffusers(kind):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.manual_seed(0)
+    x_t = torch.randn(2, 4, 8, 8)
+    if kind == "DDIM":
+        expected, sigmas = _vp_loop(DDIMScheduler(**common, set_alpha_to_one=True, clip_sample=False), x_t, 12)
+        ours = sample_ddim(gaussian_x0, x_t * sigmas[0], sigmas)
+    else:
+        scheduler = DDPMScheduler(**common, variance_type="fixed_small", clip_sample=False)
+        expected, sigmas = _vp_loop(scheduler, x_t, 12, torch.Generator().manual_seed(5))
+        ours = sample_ddpm(gaussian_x0, x_t * sigmas[0], sigmas, noise=default_noise(torch.Generator().manual_seed(5)))
+    assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()

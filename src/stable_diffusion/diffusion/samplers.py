@@ -131,6 +131,38 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, 
     return x
 
 
+@torch.no_grad()
+def sample_ddim(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                noise: Noise | None = None, eta: float = 0.0) -> torch.Tensor:
+    """DDIM (Song et al. 2021). With eta = 0 its update x_next = x0 + sigma_next * eps is exactly an Euler step
+    of the probability-flow ODE in the sigma parameterisation (Karras et al. 2022, sec. 4); eta > 0 re-injects
+    noise as the DDIM paper's sigma_t(eta) does."""
+    if not eta:
+        return sample_euler(model, x, sigmas, callback=callback)
+    return sample_euler_ancestral(model, x, sigmas, callback=callback, noise=noise, eta=eta)
+
+
+@torch.no_grad()
+def sample_ddpm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                noise: Noise | None = None) -> torch.Tensor:
+    """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x0) (Ho et al. 2020, Algorithm 2 with
+    the predicted x0), written for x in the sigma parameterisation: x_vp = x / sqrt(sigma^2 + 1)."""
+    noise = noise or default_noise()
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, sigma)
+        _report(callback, i, x, sigma, x0)
+        abar, abar_prev = 1 / (sigma**2 + 1), 1 / (sigma_next**2 + 1)
+        alpha = abar / abar_prev
+        x_vp = x * abar.sqrt()
+        # posterior mean (eq. 7) from x0 and x_t, then its variance beta_tilde
+        mean = (abar_prev.sqrt() * (1 - alpha) * x0 + alpha.sqrt() * (1 - abar_prev) * x_vp) / (1 - abar)
+        if sigma_next > 0:
+            mean = mean + ((1 - alpha) * (1 - abar_prev) / (1 - abar)).sqrt() * noise(x)
+        x = mean / abar_prev.sqrt()
+    return x
+
+
 # A1111 label -> (sampler function, default scheduler)
 SAMPLERS = {
     "Euler": (sample_euler, "uniform"),
@@ -138,6 +170,8 @@ SAMPLERS = {
     "Heun": (sample_heun, "uniform"),
     "DPM++ 2M": (sample_dpmpp_2m, "karras"),
     "DPM++ 2M SDE": (sample_dpmpp_2m_sde, "exponential"),
+    "DDIM": (sample_ddim, "ddim_uniform"),
+    "DDPM": (sample_ddpm, "uniform"),
 }
 
 
