@@ -123,3 +123,48 @@ def test_cli_img2img_and_bad_images(tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     assert main(["img2img", "x", "--init", str(tmp_path / "broken.png"), "--model", "tiny-sd1"]) == 1
     assert "not a readable image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd1-inpaint"])
+@pytest.mark.parametrize("fill", [0, 1, 2, 3])
+def test_inpaint_keeps_pixels_outside_the_mask(name, fill):
+    from PIL import Image
+
+    pipe = load_pipeline(name)
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    out = pixels(pipe.inpaint(init, mask, "a cat", steps=3, seed=2, mask_blur=2, inpainting_fill=fill)[0])
+    original = pixels(init)
+    assert np.array_equal(out[:8], original[:8]) and np.array_equal(out[:, 56:], original[:, 56:])
+    assert np.abs(out[24:40, 24:40] - original[24:40, 24:40]).mean() > 5
+    inverted = pixels(pipe.inpaint(init, mask, "a cat", steps=3, seed=2, mask_blur=0, inpainting_mask_invert=True)[0])
+    assert np.array_equal(inverted[16:48, 16:48], original[16:48, 16:48])
+
+
+def test_inpaint_rejects_a_wrong_size_mask(sd1):
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="mask is 32x32 but the image is 64x64"):
+        sd1.inpaint(Image.new("RGB", (64, 64)), Image.new("L", (32, 32)), "x")
+
+
+def test_txt2img_on_a_9_channel_model():
+    assert load_pipeline("tiny-sd1-inpaint").txt2img("x", steps=2, seed=0)[0].size == (64, 64)
+
+
+def test_cli_inpaint(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "in.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(tmp_path / "mask.png")
+    assert main(["inpaint", "blue", "--init", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--model", "tiny-sd1", "--steps", "3", "--seed", "4", "--mask-blur", "0",
+                 "--out", str(tmp_path / "out")]) == 0
+    out = pixels(Image.open(tmp_path / "out" / "00000-4.png"))
+    assert (out[:, 40:] == [255, 0, 0]).all()
+    Image.new("L", (10, 10)).save(tmp_path / "small.png")
+    assert main(["inpaint", "x", "--init", str(tmp_path / "in.png"), "--mask", str(tmp_path / "small.png"),
+                 "--model", "tiny-sd1"]) == 1

@@ -89,6 +89,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     init = _open_image(args.init) if getattr(args, "init", None) else None
     strength = getattr(args, "strength", 1.0)
+    spec = None
+    if getattr(args, "mask", None):
+        from .inpaint import InpaintSpec
+
+        spec = InpaintSpec(_open_image(args.mask), args.mask_blur, args.fill, args.invert)
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg,
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch, n_iter=args.n_iter,
@@ -97,7 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, device=args.device)
     steps = int(min(strength, 0.999) * request.steps) + 1 if init is not None else request.steps
     with tqdm(total=steps * request.n_iter, desc="sampling", unit="step") as bar:
-        result = generate(pipe, request, init, strength, callback=lambda _: bar.update(1))  # validates first
+        result = generate(pipe, request, init, strength, lambda _: bar.update(1), spec)  # validates first
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index = _next_index(out)
@@ -146,9 +151,15 @@ def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=f"outputs/{mode}")
-    if mode == "img2img":
+    if mode in ("img2img", "inpaint"):
         p.add_argument("--init", required=True, help="the starting image")
         p.add_argument("--strength", type=float, default=0.75, help="denoising strength: 0 keeps, 1 repaints")
+    if mode == "inpaint":
+        p.add_argument("--mask", required=True, help="same size as --init; white = repaint, black = keep")
+        p.add_argument("--mask-blur", type=int, default=4)
+        p.add_argument("--fill", type=int, default=1, choices=[0, 1, 2, 3],
+                       help="masked area starts as: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
+        p.add_argument("--invert", action="store_true", help="repaint the black part instead")
 
 
 
@@ -171,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
 
-    for mode in ("txt2img", "img2img"):
-        p = sub.add_parser(mode, help="generate images from a prompt" if mode == "txt2img" else
-                           "redraw an image guided by a prompt (SDEdit)")
+    helps = {"txt2img": "generate images from a prompt", "img2img": "redraw an image guided by a prompt (SDEdit)",
+             "inpaint": "repaint the masked part of an image"}
+    for mode, text in helps.items():
+        p = sub.add_parser(mode, help=text)
         _generation_arguments(p, mode)
         p.set_defaults(func=cmd_generate)
 

@@ -16,6 +16,7 @@ from .diffusion.denoiser import CFGDenoiser, Denoiser
 from .diffusion.samplers import SAMPLERS, resolve_sampler
 from .diffusion.schedules import alphas_cumprod, make_betas, make_sigmas
 from .infotext import format_infotext
+from .inpaint import BlendedDenoiser, ConcatUNet, InpaintSpec, composite, fill_masked_pixels, latent_size, start_latent
 
 
 @dataclass
@@ -84,6 +85,12 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
     return (array / 127.5 - 1.0).permute(2, 0, 1)[None]
 
 
+def inpaint(pipe, request: GenerationRequest, init_image: Image.Image, spec: InpaintSpec,
+            denoising_strength: float = 0.75, callback: Callable[[dict], None] | None = None) -> GenerationResult:
+    """Repaint the white part of ``spec.mask``; everything outside it keeps the original pixels."""
+    return generate(pipe, request, init_image, denoising_strength, callback, spec)
+
+
 def txt2img(pipe, request: GenerationRequest, callback: Callable[[dict], None] | None = None) -> GenerationResult:
     return generate(pipe, request, callback=callback)
 
@@ -96,8 +103,45 @@ def img2img(pipe, request: GenerationRequest, init_image: Image.Image, denoising
     return generate(pipe, request, init_image, denoising_strength, callback)
 
 
+@dataclass
+class _Start:
+    """What img2img / inpainting add to txt2img: the init latent, the masks, and the UNet to call."""
+
+    unet: Callable[..., torch.Tensor]
+    init_latent: torch.Tensor | None = None
+    latent_mask: torch.Tensor | None = None  # (1, 1, h, w), 1 = repaint
+    pixel_mask: torch.Tensor | None = None  # (1, 1, H, W)
+
+
+def _prepare(pipe, request: GenerationRequest, init_image: Image.Image | None, inpaint: InpaintSpec | None) -> _Start:
+    c = pipe.config
+    f = pipe.vae.downscale
+    hw = (request.height // f, request.width // f)
+    start = _Start(pipe.unet)
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return pipe.vae.encode(pixels.to(pipe.device)).mean * c.vae.scaling_factor
+
+    pixels = image_to_tensor(init_image, request.width, request.height) if init_image is not None else None
+    if inpaint is not None:
+        start.pixel_mask = inpaint.pixel_mask(init_image, request.width, request.height)
+        start.latent_mask = latent_size(start.pixel_mask, hw).to(pipe.device)
+        if inpaint.inpainting_fill == 0:
+            pixels = fill_masked_pixels(pixels, start.pixel_mask)
+    if pixels is not None:
+        start.init_latent = encode(pixels)
+    if c.is_inpainting:  # 9-channel UNet: [x, mask, masked-image latent]; txt2img repaints everything
+        binary = (start.pixel_mask >= 0.5).float() if start.pixel_mask is not None else \
+            torch.ones(1, 1, request.height, request.width)
+        source = image_to_tensor(init_image, request.width, request.height) if init_image is not None else \
+            torch.zeros(1, 3, request.height, request.width)
+        concat = torch.cat([latent_size(binary, hw).to(pipe.device), encode(source * (1 - binary))], dim=1)
+        start.unet = ConcatUNet(pipe.unet, concat)
+    return start
+
+
 def generate(pipe, request: GenerationRequest, init_image: Image.Image | None = None, strength: float = 1.0,
-             callback: Callable[[dict], None] | None = None) -> GenerationResult:
+             callback: Callable[[dict], None] | None = None, inpaint: InpaintSpec | None = None) -> GenerationResult:
     """The one sampling path: conditioning -> first latent (noise, or noised init image) -> sampler -> decode."""
     c = pipe.config
     if init_image is not None:
@@ -105,20 +149,20 @@ def generate(pipe, request: GenerationRequest, init_image: Image.Image | None = 
             raise ValueError(f"denoising strength must be in [0, 1], got {strength}")
         request.width = request.width or init_image.width // 8 * 8
         request.height = request.height or init_image.height // 8 * 8
+    elif inpaint is not None:
+        raise ValueError("inpainting needs an init image")
     request.validate(c.image_size)
     sampler, default_scheduler = resolve_sampler(request.sampler)
     scheduler = default_scheduler if request.scheduler in ("automatic", "", None) else request.scheduler
     label = next(name for name, (fn, _) in SAMPLERS.items() if fn is sampler)  # "DPM++ 2M Karras" -> "DPM++ 2M"
     abar = alphas_cumprod(make_betas(c.beta_schedule, c.timesteps, c.beta_start, c.beta_end))
-    denoiser = Denoiser(pipe.unet, abar, c.prediction)
+    with torch.inference_mode():
+        start = _prepare(pipe, request, init_image, inpaint)
+    denoiser = Denoiser(start.unet, abar, c.prediction)
     sigmas = make_sigmas(scheduler, request.steps, denoiser.schedule).to(pipe.device)
-    init_latent = None
     if init_image is not None:
         t_enc = int(min(strength, 0.999) * request.steps)  # steps actually run
         sigmas = sigmas[request.steps - t_enc - 1:]
-        with torch.inference_mode():
-            pixels = image_to_tensor(init_image, request.width, request.height).to(pipe.device)
-            init_latent = pipe.vae.encode(pixels).mean * c.vae.scaling_factor
     f = pipe.vae.downscale
     latent_shape = (c.vae.embed_dim, request.height // f, request.width // f)
     result = GenerationResult([], [], [])
@@ -131,11 +175,17 @@ def generate(pipe, request: GenerationRequest, init_image: Image.Image | None = 
             model = CFGDenoiser(denoiser, cond.context, uncond.context, request.cfg_scale, cond.y, uncond.y)
             noise, generators = initial_noise(seeds, latent_shape)
             x = noise.to(pipe.device) * sigmas[0]
-            if init_latent is not None:
-                x = x + init_latent
+            if start.init_latent is not None:
+                first = start.init_latent
+                if inpaint is not None:
+                    first = start_latent(first, start.latent_mask, inpaint.inpainting_fill, generators[0])
+                    model = BlendedDenoiser(model, start.init_latent, start.latent_mask)
+                x = x + first
             kwargs = {"eta": request.eta} if request.eta is not None and "eta" in sampler.__code__.co_varnames else {}
             x = sampler(model, x, sigmas, callback=callback, noise=_per_image_noise(generators), **kwargs)
             images = to_pil(pipe.vae.decode(x / c.vae.scaling_factor))
+            if inpaint is not None:
+                images = [composite(init_image, image, start.pixel_mask) for image in images]
             for seed, image in zip(seeds, images, strict=True):
                 result.images.append(image)
                 result.seeds.append(seed)
@@ -143,6 +193,7 @@ def generate(pipe, request: GenerationRequest, init_image: Image.Image | None = 
                     "Steps": request.steps, "Sampler": label, "Schedule type": scheduler.capitalize(),
                     "CFG scale": request.cfg_scale, "Seed": seed, "Size": f"{request.width}x{request.height}",
                     "Model": c.name or None, "Denoising strength": strength if init_image is not None else None,
+                    "Mask blur": inpaint.mask_blur if inpaint is not None else None,
                     "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
                     "Version": "stable_diffusion 0.1.0",
                 }))

@@ -108,6 +108,18 @@ class Pipeline:
         request = GenerationRequest(prompt=prompt, **kwargs)  # type: ignore[arg-type]
         return img2img(self, request, init_image, denoising_strength, callback).images  # type: ignore[arg-type]
 
+    def inpaint(self, init_image: object, mask: object, prompt: str = "", denoising_strength: float = 0.75,
+                mask_blur: int = 4, inpainting_fill: int = 1, inpainting_mask_invert: bool = False,
+                **kwargs: object) -> list:
+        """Repaint the white part of ``mask`` (blended latent diffusion, or the 9-channel model's own input)."""
+        from .generate import GenerationRequest, inpaint
+        from .inpaint import InpaintSpec
+
+        callback = kwargs.pop("callback", None)
+        spec = InpaintSpec(mask, mask_blur, inpainting_fill, inpainting_mask_invert)  # type: ignore[arg-type]
+        request = GenerationRequest(prompt=prompt, **kwargs)  # type: ignore[arg-type]
+        return inpaint(self, request, init_image, spec, denoising_strength, callback).images  # type: ignore[arg-type]
+
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0) -> Pipeline:
         """Random weights (PyTorch's default initialisation, seeded) for a config."""
