@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .models.unet import timestep_embedding
+from .prompts import encode_weighted
 
 
 @dataclass
@@ -16,12 +17,11 @@ class Conditioning:
     y: torch.Tensor | None = None  # (B, adm_in_channels) for SDXL
 
 
-def encode_text(pipe, prompts: list[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context (B, 77, sum of widths), pooled output of the last encoder)."""
+def encode_text(pipe, prompts: list[str], clip_skip: int = 1, min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context (B, 77 * chunks, sum of widths), pooled output of the last encoder), A1111 prompt syntax."""
     contexts, pooled = [], None
     for tokenizer, encoder in zip(pipe.tokenizers, pipe.text_encoders, strict=True):
-        ids = tokenizer(prompts).to(pipe.device)
-        context, pooled = encoder(ids, clip_skip=clip_skip)
+        context, pooled = encode_weighted(tokenizer, encoder, prompts, pipe.device, clip_skip, min_chunks)
         contexts.append(context)
     return torch.cat(contexts, dim=-1), pooled
 
@@ -31,8 +31,9 @@ def size_embedding(numbers: torch.Tensor, dim: int) -> torch.Tensor:
     return timestep_embedding(numbers.flatten(), dim).reshape(numbers.shape[0], -1)
 
 
-def condition(pipe, prompts: list[str], width: int, height: int, clip_skip: int = 1) -> Conditioning:
-    context, pooled = encode_text(pipe, prompts, clip_skip)
+def condition(pipe, prompts: list[str], width: int, height: int, clip_skip: int = 1,
+              min_chunks: int = 1) -> Conditioning:
+    context, pooled = encode_text(pipe, prompts, clip_skip, min_chunks)
     c = pipe.config
     if not c.unet.adm_in_channels:
         return Conditioning(context.to(pipe.dtype))

@@ -17,6 +17,7 @@ from .diffusion.samplers import SAMPLERS, resolve_sampler
 from .diffusion.schedules import alphas_cumprod, make_betas, make_sigmas
 from .infotext import format_infotext
 from .inpaint import BlendedDenoiser, ConcatUNet, InpaintSpec, composite, fill_masked_pixels, latent_size, start_latent
+from .prompts import count_chunks
 
 
 @dataclass
@@ -170,8 +171,11 @@ def generate(pipe, request: GenerationRequest, init_image: Image.Image | None = 
         for it in range(request.n_iter):
             n = request.batch_size
             seeds = [request.seed + it * n + i for i in range(n)]
-            cond = condition(pipe, [request.prompt] * n, request.width, request.height, request.clip_skip)
-            uncond = condition(pipe, [request.negative_prompt] * n, request.width, request.height, request.clip_skip)
+            # cond and uncond need the same number of 77-token chunks to share one batched UNet call
+            chunks = max(count_chunks(pipe.tokenizer, request.prompt), count_chunks(pipe.tokenizer, request.negative_prompt))
+            cond = condition(pipe, [request.prompt] * n, request.width, request.height, request.clip_skip, chunks)
+            uncond = condition(pipe, [request.negative_prompt] * n, request.width, request.height, request.clip_skip,
+                               chunks)
             model = CFGDenoiser(denoiser, cond.context, uncond.context, request.cfg_scale, cond.y, uncond.y)
             noise, generators = initial_noise(seeds, latent_shape)
             x = noise.to(pipe.device) * sigmas[0]

@@ -1,0 +1,121 @@
+"""AUTOMATIC1111's prompt syntax: attention weights, BREAK, and prompts longer than 75 tokens.
+
+``(text)`` multiplies the weight of its text by 1.1, ``[text]`` divides it by 1.1, ``(text:1.5)`` sets the
+factor to 1.5; nesting multiplies; ``\\(`` ``\\)`` ``\\[`` ``\\]`` are literal brackets; unclosed brackets
+apply to the end of the prompt. Tokens go into chunks of 75 (each encoded as BOS + 75 + EOS and concatenated
+along the sequence), a chunk that would overflow is cut after its last comma when that comma is within the
+last 20 tokens, and BREAK starts a new chunk. Weights scale the encoder's output, then the mean is restored."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+CHUNK = 75
+COMMA_BACKTRACK = 20
+_TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_prompt_attention(text: str) -> list[list]:
+    """``"a (red:1.2) [cat]"`` -> ``[["a ", 1.0], ["red", 1.2], [" ", 1.0], ["cat", 1/1.1]]``; BREAK -> ``["BREAK", -1]``."""
+    pieces: list[list] = []
+    open_round: list[int] = []  # index into pieces where each unclosed bracket started
+    open_square: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for match in _TOKEN.finditer(text):
+        token, explicit = match.group(0), match.group(1)
+        if token.startswith("\\") and len(token) == 2:
+            pieces.append([token[1], 1.0])
+        elif token == "(":
+            open_round.append(len(pieces))
+        elif token == "[":
+            open_square.append(len(pieces))
+        elif explicit is not None and open_round:
+            scale(open_round.pop(), float(explicit))
+        elif token == ")" and open_round:
+            scale(open_round.pop(), 1.1)
+        elif token == "]" and open_square:
+            scale(open_square.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(_BREAK.split(token)):
+                if i:
+                    pieces.append(["BREAK", -1])
+                pieces.append([part, 1.0])
+    for start in open_round:
+        scale(start, 1.1)
+    for start in open_square:
+        scale(start, 1 / 1.1)
+    merged: list[list] = []
+    for piece in pieces or [["", 1.0]]:
+        if merged and merged[-1][1] == piece[1]:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return merged
+
+
+def chunk_tokens(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
+    """The prompt as chunks of exactly 75 (token, weight) pairs, padded with the tokenizer's pad id."""
+    comma = tokenizer.encode(",")[0]
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal ids, weights, last_comma
+        pad = CHUNK - len(ids)
+        chunks.append((ids + [tokenizer.pad_token_id] * pad, weights + [1.0] * pad))
+        ids, weights, last_comma = [], [], -1
+
+    for fragment, weight in parse_prompt_attention(text):
+        if weight == -1:  # BREAK
+            close()
+            continue
+        for token in tokenizer.encode(fragment):
+            if token == comma:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK and last_comma != -1 and CHUNK - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1
+                rest_ids, rest_weights = ids[cut:], weights[cut:]
+                ids, weights = ids[:cut], weights[:cut]
+                close()
+                ids, weights = rest_ids, rest_weights
+            if len(ids) == CHUNK:
+                close()
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        close()
+    return chunks
+
+
+def encode_weighted(tokenizer, encoder, texts: list[str], device: torch.device,
+                    clip_skip: int = 1, min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context (B, 77 * chunks, C), pooled of the first chunk) with A1111's emphasis applied."""
+    per_text = [chunk_tokens(tokenizer, t) for t in texts]
+    n = max(min_chunks, *(len(c) for c in per_text))
+    empty = ([tokenizer.pad_token_id] * CHUNK, [1.0] * CHUNK)
+    contexts, pooled = [], None
+    for k in range(n):
+        rows = [c[k] if k < len(c) else empty for c in per_text]
+        ids = torch.tensor([[tokenizer.bos_token_id, *r[0], tokenizer.eos_token_id] for r in rows], device=device)
+        w = torch.tensor([[1.0, *r[1], 1.0] for r in rows], device=device)
+        z, p = encoder(ids, clip_skip=clip_skip)
+        if bool((w != 1.0).any()):
+            mean = z.float().mean(dim=(1, 2), keepdim=True)
+            z = z * w[..., None].to(z.dtype)
+            z = z * (mean / z.float().mean(dim=(1, 2), keepdim=True)).to(z.dtype)
+        contexts.append(z)
+        pooled = p if pooled is None else pooled
+    return torch.cat(contexts, dim=1), pooled
+
+
+def count_chunks(tokenizer, text: str) -> int:
+    return len(chunk_tokens(tokenizer, text))
