@@ -40,29 +40,26 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1
 
 
 @torch.no_grad()
-def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
-                 noise: Noise | None = None) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
-    for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        _report(callback, i, x, sigmas[i], x0)
-        x = x + _d(x, sigmas[i], x0) * (sigmas[i + 1] - sigmas[i])
-    return x
-
-
-@torch.no_grad()
 def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
                            noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
-    """Euler steps down to sigma_down, then fresh noise up to sigma_next (ancestral sampling)."""
+    """Euler steps down to sigma_down, then fresh noise up to sigma_next (ancestral sampling); eta = 0 is plain
+    Euler on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     noise = noise or default_noise()
     for i in range(len(sigmas) - 1):
         x0 = model(x, sigmas[i])
         _report(callback, i, x, sigmas[i], x0)
         down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + _d(x, sigmas[i], x0) * (down - sigmas[i])
-        if sigmas[i + 1] > 0:
+        if up > 0:
             x = x + noise(x) * up
     return x
+
+
+@torch.no_grad()
+def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                 noise: Noise | None = None) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE: the ancestral sampler with no noise put back."""
+    return sample_euler_ancestral(model, x, sigmas, callback=callback, eta=0.0)
 
 
 @torch.no_grad()
@@ -137,8 +134,6 @@ def sample_ddim(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
     """DDIM (Song et al. 2021). With eta = 0 its update x_next = x0 + sigma_next * eps is exactly an Euler step
     of the probability-flow ODE in the sigma parameterisation (Karras et al. 2022, sec. 4); eta > 0 re-injects
     noise as the DDIM paper's sigma_t(eta) does."""
-    if not eta:
-        return sample_euler(model, x, sigmas, callback=callback)
     return sample_euler_ancestral(model, x, sigmas, callback=callback, noise=noise, eta=eta)
 
 
