@@ -4,6 +4,7 @@ latent, and on Gaussian data (exact denoiser known) errors shrink with steps at 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -14,11 +15,15 @@ from stable_diffusion.diffusion.samplers import (
     resolve_sampler,
     sample_ddim,
     sample_ddpm,
+    sample_dpm_2,
+    sample_dpm_2_ancestral,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
+    sample_dpmpp_2s_ancestral,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
+    sample_lms,
 )
 from stable_diffusion.diffusion.schedules import DiscreteSigmas, add_noise, alphas_cumprod, make_betas, make_sigmas
 
@@ -112,16 +117,17 @@ def test_samplers_match_diffusers_loops(kind):
     assert torch.allclose(ours, expected.float(), atol=1e-4), (ours - expected).abs().max()
 
 
-@pytest.mark.parametrize("sampler,order", [(sample_euler, 1), (sample_heun, 2), (sample_dpmpp_2m, 2)])
+@pytest.mark.parametrize("sampler,order", [(sample_euler, 1), (sample_heun, 2), (sample_dpmpp_2m, 2), (sample_dpm_2, 2),
+                                           (partial(sample_dpmpp_2s_ancestral, eta=0.0), 2), (sample_lms, 3)])
 def test_convergence_order_on_gaussian_data(sampler, order):
     torch.manual_seed(0)
-    sigma_max = 14.6
+    sigma_max, sigma_min = 14.6, 0.03
     x_t = torch.randn(1000, dtype=torch.float64) * math.sqrt(S**2 + sigma_max**2) + MU
-    exact = exact_solution(x_t, sigma_max)
+    # exact ODE solution at sigma_min (no final jump to 0, whose error does not shrink with the step count)
+    exact = MU + (x_t - MU) * math.sqrt(S**2 + sigma_min**2) / math.sqrt(S**2 + sigma_max**2)
     errors = []
     for n in (10, 20, 40):
-        sigmas = torch.cat([torch.exp(torch.linspace(math.log(sigma_max), math.log(0.03), n, dtype=torch.float64)),
-                            torch.zeros(1, dtype=torch.float64)])
+        sigmas = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n + 1, dtype=torch.float64))
         errors.append((sampler(gaussian_x0, x_t, sigmas) - exact).abs().max().item())
     rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
     assert errors[2] < errors[0]
@@ -192,3 +198,17 @@ def test_ddim_and_ddpm_match_diffusers(kind):
         expected, sigmas = _vp_loop(scheduler, x_t, 12, torch.Generator().manual_seed(5))
         ours = sample_ddpm(gaussian_x0, x_t * sigmas[0], sigmas, noise=default_noise(torch.Generator().manual_seed(5)))
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
+
+
+@pytest.mark.parametrize("sampler", [sample_euler_ancestral, sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral,
+                                     sample_dpmpp_2m_sde])
+def test_ancestral_samplers_are_reproducible_and_land_near_the_data(sampler):
+    torch.manual_seed(0)
+    sigma_max = 14.6
+    x_t = torch.randn(4000, dtype=torch.float64) * sigma_max
+    sigmas = torch.cat([torch.exp(torch.linspace(math.log(sigma_max), math.log(0.03), 30, dtype=torch.float64)),
+                        torch.zeros(1, dtype=torch.float64)])
+    runs = [sampler(gaussian_x0, x_t, sigmas, noise=default_noise(torch.Generator().manual_seed(1))) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    # samples of N(MU, S^2): their mean and spread come out right (a stochastic sampler of the true posterior)
+    assert abs(runs[0].mean().item() - MU) < 0.05 and abs(runs[0].std().item() - S) < 0.1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -158,6 +159,84 @@ def sample_ddpm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
     return x
 
 
+@torch.no_grad()
+def sample_dpm_2_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                           noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
+    """DPM-Solver-2 (Lu et al. 2022) in Karras et al.'s form: a midpoint step (midpoint in log sigma) down to
+    sigma_down, then noise up to sigma_next; eta = 0 is the deterministic DPM2."""
+    noise = noise or default_noise()
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, sigmas[i])
+        _report(callback, i, x, sigmas[i], x0)
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        d = _d(x, sigmas[i], x0)
+        if down == 0:
+            x = x + d * (down - sigmas[i])
+        else:
+            mid = (0.5 * (sigmas[i].log() + down.log())).exp()
+            x_mid = x + d * (mid - sigmas[i])
+            x = x + _d(x_mid, mid, model(x_mid, mid)) * (down - sigmas[i])
+        if up > 0:
+            x = x + noise(x) * up
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                 noise: Noise | None = None) -> torch.Tensor:
+    return sample_dpm_2_ancestral(model, x, sigmas, callback=callback, eta=0.0)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                              noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(2S) (Lu et al. 2022), single-step second order in log-SNR time, down to sigma_down, then
+    ancestral noise up to sigma_next."""
+    noise = noise or default_noise()
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, sigmas[i])
+        _report(callback, i, x, sigmas[i], x0)
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if down == 0:
+            x = x + _d(x, sigmas[i], x0) * (down - sigmas[i])
+        else:
+            h = sigmas[i].log() - down.log()
+            mid = sigmas[i] * torch.exp(-0.5 * h)
+            x_mid = (mid / sigmas[i]) * x - torch.expm1(-0.5 * h) * x0
+            x = (down / sigmas[i]) * x - torch.expm1(-h) * model(x_mid, mid)
+        if up > 0:
+            x = x + noise(x) * up
+    return x
+
+
+def _lms_coefficient(order: int, sigmas: list[float], i: int, j: int) -> float:
+    """Integral over [sigma_i, sigma_i+1] of the Lagrange basis polynomial through sigma_i, ..., sigma_i-order+1
+    that is 1 at sigma_(i-j) (exactly, as a polynomial)."""
+    poly = np.polynomial.Polynomial([1.0])
+    for k in range(order):
+        if k != j:
+            poly *= np.polynomial.Polynomial([-sigmas[i - k], 1.0]) / (sigmas[i - j] - sigmas[i - k])
+    antiderivative = poly.integ()
+    return float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i]))
+
+
+@torch.no_grad()
+def sample_lms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+               noise: Noise | None = None, order: int = 4) -> torch.Tensor:
+    """Linear multistep (Adams-Bashforth on non-uniform sigma steps, Karras et al. 2022's k-diffusion LMS)."""
+    s = sigmas.double().cpu().tolist()
+    ds: list[torch.Tensor] = []
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, sigmas[i])
+        _report(callback, i, x, sigmas[i], x0)
+        ds.append(_d(x, sigmas[i], x0))
+        ds = ds[-order:]
+        current = min(i + 1, order)
+        for j, d in enumerate(reversed(ds)):
+            x = x + _lms_coefficient(current, s, i, j) * d
+    return x
+
+
 # A1111 label -> (sampler function, default scheduler)
 SAMPLERS = {
     "Euler": (sample_euler, "uniform"),
@@ -165,6 +244,10 @@ SAMPLERS = {
     "Heun": (sample_heun, "uniform"),
     "DPM++ 2M": (sample_dpmpp_2m, "karras"),
     "DPM++ 2M SDE": (sample_dpmpp_2m_sde, "exponential"),
+    "DPM2": (sample_dpm_2, "karras"),
+    "DPM2 a": (sample_dpm_2_ancestral, "karras"),
+    "DPM++ 2S a": (sample_dpmpp_2s_ancestral, "karras"),
+    "LMS": (sample_lms, "uniform"),
     "DDIM": (sample_ddim, "ddim_uniform"),
     "DDPM": (sample_ddpm, "uniform"),
 }
