@@ -168,3 +168,21 @@ def test_cli_inpaint(tmp_path):
     Image.new("L", (10, 10)).save(tmp_path / "small.png")
     assert main(["inpaint", "x", "--init", str(tmp_path / "in.png"), "--mask", str(tmp_path / "small.png"),
                  "--model", "tiny-sd1"]) == 1
+
+
+def test_the_real_sd_parsers_package_reads_our_pngs(sd1, tmp_path):
+    from sd_parsers import ParserManager
+
+    from stable_diffusion.generate import GenerationRequest, txt2img
+    from stable_diffusion.infotext import save_png
+
+    result = txt2img(sd1, GenerationRequest(prompt="a red circle, (big:1.2)", negative_prompt="blurry", steps=2,
+                                            seed=3, sampler="DPM++ 2M Karras"))
+    save_png(result.images[0], tmp_path / "x.png", result.infotexts[0])
+    info = ParserManager().parse(tmp_path / "x.png")
+    assert info.generator.name == "AUTOMATIC1111"
+    assert [p.value for p in info.prompts] == ["a red circle, (big:1.2)"]
+    assert [p.value for p in info.negative_prompts] == ["blurry"]
+    sampler = info.samplers[0]
+    assert sampler.name == "DPM++ 2M"
+    assert sampler.parameters == {"scheduler": "Karras", "cfg_scale": "7.0", "seed": "3", "steps": "2"}
