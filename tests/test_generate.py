@@ -83,6 +83,11 @@ def test_cli_txt2img_writes_numbered_pngs_with_parameters(tmp_path, capsys):
     assert params["Prompt"] == "a green triangle" and params["Seed"] == "8"
     assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras"
     assert main(args) == 0 and len(list(out.iterdir())) == 4
+    assert main([*args, "--preview"]) == 0
+    from PIL import Image
+
+    strip = Image.open(out / "00004-7-preview.png")
+    assert strip.size == (2 * 128, 128)  # one 128-px frame per step
     assert main(["txt2img", "x", "--model", "tiny-sd1", "--width", "100", "--out", str(tmp_path / "bad")]) == 1
     assert "multiples of 8" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 

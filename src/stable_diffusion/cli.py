@@ -101,8 +101,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
     pipe = load_pipeline(args.model, device=args.device)
     steps = int(min(strength, 0.999) * request.steps) + 1 if init is not None else request.steps
+    x0s = []
+
+    def on_step(info: dict) -> None:
+        bar.update(1)
+        if args.preview and len(x0s) < steps:  # the first image's x0 predictions of the first iteration
+            x0s.append(info["denoised"].detach().clone())
+
     with tqdm(total=steps * request.n_iter, desc="sampling", unit="step") as bar:
-        result = generate(pipe, request, init, strength, lambda _: bar.update(1), spec)  # validates first
+        result = generate(pipe, request, init, strength, on_step, spec)  # validates first
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index = _next_index(out)
@@ -111,6 +118,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         atomic_write(path, lambda tmp, image=image, info=info: save_png(image, tmp, info))
         print(path)
         index += 1
+    if args.preview:
+        from .generate import film_strip
+
+        path = out / f"{index - len(result.images):05d}-{result.seeds[0]}-preview.png"
+        atomic_write(path, lambda tmp: film_strip(pipe, x0s).save(tmp, format="PNG"))
+        print(path)
 
 
 def cmd_pnginfo(args: argparse.Namespace) -> None:
@@ -151,6 +164,7 @@ def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=f"outputs/{mode}")
+    p.add_argument("--preview", action="store_true", help="also write a film strip of each step's x0 prediction")
     if mode in ("img2img", "inpaint"):
         p.add_argument("--init", required=True, help="the starting image")
         p.add_argument("--strength", type=float, default=0.75, help="denoising strength: 0 keeps, 1 repaints")

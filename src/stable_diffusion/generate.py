@@ -77,6 +77,17 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
 
 
+def film_strip(pipe, x0s: list[torch.Tensor], height: int = 128) -> Image.Image:
+    """The x0 prediction of each step (first image of the batch), decoded and laid side by side."""
+    with torch.inference_mode():
+        frames = [to_pil(pipe.vae.decode(x0[:1] / pipe.config.vae.scaling_factor))[0] for x0 in x0s]
+    width = max(1, round(frames[0].width * height / frames[0].height))
+    strip = Image.new("RGB", (width * len(frames), height))
+    for i, frame in enumerate(frames):
+        strip.paste(frame.resize((width, height), Image.LANCZOS), (i * width, 0))
+    return strip
+
+
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
     """PIL image -> (1, 3, H, W) in [-1, 1], resized (Lanczos) to width x height ("just resize")."""
     image = image.convert("RGB")
