@@ -17,6 +17,7 @@ from .diffusion.samplers import SAMPLERS, resolve_sampler
 from .diffusion.schedules import alphas_cumprod, make_betas, make_sigmas
 from .infotext import format_infotext
 from .inpaint import BlendedDenoiser, ConcatUNet, InpaintSpec, composite, fill_masked_pixels, latent_size, start_latent
+from .prompt_editing import prompt_schedule
 from .prompts import count_chunks
 
 
@@ -75,6 +76,43 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL RGB images."""
     array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+class _StepwiseCFG(torch.nn.Module):
+    """Prompt editing: the CFG denoiser of the sampling step that ``sigma`` belongs to (no hidden state:
+    the step is read off the sigma list, so second-order samplers' midpoints use their step's prompt)."""
+
+    def __init__(self, sigmas: torch.Tensor, per_step: list[CFGDenoiser]) -> None:
+        super().__init__()
+        self.sigmas, self.per_step = sigmas, per_step
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        step = int((self.sigmas[:-1] >= sigma.reshape(-1)[0] * (1 - 1e-6)).sum().item()) - 1
+        return self.per_step[min(max(step, 0), len(self.per_step) - 1)](x, sigma)
+
+
+def _scheduled_cfg(pipe, request: GenerationRequest, denoiser: Denoiser, sigmas: torch.Tensor, n: int):
+    """CFG with A1111 prompt editing on both prompts; each distinct text is encoded once."""
+    steps = len(sigmas) - 1
+    positive = prompt_schedule(request.prompt, steps)
+    negative = prompt_schedule(request.negative_prompt, steps)
+    texts = {t for _, t in positive + negative}
+    # every text pads to the same number of 77-token chunks so cond and uncond share one batched UNet call
+    chunks = max(count_chunks(pipe.tokenizer, t) for t in texts)
+    encoded = {t: condition(pipe, [t] * n, request.width, request.height, request.clip_skip, chunks) for t in texts}
+
+    def at(schedule: list[tuple[int, str]], step: int) -> str:
+        return next(text for end, text in schedule if step <= end)
+
+    models: dict[tuple[str, str], CFGDenoiser] = {}
+    per_step = []
+    for step in range(1, steps + 1):
+        key = (at(positive, step), at(negative, step))
+        if key not in models:
+            cond, uncond = encoded[key[0]], encoded[key[1]]
+            models[key] = CFGDenoiser(denoiser, cond.context, uncond.context, request.cfg_scale, cond.y, uncond.y)
+        per_step.append(models[key])
+    return per_step[0] if len(models) == 1 else _StepwiseCFG(sigmas, per_step)
 
 
 def film_strip(pipe, x0s: list[torch.Tensor], height: int = 128) -> Image.Image:
@@ -182,12 +220,7 @@ def generate(pipe, request: GenerationRequest, init_image: Image.Image | None = 
         for it in range(request.n_iter):
             n = request.batch_size
             seeds = [request.seed + it * n + i for i in range(n)]
-            # cond and uncond need the same number of 77-token chunks to share one batched UNet call
-            chunks = max(count_chunks(pipe.tokenizer, request.prompt), count_chunks(pipe.tokenizer, request.negative_prompt))
-            cond = condition(pipe, [request.prompt] * n, request.width, request.height, request.clip_skip, chunks)
-            uncond = condition(pipe, [request.negative_prompt] * n, request.width, request.height, request.clip_skip,
-                               chunks)
-            model = CFGDenoiser(denoiser, cond.context, uncond.context, request.cfg_scale, cond.y, uncond.y)
+            model = _scheduled_cfg(pipe, request, denoiser, sigmas, n)
             noise, generators = initial_noise(seeds, latent_shape)
             x = noise.to(pipe.device) * sigmas[0]
             if start.init_latent is not None:
