@@ -78,6 +78,14 @@ def _open_image(path: str) -> object:
         raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
+def _lora_arg(text: str) -> tuple[str, float]:
+    name, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
+    try:
+        return name, float(weight)
+    except ValueError:
+        raise ValueError(f"--lora expects NAME_OR_PATH[:WEIGHT], got {text!r}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """txt2img, or img2img when --init is given; both go through generate.generate."""
     from tqdm import tqdm
@@ -97,7 +105,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg,
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch, n_iter=args.n_iter,
-        width=args.width, height=args.height, clip_skip=args.clip_skip,
+        width=args.width, height=args.height, clip_skip=args.clip_skip, lora_dir=args.lora_dir,
+        loras=[_lora_arg(text) for text in args.lora],
     )
     pipe = load_pipeline(args.model, device=args.device)
     steps = int(min(strength, 0.999) * request.steps) + 1 if init is not None else request.steps
@@ -164,6 +173,9 @@ def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=f"outputs/{mode}")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
+                   help="apply a LoRA (file path, or name in --lora-dir); also <lora:name:0.8> in the prompt")
+    p.add_argument("--lora-dir", default="models/Lora")
     p.add_argument("--preview", action="store_true", help="also write a film strip of each step's x0 prediction")
     if mode in ("img2img", "inpaint"):
         p.add_argument("--init", required=True, help="the starting image")

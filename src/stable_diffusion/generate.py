@@ -17,6 +17,7 @@ from .diffusion.samplers import SAMPLERS, resolve_sampler
 from .diffusion.schedules import alphas_cumprod, make_betas, make_sigmas
 from .infotext import format_infotext
 from .inpaint import BlendedDenoiser, ConcatUNet, InpaintSpec, composite, fill_masked_pixels, latent_size, start_latent
+from .lora import applied_loras, extract_lora_tags, resolve_lora
 from .prompt_editing import prompt_schedule
 from .prompts import count_chunks
 
@@ -38,6 +39,8 @@ class GenerationRequest:
     height: int | None = None
     clip_skip: int = 1
     eta: float | None = None
+    loras: list = field(default_factory=list)  # [(path or name, strength)], besides <lora:name:w> in the prompt
+    lora_dir: str | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self, native: int) -> None:
@@ -91,12 +94,13 @@ class _StepwiseCFG(torch.nn.Module):
         return self.per_step[min(max(step, 0), len(self.per_step) - 1)](x, sigma)
 
 
-def _scheduled_cfg(pipe, request: GenerationRequest, denoiser: Denoiser, sigmas: torch.Tensor, n: int):
+def _scheduled_cfg(pipe, request: GenerationRequest, prompt: str, negative: str, denoiser: Denoiser,
+                   sigmas: torch.Tensor, n: int):
     """CFG with A1111 prompt editing on both prompts; each distinct text is encoded once."""
     steps = len(sigmas) - 1
-    positive = prompt_schedule(request.prompt, steps)
-    negative = prompt_schedule(request.negative_prompt, steps)
-    texts = {t for _, t in positive + negative}
+    positive = prompt_schedule(prompt, steps)
+    negatives = prompt_schedule(negative, steps)
+    texts = {t for _, t in positive + negatives}
     # every text pads to the same number of 77-token chunks so cond and uncond share one batched UNet call
     chunks = max(count_chunks(pipe.tokenizer, t) for t in texts)
     encoded = {t: condition(pipe, [t] * n, request.width, request.height, request.clip_skip, chunks) for t in texts}
@@ -107,7 +111,7 @@ def _scheduled_cfg(pipe, request: GenerationRequest, denoiser: Denoiser, sigmas:
     models: dict[tuple[str, str], CFGDenoiser] = {}
     per_step = []
     for step in range(1, steps + 1):
-        key = (at(positive, step), at(negative, step))
+        key = (at(positive, step), at(negatives, step))
         if key not in models:
             cond, uncond = encoded[key[0]], encoded[key[1]]
             models[key] = CFGDenoiser(denoiser, cond.context, uncond.context, request.cfg_scale, cond.y, uncond.y)
@@ -192,7 +196,17 @@ def _prepare(pipe, request: GenerationRequest, init_image: Image.Image | None, i
 
 def generate(pipe, request: GenerationRequest, init_image: Image.Image | None = None, strength: float = 1.0,
              callback: Callable[[dict], None] | None = None, inpaint: InpaintSpec | None = None) -> GenerationResult:
-    """The one sampling path: conditioning -> first latent (noise, or noised init image) -> sampler -> decode."""
+    """The one sampling path: conditioning -> first latent (noise, or noised init image) -> sampler -> decode,
+    with the request's LoRAs (and the prompt's ``<lora:name:w>`` tags) merged in for its duration."""
+    prompt, tagged = extract_lora_tags(request.prompt, request.lora_dir)
+    negative, tagged_negative = extract_lora_tags(request.negative_prompt, request.lora_dir)
+    loras = [(resolve_lora(str(name), request.lora_dir), float(w)) for name, w in request.loras]
+    with applied_loras(pipe, loras + tagged + tagged_negative):
+        return _generate(pipe, request, prompt, negative, init_image, strength, callback, inpaint)
+
+
+def _generate(pipe, request: GenerationRequest, prompt: str, negative: str, init_image: Image.Image | None,
+              strength: float, callback: Callable[[dict], None] | None, inpaint: InpaintSpec | None) -> GenerationResult:
     c = pipe.config
     if init_image is not None:
         if not 0.0 <= strength <= 1.0:
@@ -220,7 +234,7 @@ def generate(pipe, request: GenerationRequest, init_image: Image.Image | None = 
         for it in range(request.n_iter):
             n = request.batch_size
             seeds = [request.seed + it * n + i for i in range(n)]
-            model = _scheduled_cfg(pipe, request, denoiser, sigmas, n)
+            model = _scheduled_cfg(pipe, request, prompt, negative, denoiser, sigmas, n)
             noise, generators = initial_noise(seeds, latent_shape)
             x = noise.to(pipe.device) * sigmas[0]
             if start.init_latent is not None:

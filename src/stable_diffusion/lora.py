@@ -1,0 +1,123 @@
+"""LoRA (Hu et al. 2021) files merged into the weights: W += strength * (alpha / rank) * up @ down.
+
+Reads the kohya / A1111 format (``lora_unet_*``, ``lora_te_*``, SDXL ``lora_te1_*`` / ``lora_te2_*``; UNet
+modules named the diffusers way or the LDM way; 1x1 and 3x3 convolutions too, i.e. LoCon) and the diffusers
+/ PEFT format (``unet.<module>.lora_A.weight`` / ``lora_B``). ``applied_loras`` undoes the merge on exit."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints.errors import CheckpointError
+from .checkpoints.io import read_state_dict
+from .checkpoints.keymap import unet_module_map
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([+-]?[\d.]+))?>")
+
+
+def _targets(pipe) -> dict[str, nn.Module]:
+    """Every name a LoRA file may use for one of our Linear/Conv2d modules -> that module."""
+    out: dict[str, nn.Module] = {}
+    to_diffusers = unet_module_map(pipe.config.unet) if not pipe.config.unet.resblock_updown else {}
+    prefixes = sorted(to_diffusers, key=len, reverse=True)
+    for name, module in pipe.unet.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        out["lora_unet_" + name.replace(".", "_")] = module  # LDM names (kohya SDXL)
+        for p in prefixes:
+            if name == p or name.startswith(p + "."):
+                diffusers = to_diffusers[p] + name[len(p):]
+                out["lora_unet_" + diffusers.replace(".", "_")] = module  # diffusers names (kohya SD1/SD2)
+                out["unet." + diffusers] = module  # PEFT
+                break
+    several = len(pipe.text_encoders) > 1
+    for i, encoder in enumerate(pipe.text_encoders):
+        for name, module in encoder.named_modules():
+            if isinstance(module, nn.Linear) and name.startswith("text_model."):
+                kohya = f"lora_te{i + 1 if several else ''}_" + name.replace(".", "_")
+                out[kohya] = module
+                out[("text_encoder_2." if i else "text_encoder.") + name] = module
+    return out
+
+
+def _pairs(sd: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """{module name: (up, down, alpha)} from either file format."""
+    out = {}
+    for key in sd:
+        if key.endswith(".lora_down.weight"):
+            base = key[: -len(".lora_down.weight")]
+            alpha = sd.get(base + ".alpha")
+            out[base] = (sd[base + ".lora_up.weight"], sd[key], float(alpha) if alpha is not None else None)
+        elif key.endswith(".lora_A.weight"):
+            base = key[: -len(".lora_A.weight")]
+            out[base] = (sd[base + ".lora_B.weight"], sd[key], None)
+    return out
+
+
+def lora_deltas(pipe, path: str | Path, strength: float) -> list[tuple[nn.Module, torch.Tensor]]:
+    """(module, weight delta) for every layer the file changes; unknown layers are an error."""
+    sd, _ = read_state_dict(path)
+    pairs = _pairs(sd)
+    if not pairs:
+        raise CheckpointError(f"{path}: no LoRA weights (lora_down/lora_up or lora_A/lora_B)")
+    targets = _targets(pipe)
+    unknown = [k for k in pairs if k not in targets]
+    if unknown:
+        raise CheckpointError(f"{path}: {len(unknown)} LoRA layers match nothing in this model "
+                              f"(e.g. {unknown[0]}); is it for another model family?")
+    deltas = []
+    for name, (up, down, alpha) in pairs.items():
+        module = targets[name]
+        rank = down.shape[0]
+        scale = strength * (alpha / rank if alpha is not None else 1.0)
+        if down.dim() == 4:  # conv LoRA: down (r, in, k, k), up (out, r, 1, 1)
+            delta = (up.flatten(1).float() @ down.flatten(1).float()).reshape(module.weight.shape)
+        else:
+            delta = up.float() @ down.float()
+        deltas.append((module, delta * scale))
+    return deltas
+
+
+@contextmanager
+def applied_loras(pipe, loras: list[tuple[str | Path, float]]) -> Iterator[None]:
+    """Merge the LoRAs into the weights for the duration of the block, then restore the originals."""
+    saved: dict[nn.Module, torch.Tensor] = {}
+    try:
+        for path, strength in loras:
+            for module, delta in lora_deltas(pipe, path, strength):
+                saved.setdefault(module, module.weight.detach().clone())
+                with torch.no_grad():
+                    module.weight += delta.to(module.weight)
+        yield
+    finally:
+        with torch.no_grad():
+            for module, weight in saved.items():
+                module.weight.copy_(weight)
+
+
+def extract_lora_tags(prompt: str, lora_dir: str | Path | None) -> tuple[str, list[tuple[Path, float]]]:
+    """Remove ``<lora:name:weight>`` tags from a prompt and resolve each name to a file in ``lora_dir``."""
+    found = []
+    for name, weight in LORA_TAG.findall(prompt):
+        found.append((resolve_lora(name, lora_dir, allow_path=False), float(weight) if weight else 1.0))
+    return LORA_TAG.sub("", prompt), found
+
+
+def resolve_lora(name: str, lora_dir: str | Path | None, allow_path: bool = True) -> Path:
+    """A LoRA by path (when ``allow_path``), or by file name without extension in ``lora_dir``; names in
+    prompts never reach outside ``lora_dir``."""
+    if allow_path and Path(name).is_file():
+        return Path(name)
+    if lora_dir is None or "/" in name or "\\" in name or name.startswith("."):
+        raise CheckpointError(f"LoRA {name!r} not found (give a file path, or a name with a LoRA folder)")
+    for suffix in (".safetensors", ".pt", ".ckpt"):
+        path = Path(lora_dir) / f"{name}{suffix}"
+        if path.is_file():
+            return path
+    raise CheckpointError(f"LoRA {name!r} not found in {lora_dir}")
