@@ -14,8 +14,10 @@ PIP := .venv/bin/pip
 venv: .venv/.installed
 
 demo: venv
-	.venv/bin/sd info tiny-sd1
 	.venv/bin/sd info sd1
+	# the built-in trained model is not there yet: generate with the random-weight tiny preset (noise-like image)
+	.venv/bin/sd txt2img "a red circle on a white background" --model tiny-sd1 --steps 10 --seed 1 --out outputs/demo
+	.venv/bin/sd pnginfo outputs/demo/00000-1.png
 
 test: venv
 	.venv/bin/ruff check .
