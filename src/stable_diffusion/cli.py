@@ -106,6 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg,
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch, n_iter=args.n_iter,
         width=args.width, height=args.height, clip_skip=args.clip_skip, lora_dir=args.lora_dir,
+        embeddings_dir=args.embeddings_dir,
         loras=[_lora_arg(text) for text in args.lora],
     )
     pipe = load_pipeline(args.model, device=args.device)
@@ -176,6 +177,7 @@ def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
                    help="apply a LoRA (file path, or name in --lora-dir); also <lora:name:0.8> in the prompt")
     p.add_argument("--lora-dir", default="models/Lora")
+    p.add_argument("--embeddings-dir", default="embeddings", help="textual-inversion files, used by file name")
     p.add_argument("--preview", action="store_true", help="also write a film strip of each step's x0 prediction")
     if mode in ("img2img", "inpaint"):
         p.add_argument("--init", required=True, help="the starting image")

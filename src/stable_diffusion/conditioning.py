@@ -17,11 +17,13 @@ class Conditioning:
     y: torch.Tensor | None = None  # (B, adm_in_channels) for SDXL
 
 
-def encode_text(pipe, prompts: list[str], clip_skip: int = 1, min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text(pipe, prompts: list[str], clip_skip: int = 1, min_chunks: int = 1,
+                library=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(context (B, 77 * chunks, sum of widths), pooled output of the last encoder), A1111 prompt syntax."""
     contexts, pooled = [], None
     for tokenizer, encoder in zip(pipe.tokenizers, pipe.text_encoders, strict=True):
-        context, pooled = encode_weighted(tokenizer, encoder, prompts, pipe.device, clip_skip, min_chunks)
+        context, pooled = encode_weighted(tokenizer, encoder, prompts, pipe.device, clip_skip, min_chunks,
+                                          library)
         contexts.append(context)
     return torch.cat(contexts, dim=-1), pooled
 
@@ -32,8 +34,8 @@ def size_embedding(numbers: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def condition(pipe, prompts: list[str], width: int, height: int, clip_skip: int = 1,
-              min_chunks: int = 1) -> Conditioning:
-    context, pooled = encode_text(pipe, prompts, clip_skip, min_chunks)
+              min_chunks: int = 1, library=None) -> Conditioning:
+    context, pooled = encode_text(pipe, prompts, clip_skip, min_chunks, library)
     c = pipe.config
     if not c.unet.adm_in_channels:
         return Conditioning(context.to(pipe.dtype))

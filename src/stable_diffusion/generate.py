@@ -15,6 +15,7 @@ from .conditioning import condition
 from .diffusion.denoiser import CFGDenoiser, Denoiser
 from .diffusion.samplers import SAMPLERS, resolve_sampler
 from .diffusion.schedules import alphas_cumprod, make_betas, make_sigmas
+from .embeddings import EmbeddingLibrary
 from .infotext import format_infotext
 from .inpaint import BlendedDenoiser, ConcatUNet, InpaintSpec, composite, fill_masked_pixels, latent_size, start_latent
 from .lora import applied_loras, extract_lora_tags, resolve_lora
@@ -41,6 +42,7 @@ class GenerationRequest:
     eta: float | None = None
     loras: list = field(default_factory=list)  # [(path or name, strength)], besides <lora:name:w> in the prompt
     lora_dir: str | None = None
+    embeddings_dir: str | None = None  # textual-inversion files, used in prompts by file name
     extra: dict = field(default_factory=dict)
 
     def validate(self, native: int) -> None:
@@ -102,8 +104,10 @@ def _scheduled_cfg(pipe, request: GenerationRequest, prompt: str, negative: str,
     negatives = prompt_schedule(negative, steps)
     texts = {t for _, t in positive + negatives}
     # every text pads to the same number of 77-token chunks so cond and uncond share one batched UNet call
-    chunks = max(count_chunks(pipe.tokenizer, t) for t in texts)
-    encoded = {t: condition(pipe, [t] * n, request.width, request.height, request.clip_skip, chunks) for t in texts}
+    library = EmbeddingLibrary(request.embeddings_dir)
+    chunks = max(count_chunks(pipe.tokenizer, t, library) for t in texts)
+    encoded = {t: condition(pipe, [t] * n, request.width, request.height, request.clip_skip, chunks, library)
+               for t in texts}
 
     def at(schedule: list[tuple[int, str]], step: int) -> str:
         return next(text for end, text in schedule if step <= end)

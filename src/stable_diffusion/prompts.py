@@ -60,8 +60,28 @@ def parse_prompt_attention(text: str) -> list[list]:
     return merged
 
 
-def chunk_tokens(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
-    """The prompt as chunks of exactly 75 (token, weight) pairs, padded with the tokenizer's pad id."""
+def _with_embeddings(tokenizer, ids: list[int], library) -> list:
+    """Replace each embedding name's token sequence with ``(name, k)`` placeholders, one per vector."""
+    if library is None or not library.names:
+        return ids
+    names = sorted(((tokenizer.encode(n), n) for n in library.names), key=lambda x: -len(x[0]))
+    out: list = []
+    i = 0
+    while i < len(ids):
+        for seq, name in names:
+            if seq and ids[i:i + len(seq)] == seq:
+                out.extend((name, k) for k in range(library.count(name)))
+                i += len(seq)
+                break
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def chunk_tokens(tokenizer, text: str, library=None) -> list[tuple[list, list[float]]]:
+    """The prompt as chunks of exactly 75 (token, weight) pairs, padded with the tokenizer's pad id; tokens of
+    textual-inversion embeddings in ``library`` appear as ``(name, index)`` placeholders."""
     comma = tokenizer.encode(",")[0]
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
@@ -78,7 +98,7 @@ def chunk_tokens(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
         if weight == -1:  # BREAK
             close()
             continue
-        for token in tokenizer.encode(fragment):
+        for token in _with_embeddings(tokenizer, tokenizer.encode(fragment), library):
             if token == comma:
                 last_comma = len(ids)
             elif len(ids) == CHUNK and last_comma != -1 and CHUNK - last_comma <= COMMA_BACKTRACK:
@@ -96,18 +116,31 @@ def chunk_tokens(tokenizer, text: str) -> list[tuple[list[int], list[float]]]:
     return chunks
 
 
-def encode_weighted(tokenizer, encoder, texts: list[str], device: torch.device,
-                    clip_skip: int = 1, min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_embeds(encoder, rows: list[list], ids: torch.Tensor, library) -> torch.Tensor | None:
+    """Token embeddings with embedding vectors at their placeholders (None when there are none)."""
+    spots = [(b, t, tok) for b, row in enumerate(rows) for t, tok in enumerate(row) if isinstance(tok, tuple)]
+    if not spots:
+        return None
+    table = encoder.text_model.embeddings.token_embedding
+    embeds = table(ids).clone()
+    for b, t, (name, k) in spots:
+        embeds[b, t + 1] = library.vectors(name, table.embedding_dim)[k].to(embeds)  # +1: after BOS
+    return embeds
+
+
+def encode_weighted(tokenizer, encoder, texts: list[str], device: torch.device, clip_skip: int = 1,
+                    min_chunks: int = 1, library=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(context (B, 77 * chunks, C), pooled of the first chunk) with A1111's emphasis applied."""
-    per_text = [chunk_tokens(tokenizer, t) for t in texts]
+    per_text = [chunk_tokens(tokenizer, t, library) for t in texts]
     n = max(min_chunks, *(len(c) for c in per_text))
     empty = ([tokenizer.pad_token_id] * CHUNK, [1.0] * CHUNK)
     contexts, pooled = [], None
     for k in range(n):
         rows = [c[k] if k < len(c) else empty for c in per_text]
-        ids = torch.tensor([[tokenizer.bos_token_id, *r[0], tokenizer.eos_token_id] for r in rows], device=device)
+        plain = [[tok if isinstance(tok, int) else tokenizer.pad_token_id for tok in r[0]] for r in rows]
+        ids = torch.tensor([[tokenizer.bos_token_id, *r, tokenizer.eos_token_id] for r in plain], device=device)
         w = torch.tensor([[1.0, *r[1], 1.0] for r in rows], device=device)
-        z, p = encoder(ids, clip_skip=clip_skip)
+        z, p = encoder(ids, clip_skip=clip_skip, token_embeds=_token_embeds(encoder, [r[0] for r in rows], ids, library))
         if bool((w != 1.0).any()):
             mean = z.float().mean(dim=(1, 2), keepdim=True)
             z = z * w[..., None].to(z.dtype)
@@ -117,5 +150,5 @@ def encode_weighted(tokenizer, encoder, texts: list[str], device: torch.device,
     return torch.cat(contexts, dim=1), pooled
 
 
-def count_chunks(tokenizer, text: str) -> int:
-    return len(chunk_tokens(tokenizer, text))
+def count_chunks(tokenizer, text: str, library=None) -> int:
+    return len(chunk_tokens(tokenizer, text, library))

@@ -67,8 +67,9 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(c.vocab_size, c.width)
         self.position_embedding = nn.Embedding(c.max_positions, c.width)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+    def forward(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.token_embedding(ids) if token_embeds is None else token_embeds
+        return tokens + self.position_embedding.weight[: ids.shape[1]]
 
 
 class CLIPEncoder(nn.Module):
@@ -104,7 +105,8 @@ class CLIPTextModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.text_model.final_layer_norm.weight.dtype
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1,
+                token_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         tm = self.text_model
         layers = tm.encoder.layers
@@ -112,7 +114,7 @@ class CLIPTextModel(nn.Module):
         wanted = len(layers) + 1 + c.output_layer - (max(clip_skip, 1) - 1)
         if not 0 <= wanted <= len(layers):
             raise ValueError(f"clip_skip={clip_skip} is too large for a {len(layers)}-layer text encoder")
-        x = tm.embeddings(ids)
+        x = tm.embeddings(ids, token_embeds)  # token_embeds: (B, T, width), e.g. with textual-inversion vectors
         context = x
         for i, layer in enumerate(layers):
             if i == wanted:
