@@ -191,3 +191,22 @@ def test_the_real_sd_parsers_package_reads_our_pngs(sd1, tmp_path):
     sampler = info.samplers[0]
     assert sampler.name == "DPM++ 2M"
     assert sampler.parameters == {"scheduler": "Karras", "cfg_scale": "7.0", "seed": "3", "steps": "2"}
+
+
+def test_only_masked_inpaint_works_on_a_crop_and_keeps_the_rest(sd1):
+    from PIL import Image
+
+    from stable_diffusion.inpaint import crop_box
+
+    mask = Image.new("L", (160, 96), 0)
+    mask.paste(255, (100, 40, 120, 56))
+    assert crop_box(mask, 8, 64, 64) == (92, 30, 128, 66)  # 20x16 box + 8 padding = 36x32 -> square 36x36
+    assert crop_box(mask, 50, 64, 64) == (50, 0, 160, 96)  # past the edges: clipped to the image
+    init = Image.fromarray(np.random.default_rng(2).integers(0, 255, (96, 160, 3), dtype=np.uint8))
+    out = pixels(sd1.inpaint(init, mask, "a cat", steps=3, seed=1, mask_blur=0, inpaint_full_res=True,
+                             inpaint_full_res_padding=8, width=64, height=64)[0])
+    original = pixels(init)
+    assert out.shape == original.shape
+    keep = np.asarray(mask) == 0
+    assert np.array_equal(out[keep], original[keep])
+    assert np.abs(out[40:56, 100:120] - original[40:56, 100:120]).mean() > 5

@@ -91,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .checkpoints.io import atomic_write
-    from .generate import GenerationRequest, generate
+    from .generate import GenerationRequest, generate, inpaint
     from .infotext import save_png
     from .pipeline import load_pipeline
 
@@ -101,7 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if getattr(args, "mask", None):
         from .inpaint import InpaintSpec
 
-        spec = InpaintSpec(_open_image(args.mask), args.mask_blur, args.fill, args.invert)
+        spec = InpaintSpec(_open_image(args.mask), args.mask_blur, args.fill, args.invert, args.only_masked,
+                           args.padding)
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg,
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch, n_iter=args.n_iter,
@@ -119,7 +120,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
             x0s.append(info["denoised"].detach().clone())
 
     with tqdm(total=steps * request.n_iter, desc="sampling", unit="step") as bar:
-        result = generate(pipe, request, init, strength, on_step, spec)  # validates first
+        if spec is not None:
+            result = inpaint(pipe, request, init, spec, strength, on_step)
+        else:
+            result = generate(pipe, request, init, strength, on_step)  # validates before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index = _next_index(out)
@@ -188,6 +192,8 @@ def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
         p.add_argument("--fill", type=int, default=1, choices=[0, 1, 2, 3],
                        help="masked area starts as: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
         p.add_argument("--invert", action="store_true", help="repaint the black part instead")
+        p.add_argument("--only-masked", action="store_true", help="work on a crop around the mask at full size")
+        p.add_argument("--padding", type=int, default=32, help="context pixels around the mask with --only-masked")
 
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -17,7 +17,16 @@ from .diffusion.samplers import SAMPLERS, resolve_sampler
 from .diffusion.schedules import alphas_cumprod, make_betas, make_sigmas
 from .embeddings import EmbeddingLibrary
 from .infotext import format_infotext
-from .inpaint import BlendedDenoiser, ConcatUNet, InpaintSpec, composite, fill_masked_pixels, latent_size, start_latent
+from .inpaint import (
+    BlendedDenoiser,
+    ConcatUNet,
+    InpaintSpec,
+    composite,
+    crop_box,
+    fill_masked_pixels,
+    latent_size,
+    start_latent,
+)
 from .lora import applied_loras, extract_lora_tags, resolve_lora
 from .prompt_editing import prompt_schedule
 from .prompts import count_chunks
@@ -145,8 +154,29 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
 
 def inpaint(pipe, request: GenerationRequest, init_image: Image.Image, spec: InpaintSpec,
             denoising_strength: float = 0.75, callback: Callable[[dict], None] | None = None) -> GenerationResult:
-    """Repaint the white part of ``spec.mask``; everything outside it keeps the original pixels."""
-    return generate(pipe, request, init_image, denoising_strength, callback, spec)
+    """Repaint the white part of ``spec.mask``; everything outside it keeps the original pixels. With
+    ``spec.only_masked`` the work happens on a crop around the mask, resized to width x height, and the result
+    is scaled back and pasted in (more detail for small masks on large images)."""
+    if not spec.only_masked:
+        return generate(pipe, request, init_image, denoising_strength, callback, spec)
+    if spec.mask.size != init_image.size:
+        raise ValueError(f"mask is {spec.mask.width}x{spec.mask.height} but the image is "
+                         f"{init_image.width}x{init_image.height}")
+    request.width = request.width or pipe.config.image_size
+    request.height = request.height or pipe.config.image_size
+    box = crop_box(spec.effective_mask(), spec.padding, request.width, request.height)
+    size = (request.width, request.height)
+    crop_spec = replace(spec, mask=spec.mask.crop(box).resize(size, Image.LANCZOS), only_masked=False)
+    result = generate(pipe, request, init_image.crop(box).resize(size, Image.LANCZOS), denoising_strength,
+                      callback, crop_spec)
+    full_mask = replace(spec, only_masked=False).pixel_mask(init_image, init_image.width, init_image.height)
+    pasted = []
+    for image in result.images:
+        canvas = init_image.convert("RGB").copy()
+        canvas.paste(image.resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS), box[:2])
+        pasted.append(composite(init_image, canvas, full_mask))
+    result.images = pasted
+    return result
 
 
 def txt2img(pipe, request: GenerationRequest, callback: Callable[[dict], None] | None = None) -> GenerationResult:

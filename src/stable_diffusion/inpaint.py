@@ -20,6 +20,12 @@ class InpaintSpec:
     mask_blur: int = 4
     inpainting_fill: int = 1
     invert: bool = False
+    only_masked: bool = False  # A1111 "inpaint at full resolution": work on a crop around the mask
+    padding: int = 32  # pixels of context around the mask's bounding box in that mode
+
+    def effective_mask(self) -> Image.Image:
+        mask = self.mask.convert("L")
+        return Image.eval(mask, lambda v: 255 - v) if self.invert else mask
 
     def pixel_mask(self, init: Image.Image, width: int, height: int) -> torch.Tensor:
         """(1, 1, H, W) in [0, 1], 1 where the image is repainted; blurred by ``mask_blur`` pixels."""
@@ -88,3 +94,30 @@ def composite(original: Image.Image, generated: Image.Image, mask: torch.Tensor)
     out = np.asarray(original.convert("RGB").resize(generated.size), np.float32) * (1 - m) + \
         np.asarray(generated, np.float32) * m
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+
+
+def crop_box(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """The mask's bounding box grown by ``padding`` and then to the aspect ratio width:height, kept inside
+    the image (A1111's crop for "only masked")."""
+    box = mask.getbbox()
+    if box is None:
+        raise ValueError("the mask is empty: nothing to inpaint")
+    x1, y1, x2, y2 = box
+    x1, y1 = max(x1 - padding, 0), max(y1 - padding, 0)
+    x2, y2 = min(x2 + padding, mask.width), min(y2 + padding, mask.height)
+    ratio = width / height
+    if (x2 - x1) / (y2 - y1) < ratio:  # too tall: widen
+        grow = round((y2 - y1) * ratio) - (x2 - x1)
+        x1, x2 = x1 - grow // 2, x2 + grow - grow // 2
+    else:  # too wide: heighten
+        grow = round((x2 - x1) / ratio) - (y2 - y1)
+        y1, y2 = y1 - grow // 2, y2 + grow - grow // 2
+    # shift back inside the image, then clip
+    for lo, hi, size in ((0, 2, mask.width), (1, 3, mask.height)):
+        b = [x1, y1, x2, y2]
+        if b[lo] < 0:
+            b[hi], b[lo] = b[hi] - b[lo], 0
+        if b[hi] > size:
+            b[lo], b[hi] = max(b[lo] - (b[hi] - size), 0), size
+        x1, y1, x2, y2 = b
+    return x1, y1, x2, y2

@@ -110,13 +110,14 @@ class Pipeline:
 
     def inpaint(self, init_image: object, mask: object, prompt: str = "", denoising_strength: float = 0.75,
                 mask_blur: int = 4, inpainting_fill: int = 1, inpainting_mask_invert: bool = False,
-                **kwargs: object) -> list:
+                inpaint_full_res: bool = False, inpaint_full_res_padding: int = 32, **kwargs: object) -> list:
         """Repaint the white part of ``mask`` (blended latent diffusion, or the 9-channel model's own input)."""
         from .generate import GenerationRequest, inpaint
         from .inpaint import InpaintSpec
 
         callback = kwargs.pop("callback", None)
-        spec = InpaintSpec(mask, mask_blur, inpainting_fill, inpainting_mask_invert)  # type: ignore[arg-type]
+        spec = InpaintSpec(mask, mask_blur, inpainting_fill, inpainting_mask_invert,  # type: ignore[arg-type]
+                           inpaint_full_res, inpaint_full_res_padding)
         request = GenerationRequest(prompt=prompt, **kwargs)  # type: ignore[arg-type]
         return inpaint(self, request, init_image, spec, denoising_strength, callback).images  # type: ignore[arg-type]
 
