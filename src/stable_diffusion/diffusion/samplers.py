@@ -40,20 +40,67 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1
     return (sigma_next**2 - up**2).sqrt(), up
 
 
-@torch.no_grad()
-def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
-                           noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
-    """Euler steps down to sigma_down, then fresh noise up to sigma_next (ancestral sampling); eta = 0 is plain
-    Euler on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
+Step = Callable[[Model, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _ancestral(step: Step, model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback,
+               noise: Noise | None, eta: float) -> torch.Tensor:
+    """The ancestral frame: a deterministic ``step`` from sigma down to sigma_down, then fresh noise up to
+    sigma_next (eta = 0: no noise, sigma_down = sigma_next, the plain ODE solver)."""
     noise = noise or default_noise()
     for i in range(len(sigmas) - 1):
         x0 = model(x, sigmas[i])
         _report(callback, i, x, sigmas[i], x0)
         down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = x + _d(x, sigmas[i], x0) * (down - sigmas[i])
+        x = step(model, x, sigmas[i], down, x0)
         if up > 0:
             x = x + noise(x) * up
     return x
+
+
+def _euler_step(model: Model, x: torch.Tensor, sigma: torch.Tensor, down: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    return x + _d(x, sigma, x0) * (down - sigma)
+
+
+def _dpm2_step(model: Model, x: torch.Tensor, sigma: torch.Tensor, down: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver-2 in Karras et al.'s form: the derivative at the midpoint (in log sigma) of the step."""
+    if down == 0:
+        return _euler_step(model, x, sigma, down, x0)
+    mid = (0.5 * (sigma.log() + down.log())).exp()
+    x_mid = x + _d(x, sigma, x0) * (mid - sigma)
+    return x + _d(x_mid, mid, model(x_mid, mid)) * (down - sigma)
+
+
+def _dpmpp_2s_step(model: Model, x: torch.Tensor, sigma: torch.Tensor, down: torch.Tensor,
+                   x0: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2S): single-step second order in log-SNR time, data prediction at the half step."""
+    if down == 0:
+        return _euler_step(model, x, sigma, down, x0)
+    h = sigma.log() - down.log()
+    mid = sigma * torch.exp(-0.5 * h)
+    x_mid = (mid / sigma) * x - torch.expm1(-0.5 * h) * x0
+    return (down / sigma) * x - torch.expm1(-h) * model(x_mid, mid)
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                           noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
+    """Euler ancestral; eta = 0 is Euler on the probability-flow ODE (Karras et al. 2022, Alg. 2, no churn)."""
+    return _ancestral(_euler_step, model, x, sigmas, callback, noise, eta)
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                           noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
+    """DPM2 a (Lu et al. 2022, DPM-Solver-2 with ancestral noise)."""
+    return _ancestral(_dpm2_step, model, x, sigmas, callback, noise, eta)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                              noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
+    """DPM++ 2S a (Lu et al. 2022, DPM-Solver++(2S) with ancestral noise)."""
+    return _ancestral(_dpmpp_2s_step, model, x, sigmas, callback, noise, eta)
 
 
 @torch.no_grad()
@@ -160,53 +207,10 @@ def sample_ddpm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
 
 
 @torch.no_grad()
-def sample_dpm_2_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
-                           noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
-    """DPM-Solver-2 (Lu et al. 2022) in Karras et al.'s form: a midpoint step (midpoint in log sigma) down to
-    sigma_down, then noise up to sigma_next; eta = 0 is the deterministic DPM2."""
-    noise = noise or default_noise()
-    for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        _report(callback, i, x, sigmas[i], x0)
-        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        d = _d(x, sigmas[i], x0)
-        if down == 0:
-            x = x + d * (down - sigmas[i])
-        else:
-            mid = (0.5 * (sigmas[i].log() + down.log())).exp()
-            x_mid = x + d * (mid - sigmas[i])
-            x = x + _d(x_mid, mid, model(x_mid, mid)) * (down - sigmas[i])
-        if up > 0:
-            x = x + noise(x) * up
-    return x
-
-
-@torch.no_grad()
 def sample_dpm_2(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
                  noise: Noise | None = None) -> torch.Tensor:
+    """DPM2: the midpoint solver of DPM2 a with no noise put back."""
     return sample_dpm_2_ancestral(model, x, sigmas, callback=callback, eta=0.0)
-
-
-@torch.no_grad()
-def sample_dpmpp_2s_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
-                              noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
-    """DPM-Solver++(2S) (Lu et al. 2022), single-step second order in log-SNR time, down to sigma_down, then
-    ancestral noise up to sigma_next."""
-    noise = noise or default_noise()
-    for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        _report(callback, i, x, sigmas[i], x0)
-        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        if down == 0:
-            x = x + _d(x, sigmas[i], x0) * (down - sigmas[i])
-        else:
-            h = sigmas[i].log() - down.log()
-            mid = sigmas[i] * torch.exp(-0.5 * h)
-            x_mid = (mid / sigmas[i]) * x - torch.expm1(-0.5 * h) * x0
-            x = (down / sigmas[i]) * x - torch.expm1(-h) * model(x_mid, mid)
-        if up > 0:
-            x = x + noise(x) * up
-    return x
 
 
 def _lms_coefficient(order: int, sigmas: list[float], i: int, j: int) -> float:
