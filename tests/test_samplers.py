@@ -23,6 +23,7 @@ from stable_diffusion.diffusion.samplers import (
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
+    sample_lcm,
     sample_lms,
 )
 from stable_diffusion.diffusion.schedules import DiscreteSigmas, add_noise, alphas_cumprod, make_betas, make_sigmas
@@ -212,3 +213,15 @@ def test_ancestral_samplers_are_reproducible_and_land_near_the_data(sampler):
     assert torch.equal(runs[0], runs[1])
     # samples of N(MU, S^2): their mean and spread come out right (a stochastic sampler of the true posterior)
     assert abs(runs[0].mean().item() - MU) < 0.05 and abs(runs[0].std().item() - S) < 0.1
+
+
+def test_lcm_jumps_to_x0_and_renoises():
+    torch.manual_seed(0)
+    x = torch.randn(2000, dtype=torch.float64) * 10
+    sigmas = torch.tensor([10.0, 2.0, 0.5, 0.0], dtype=torch.float64)
+    seen = []
+    out = sample_lcm(gaussian_x0, x, sigmas, noise=default_noise(torch.Generator().manual_seed(0)),
+                     callback=lambda info: seen.append(info["x"].std().item()))
+    # after the last jump the sample is the model's x0 prediction at sigma 0.5, which shrinks towards MU
+    assert len(seen) == 3 and abs(out.mean().item() - MU) < 0.05
+    assert out.std().item() < S  # a posterior mean is narrower than the data

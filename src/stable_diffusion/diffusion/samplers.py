@@ -241,6 +241,21 @@ def sample_lms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback:
     return x
 
 
+@torch.no_grad()
+def sample_lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+               noise: Noise | None = None) -> torch.Tensor:
+    """Latent Consistency Model sampling (Luo et al. 2023): jump to the x0 prediction, then re-noise to the
+    next sigma with fresh noise. Meant for LCM-distilled models and LCM LoRAs, in 2-8 steps."""
+    noise = noise or default_noise()
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, sigmas[i])
+        _report(callback, i, x, sigmas[i], x0)
+        x = x0
+        if sigmas[i + 1] > 0:
+            x = x + noise(x) * sigmas[i + 1]
+    return x
+
+
 # A1111 label -> (sampler function, default scheduler)
 SAMPLERS = {
     "Euler": (sample_euler, "uniform"),
@@ -254,6 +269,7 @@ SAMPLERS = {
     "LMS": (sample_lms, "uniform"),
     "DDIM": (sample_ddim, "ddim_uniform"),
     "DDPM": (sample_ddpm, "uniform"),
+    "LCM": (sample_lcm, "sgm_uniform"),
 }
 
 
