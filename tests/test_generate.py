@@ -210,3 +210,10 @@ def test_only_masked_inpaint_works_on_a_crop_and_keeps_the_rest(sd1):
     keep = np.asarray(mask) == 0
     assert np.array_equal(out[keep], original[keep])
     assert np.abs(out[40:56, 100:120] - original[40:56, 100:120]).mean() > 5
+
+
+def test_eta_reaches_the_sampler(sd1):
+    euler = pixels(sd1.txt2img("a cat", steps=3, seed=5, sampler="Euler")[0])
+    no_noise = pixels(sd1.txt2img("a cat", steps=3, seed=5, sampler="Euler a", eta=0.0)[0])
+    ancestral = pixels(sd1.txt2img("a cat", steps=3, seed=5, sampler="Euler a")[0])
+    assert np.array_equal(euler, no_noise) and not np.array_equal(euler, ancestral)

@@ -3,6 +3,7 @@ img2img and inpainting will differ only in the first latent and the denoiser wra
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -277,7 +278,8 @@ def _generate(pipe, request: GenerationRequest, prompt: str, negative: str, init
                     first = start_latent(first, start.latent_mask, inpaint.inpainting_fill, generators[0])
                     model = BlendedDenoiser(model, start.init_latent, start.latent_mask)
                 x = x + first
-            kwargs = {"eta": request.eta} if request.eta is not None and "eta" in sampler.__code__.co_varnames else {}
+            takes_eta = "eta" in inspect.signature(sampler).parameters  # follows the no_grad wrapper
+            kwargs = {"eta": request.eta} if request.eta is not None and takes_eta else {}
             x = sampler(model, x, sigmas, callback=callback, noise=_per_image_noise(generators), **kwargs)
             images = to_pil(pipe.vae.decode(x / c.vae.scaling_factor))
             if inpaint is not None:
