@@ -224,3 +224,13 @@ def test_config_json_rejects_unknown_keys():
     data["unet"]["bogus"] = 1
     with pytest.raises(ValueError, match="bogus"):
         ModelConfig.from_dict(data)
+
+
+def test_random_presets_are_seeded_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = Pipeline.from_config(preset("tiny-sd1"), seed=4)
+    assert torch.equal(torch.rand(3), expected)
+    b = Pipeline.from_config(preset("tiny-sd1"), seed=4)
+    assert torch.equal(a.unet.out[2].weight, b.unet.out[2].weight)

@@ -124,10 +124,11 @@ class Pipeline:
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0) -> Pipeline:
         """Random weights (PyTorch's default initialisation, seeded) for a config."""
-        torch.manual_seed(seed)
         tokenizers = [CLIPTokenizer.builtin(tc.pad_token_id) for tc in config.text_encoders]
-        pipe = cls(config, UNetModel(config.unet), AutoencoderKL(config.vae),
-                   [CLIPTextModel(tc) for tc in config.text_encoders], tokenizers)
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation without disturbing the caller's RNG
+            torch.manual_seed(seed)
+            pipe = cls(config, UNetModel(config.unet), AutoencoderKL(config.vae),
+                       [CLIPTextModel(tc) for tc in config.text_encoders], tokenizers)
         for module in pipe.modules().values():
             module.eval()
         return pipe
