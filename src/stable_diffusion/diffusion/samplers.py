@@ -6,39 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[dict], None] | None
-Noise = Callable[[torch.Tensor], torch.Tensor]  # returns standard normal noise shaped like its argument
+from .common import Callback, Model, Noise, ancestral_step, default_noise, report, to_d
+from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_lms, sample_plms, sample_unipc
 
-
-def default_noise(generator: torch.Generator | None = None) -> Noise:
-    """Fresh N(0, I) noise per call, drawn on the generator's device (CPU by default) for reproducibility."""
-    def draw(like: torch.Tensor) -> torch.Tensor:
-        device = generator.device if generator is not None else like.device
-        return torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32).to(like)
-    return draw
-
-
-def _d(x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """The probability-flow ODE derivative dx/dsigma = (x - x0) / sigma."""
-    return (x - x0) / sigma
-
-
-def _report(callback: Callback, i: int, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -> None:
-    if callback is not None:
-        callback({"i": i, "x": x, "sigma": sigma, "denoised": x0})
-
-
-def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigma_down, sigma_up): the deterministic target and the noise to add back for an ancestral step."""
-    if not eta or sigma_next == 0:
-        return sigma_next, sigma_next * 0
-    up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
-    return (sigma_next**2 - up**2).sqrt(), up
-
+__all__ = ["SAMPLERS", "default_noise", "resolve_sampler", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_lms",
+           "sample_plms", "sample_unipc"]
 
 Step = Callable[[Model, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,7 +24,7 @@ def _ancestral(step: Step, model: Model, x: torch.Tensor, sigmas: torch.Tensor, 
     noise = noise or default_noise()
     for i in range(len(sigmas) - 1):
         x0 = model(x, sigmas[i])
-        _report(callback, i, x, sigmas[i], x0)
+        report(callback, i, x, sigmas[i], x0)
         down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = step(model, x, sigmas[i], down, x0)
         if up > 0:
@@ -59,7 +33,7 @@ def _ancestral(step: Step, model: Model, x: torch.Tensor, sigmas: torch.Tensor, 
 
 
 def _euler_step(model: Model, x: torch.Tensor, sigma: torch.Tensor, down: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    return x + _d(x, sigma, x0) * (down - sigma)
+    return x + to_d(x, sigma, x0) * (down - sigma)
 
 
 def _dpm2_step(model: Model, x: torch.Tensor, sigma: torch.Tensor, down: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -67,8 +41,8 @@ def _dpm2_step(model: Model, x: torch.Tensor, sigma: torch.Tensor, down: torch.T
     if down == 0:
         return _euler_step(model, x, sigma, down, x0)
     mid = (0.5 * (sigma.log() + down.log())).exp()
-    x_mid = x + _d(x, sigma, x0) * (mid - sigma)
-    return x + _d(x_mid, mid, model(x_mid, mid)) * (down - sigma)
+    x_mid = x + to_d(x, sigma, x0) * (mid - sigma)
+    return x + to_d(x_mid, mid, model(x_mid, mid)) * (down - sigma)
 
 
 def _dpmpp_2s_step(model: Model, x: torch.Tensor, sigma: torch.Tensor, down: torch.Tensor,
@@ -116,63 +90,41 @@ def sample_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
     """Heun's second-order method (Karras et al. 2022, Algorithm 1); Euler on the last step to sigma 0."""
     for i in range(len(sigmas) - 1):
         x0 = model(x, sigmas[i])
-        _report(callback, i, x, sigmas[i], x0)
-        d = _d(x, sigmas[i], x0)
+        report(callback, i, x, sigmas[i], x0)
+        d = to_d(x, sigmas[i], x0)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             x = x + d * dt
         else:
             x_next = x + d * dt
-            d_next = _d(x_next, sigmas[i + 1], model(x_next, sigmas[i + 1]))
+            d_next = to_d(x_next, sigmas[i + 1], model(x_next, sigmas[i + 1]))
             x = x + (d + d_next) / 2 * dt
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
-                    noise: Noise | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022): multistep second order in log-SNR time, data prediction."""
-    old_x0 = None
-    for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        _report(callback, i, x, sigmas[i], x0)
-        if sigmas[i + 1] == 0:
-            x = x0
-            continue
-        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
-        h = t_next - t
-        if old_x0 is None:
-            guess = x0
-        else:
-            r = (t - (-sigmas[i - 1].log())) / h
-            guess = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
-        x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * guess
-        old_x0 = x0
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
-                        noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022), midpoint variant: the 2M update on the reverse SDE, which
-    re-injects ``sigma_next * sqrt(1 - exp(-2 eta h))`` of fresh noise each step."""
+def sample_dpmpp_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                     noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++ SDE (Lu et al. 2022): single-step second order on the reverse SDE, the intermediate point at
+    the log-SNR midpoint (r = 1/2), each sub-step an ancestral one that puts fresh noise back. k-diffusion
+    draws that noise from a Brownian tree; here every sub-step draws independent noise from ``noise``."""
     noise = noise or default_noise()
-    old_x0 = h_last = None
     for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        _report(callback, i, x, sigmas[i], x0)
-        if sigmas[i + 1] == 0:
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, sigma)
+        report(callback, i, x, sigma, x0)
+        if sigma_next == 0:
             x = x0
             continue
-        h = sigmas[i].log() - sigmas[i + 1].log()  # step in log-SNR time -log(sigma)
-        eta_h = eta * h
-        decay = -torch.expm1(-h - eta_h)  # 1 - exp(-(1 + eta) h)
-        x = sigmas[i + 1] / sigmas[i] * torch.exp(-eta_h) * x + decay * x0
-        if old_x0 is not None:
-            x = x + 0.5 * decay * (h / h_last) * (x0 - old_x0)
-        if eta:
-            x = x + noise(x) * sigmas[i + 1] * (-torch.expm1(-2 * eta_h)).sqrt()
-        old_x0, h_last = x0, h
+        mid = (sigma * sigma_next).sqrt()
+        down, up = ancestral_step(sigma, mid, eta)
+        x_mid = _euler_step(model, x, sigma, down, x0)  # = DPM-Solver++(1) in the sigma parameterisation
+        if up > 0:
+            x_mid = x_mid + noise(x) * up
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        x = _euler_step(model, x, sigma, down, model(x_mid, mid))
+        if up > 0:
+            x = x + noise(x) * up
     return x
 
 
@@ -194,7 +146,7 @@ def sample_ddpm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = model(x, sigma)
-        _report(callback, i, x, sigma, x0)
+        report(callback, i, x, sigma, x0)
         abar, abar_prev = 1 / (sigma**2 + 1), 1 / (sigma_next**2 + 1)
         alpha = abar / abar_prev
         x_vp = x * abar.sqrt()
@@ -213,34 +165,6 @@ def sample_dpm_2(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callbac
     return sample_dpm_2_ancestral(model, x, sigmas, callback=callback, eta=0.0)
 
 
-def _lms_coefficient(order: int, sigmas: list[float], i: int, j: int) -> float:
-    """Integral over [sigma_i, sigma_i+1] of the Lagrange basis polynomial through sigma_i, ..., sigma_i-order+1
-    that is 1 at sigma_(i-j) (exactly, as a polynomial)."""
-    poly = np.polynomial.Polynomial([1.0])
-    for k in range(order):
-        if k != j:
-            poly *= np.polynomial.Polynomial([-sigmas[i - k], 1.0]) / (sigmas[i - j] - sigmas[i - k])
-    antiderivative = poly.integ()
-    return float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i]))
-
-
-@torch.no_grad()
-def sample_lms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
-               noise: Noise | None = None, order: int = 4) -> torch.Tensor:
-    """Linear multistep (Adams-Bashforth on non-uniform sigma steps, Karras et al. 2022's k-diffusion LMS)."""
-    s = sigmas.double().cpu().tolist()
-    ds: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        _report(callback, i, x, sigmas[i], x0)
-        ds.append(_d(x, sigmas[i], x0))
-        ds = ds[-order:]
-        current = min(i + 1, order)
-        for j, d in enumerate(reversed(ds)):
-            x = x + _lms_coefficient(current, s, i, j) * d
-    return x
-
-
 @torch.no_grad()
 def sample_lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
                noise: Noise | None = None) -> torch.Tensor:
@@ -249,7 +173,7 @@ def sample_lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback:
     noise = noise or default_noise()
     for i in range(len(sigmas) - 1):
         x0 = model(x, sigmas[i])
-        _report(callback, i, x, sigmas[i], x0)
+        report(callback, i, x, sigmas[i], x0)
         x = x0
         if sigmas[i + 1] > 0:
             x = x + noise(x) * sigmas[i + 1]
@@ -269,6 +193,9 @@ SAMPLERS = {
     "LMS": (sample_lms, "uniform"),
     "DDIM": (sample_ddim, "ddim_uniform"),
     "DDPM": (sample_ddpm, "uniform"),
+    "DPM++ SDE": (sample_dpmpp_sde, "karras"),
+    "PLMS": (sample_plms, "uniform"),
+    "UniPC": (sample_unipc, "uniform"),
     "LCM": (sample_lcm, "sgm_uniform"),
 }
 
