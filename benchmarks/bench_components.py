@@ -1,10 +1,13 @@
-"""Our UNet step, VAE decode and text encoder against diffusers / transformers, same weights and inputs, one run.
+"""Our UNet step, VAE decode, text encoder and whole txt2img against diffusers / transformers, same weights and
+inputs, one run.
 
 SD1.5 sizes, fp32, CPU by default: UNet at 512px (latent 64x64), batch 2 (CFG's cond + uncond) with a 77x768
-context; VAE decode of one 64x64 latent to 512x512; text encoder on 2 prompts. Prints the best-of-N time of each,
+context; VAE decode of one 64x64 latent to 512x512; text encoder on 2 prompts; txt2img: a 512x512 image in 2
+Euler steps with CFG 7 and a negative prompt, ours (``Pipeline.txt2img``) against diffusers'
+``StableDiffusionPipeline`` (PIL images out of both). Prints the best-of-N time of each,
 the ratio ours/theirs (< 1 means we are faster), achieved GFLOP/s, and the peak extra RSS during the call.
 
-    python benchmarks/bench_components.py [--repeats 3] [--device cpu] [--components unet,vae,text]
+    python benchmarks/bench_components.py [--repeats 3] [--device cpu] [--components unet,vae,text,txt2img]
 """
 
 from __future__ import annotations
@@ -102,11 +105,27 @@ def build(device: torch.device):
     return ours, theirs_unet, theirs_vae, text
 
 
+def diffusers_txt2img(ours: Pipeline, unet, vae, text):
+    """diffusers' StableDiffusionPipeline over the same modules, Euler (the scheduler SD1.5 ships is PNDM; Euler
+    makes the two pipelines do the same work per step), no safety checker."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(vocab=ours.tokenizer.vocab, merges=ours.tokenizer.merges, pad_token="<|endoftext|>",
+                              model_max_length=77)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--components", default="unet,vae,text")
+    parser.add_argument("--components", default="unet,vae,text,txt2img")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -115,11 +134,18 @@ def main() -> None:
     t = torch.tensor([500.0, 500.0], device=device)
     context = torch.randn(2, 77, 768, device=device)
     z = torch.randn(1, 4, 64, 64, device=device)
-    ids = ours.tokenizer(["a photo of an astronaut riding a horse on mars", ""]).to(device)
+    prompt, negative = "a photo of an astronaut riding a horse on mars", "blurry, low quality"
+    ids = ours.tokenizer([prompt, ""]).to(device)
+    pipe = diffusers_txt2img(ours, unet, vae, text)
+    generate = dict(prompt=prompt, negative_prompt=negative, num_inference_steps=2, guidance_scale=7.0,
+                    height=512, width=512)
     cases = {
         "unet": (lambda: ours.unet(x, t, context), lambda: unet(x, t, encoder_hidden_states=context).sample),
         "vae": (lambda: ours.vae.decode(z), lambda: vae.decode(z).sample),
         "text": (lambda: ours.text_encoder(ids), lambda: text(ids).last_hidden_state),
+        "txt2img": (lambda: ours.txt2img(prompt, negative_prompt=negative, steps=2, cfg_scale=7.0, sampler="Euler",
+                                         seed=1, width=512, height=512),
+                    lambda: pipe(**generate, generator=torch.Generator().manual_seed(1)).images),
     }
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, fp32, "
           f"best of {args.repeats} alternating runs after 1 warm-up")

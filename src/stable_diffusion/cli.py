@@ -197,6 +197,19 @@ def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
 
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training.config import load_config
+    from .training.train import train
+
+    config = load_config(args.config)
+    if args.save_path:
+        config.train.save_path = args.save_path
+    if args.steps is not None:
+        config.train.steps = args.steps
+    path = train(config, resume=args.resume, progress=not args.quiet)
+    print(f"trained: {path.parent}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd", description="Stable Diffusion: run, convert, train and serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mode, help=text)
         _generation_arguments(p, mode)
         p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train a model, a VAE or a LoRA from a TOML config (torchrun for several)")
+    p.add_argument("config", help="the TOML config ([train], [data], [unet], [diffusion], [vae], ...)")
+    p.add_argument("--resume", action="store_true", help="continue from the stage checkpoints in save_path")
+    p.add_argument("--save-path", help="override [train] save_path")
+    p.add_argument("--steps", type=int, help="override [train] steps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
     p.add_argument("image")

@@ -1,0 +1,162 @@
+"""The training config: one TOML file for data, model sizes and optimisation. Sections mirror a classic
+from-scratch LDM config ([train], [unet], [diffusion], [vae], [text_encoder]) plus [data] and [lora].
+Unknown sections or keys are errors, so a typo never silently trains the wrong model."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..models.configs import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+
+
+@dataclass
+class TrainSection:
+    stages: list[str] = field(default_factory=lambda: ["vae", "unet"])  # vae | unet | lora, in order
+    steps: int = 1000  # optimiser steps of the UNet (or LoRA) stage; 0 with epochs > 0: derived from epochs
+    epochs: int = 0  # folder datasets: passes over the data (overrides steps when > 0)
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 on CUDA only)
+    train_text_encoder: bool = True  # jointly with the UNet
+    save_path: str = "runs/model"
+    save_every: int = 500
+    sample_every: int = 0  # 0: never
+    sample_prompts: list[str] = field(default_factory=list)
+    log_every: int = 10
+    seed: int = 0
+    threads: int = 0  # torch threads per process; 0 = torch's default
+    device: str = "auto"  # auto | cpu | cuda
+    base_model: str = ""  # fine-tune: a checkpoint path or preset; "" = train from scratch
+    export_dtype: str = "fp16"
+
+
+@dataclass
+class DataSection:
+    kind: str = "shapes"  # shapes | folder
+    path: str = ""  # folder datasets: images with same-name .txt captions
+    size: int = 64
+    two_object_fraction: float = 0.4
+    caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
+    random_crop: bool = False
+    flip: bool = False
+    seed: int = 0
+
+
+@dataclass
+class DiffusionSection:
+    timesteps: int = 1000
+    beta_schedule: str = "linear"  # linear | scaled_linear | cosine
+    beta_range: list[float] = field(default_factory=lambda: [1e-4, 0.02])
+    prediction: str = "eps"  # eps | v
+
+
+@dataclass
+class VAESection:
+    ch: int = 32
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    z_channels: int = 4
+    dropout: float = 0.0
+    steps: int = 2000  # the VAE stage's own optimisation
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    kl_weight: float = 1e-6
+    checkpoint: str = ""  # reuse a trained VAE (a model file) instead of the VAE stage
+
+
+@dataclass
+class TextEncoderSection:
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 512
+
+
+@dataclass
+class LoraSection:
+    rank: int = 8
+    alpha: float = 8.0
+    targets: list[str] = field(default_factory=lambda: ["attn1", "attn2"])  # module-name fragments in the UNet
+    output: str = "lora.safetensors"
+
+
+UNET_KEYS = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
+             "num_head_channels", "transformer_depth", "transformer_depth_middle", "context_dim", "dropout",
+             "use_scale_shift_norm", "resblock_updown", "use_linear_in_transformer")
+
+
+@dataclass
+class TrainConfig:
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    vae: VAESection = field(default_factory=VAESection)
+    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
+    unet: dict[str, Any] = field(default_factory=dict)
+    lora: LoraSection = field(default_factory=LoraSection)
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig of a from-scratch model: a single CLIP-style text encoder (the SD1 layout)."""
+        text = TextEncoderConfig(width=self.text_encoder.width, layers=self.text_encoder.layers,
+                                 heads=self.text_encoder.heads, intermediate=self.text_encoder.intermediate)
+        unet = UNetConfig(**{"context_dim": text.width, **self.unet})
+        if unet.context_dim != text.width:
+            raise ValueError(f"[unet] context_dim {unet.context_dim} must equal [text_encoder] width {text.width}")
+        vae = VAEConfig(ch=self.vae.ch, ch_mult=tuple(self.vae.ch_mult), num_res_blocks=self.vae.num_res_blocks,
+                        z_channels=self.vae.z_channels, embed_dim=self.vae.z_channels, dropout=self.vae.dropout,
+                        scaling_factor=1.0)
+        low, high = self.diffusion.beta_range
+        return ModelConfig(family="sd1", unet=unet, vae=vae, text_encoders=[text],
+                           prediction=self.diffusion.prediction, image_size=self.data.size,
+                           timesteps=self.diffusion.timesteps, beta_schedule=self.diffusion.beta_schedule,
+                           beta_start=low, beta_end=high, name=Path(self.train.save_path).name)
+
+
+def _section(cls: type, name: str, data: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) in [{name}]: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**data)
+
+
+def parse_config(data: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from parsed TOML, refusing unknown sections and keys."""
+    sections = {"train": TrainSection, "data": DataSection, "diffusion": DiffusionSection, "vae": VAESection,
+                "text_encoder": TextEncoderSection, "lora": LoraSection}
+    unknown = sorted(set(data) - set(sections) - {"unet"})
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; known: {sorted([*sections, 'unet'])}")
+    unet = dict(data.get("unet", {}))
+    bad = sorted(set(unet) - set(UNET_KEYS))
+    if bad:
+        raise ValueError(f"unknown key(s) in [unet]: {', '.join(bad)}; known: {', '.join(UNET_KEYS)}")
+    config = TrainConfig(unet=unet, **{k: _section(cls, k, data.get(k, {})) for k, cls in sections.items()})
+    for stage in config.train.stages:
+        if stage not in ("vae", "unet", "lora"):
+            raise ValueError(f"unknown stage {stage!r} in [train] stages (vae, unet, lora)")
+    if config.data.kind not in ("shapes", "folder"):
+        raise ValueError(f"unknown [data] kind {config.data.kind!r} (shapes or folder)")
+    if config.train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"[train] mixed_precision must be no, bf16 or fp16, not {config.train.mixed_precision!r}")
+    return config
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"cannot read config {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path} is not valid TOML: {error}") from None
+    return parse_config(data)

@@ -1,0 +1,230 @@
+"""The optimisation loop every stage shares: AdamW with linear warm-up then cosine decay, gradient
+accumulation and clipping, mixed precision, an EMA of the weights, data parallelism under torchrun
+(DistributedDataParallel; gloo on CPU, nccl on GPU), atomic checkpoints and an exact ``--resume``.
+
+Batches, timesteps and noise are pure functions of (seed, rank, step), so the state to restore is only the
+weights, EMA, optimiser, LR schedule, torch RNG and the step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..checkpoints.io import atomic_write
+
+Batch = Callable[[int, int], tuple]  # (step, micro-step) -> arguments of the loss module
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group if there is one (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class EMA:
+    """Exponential moving average of parameters (Polyak averaging), kept in fp32 beside the model."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early averages follow the weights closely
+        for name, p in module.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach().float(), 1 - decay)
+
+    @contextmanager
+    def applied(self, module: nn.Module):
+        """Temporarily put the averaged weights into ``module``."""
+        params = dict(module.named_parameters())
+        saved = {n: params[n].detach().clone() for n in self.shadow}
+        self.copy_to(module)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    params[n].copy_(v)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        params = dict(module.named_parameters())
+        for n, v in self.shadow.items():
+            params[n].copy_(v.to(params[n].dtype))
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+@dataclass
+class StageSpec:
+    name: str
+    module: nn.Module  # forward(*batch) -> scalar loss
+    steps: int
+    learning_rate: float
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"
+    save_every: int = 500
+    log_every: int = 10
+
+
+class StageRunner:
+    """Runs one stage to ``spec.steps``, resuming from ``<out>/<name>-state.pt`` when asked."""
+
+    def __init__(self, spec: StageSpec, out: Path, device: torch.device, world: Dist,
+                 on_sample: Callable[[int], None] | None = None, sample_every: int = 0) -> None:
+        self.spec, self.out, self.device, self.world = spec, out, device, world
+        self.on_sample, self.sample_every = on_sample, sample_every
+        trainable = [p for p in spec.module.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"stage {spec.name}: nothing to train")
+        self.optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(spec.warmup_steps, spec.steps))
+        self.ema = EMA(spec.module, spec.ema_decay)
+        self.step = 0
+        self.model: nn.Module = spec.module
+        if world.world > 1:
+            ids = [world.local_rank] if device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(spec.module, device_ids=ids)
+        self.scaler = torch.amp.GradScaler("cuda") if spec.mixed_precision == "fp16" else None
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / f"{self.spec.name}-state.pt"
+
+    def state(self) -> dict:
+        return {"step": self.step, "model": self.spec.module.state_dict(), "ema": self.ema.shadow,
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1])}
+
+    def save(self) -> None:
+        if self.world.main:
+            state = self.state()
+            atomic_write(self.state_path, lambda tmp: torch.save(state, tmp))
+        if self.world.world > 1:
+            dist.barrier()
+
+    def load(self) -> bool:
+        if not self.state_path.exists():
+            return False
+        try:
+            state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+        except Exception as error:  # a truncated or foreign file: say so, never unpickle code
+            raise ValueError(f"cannot resume from {self.state_path}: {error}") from None
+        self.spec.module.load_state_dict(state["model"])
+        self.ema.shadow = {k: v.float() for k, v in state["ema"].items()}
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        random.setstate((3, tuple(int(v) for v in state["python_rng"]), None))
+        self.step = int(state["step"])
+        return True
+
+    def _autocast(self):
+        if self.spec.mixed_precision == "no":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.spec.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def run(self, batch: Batch, log: Callable[[dict], None], progress: bool = True) -> EMA:
+        from tqdm import tqdm
+
+        spec = self.spec
+        bar = tqdm(total=spec.steps, initial=self.step, desc=spec.name, unit="step",
+                   disable=not (progress and self.world.main))
+        self.model.train()
+        started = time.perf_counter()
+        while self.step < spec.steps:
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(spec.grad_accum):
+                with self._autocast():
+                    loss = self.model(*batch(self.step, micro)) / spec.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                total += loss.item()
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            if spec.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(spec.module.parameters(), spec.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.schedule.step()
+            self.ema.update(spec.module, self.step)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}")
+            if self.world.main and (self.step % spec.log_every == 0 or self.step == spec.steps):
+                log({"stage": spec.name, "step": self.step, "loss": total, "lr": self.schedule.get_last_lr()[0],
+                     "seconds": round(time.perf_counter() - started, 2)})
+            if self.step % spec.save_every == 0 or self.step == spec.steps:
+                self.save()
+            if self.on_sample and self.sample_every and self.step % self.sample_every == 0 and self.world.main:
+                self.model.eval()
+                with self.ema.applied(spec.module):
+                    self.on_sample(self.step)
+                self.model.train()
+        bar.close()
+        self.model.eval()
+        return self.ema
+
+
+class LossLog:
+    """Appends JSON lines to ``loss.jsonl``; on resume, drops the lines of a stage past the resumed step."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def truncate(self, stage: str, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line and not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > step)]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def __call__(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line] if self.path.exists() else []

@@ -1,0 +1,115 @@
+"""The losses of the three stages as modules (so DistributedDataParallel can wrap them):
+the VAE's reconstruction + KL (Rombach et al. 2022, sec. 3.1), the DDPM objective (Ho et al. 2020, Algorithm 1;
+v-prediction: Salimans & Ho 2022) with the text encoder trained jointly, and LoRA adapters (Hu et al. 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..diffusion.schedules import add_noise
+from ..models.clip import CLIPTextModel
+from ..models.unet import UNetModel
+from ..models.vae import AutoencoderKL
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """The random stream of one micro-batch: noise and timesteps depend only on (seed, rank, step)."""
+    return torch.Generator(device).manual_seed(((seed * 1_000_003 + rank) * 10_000_019 + step) * 101 + micro)
+
+
+class VAELoss(nn.Module):
+    """L1 + L2 reconstruction of a posterior sample, plus ``kl_weight`` x KL to N(0, I)."""
+
+    def __init__(self, vae: AutoencoderKL, kl_weight: float) -> None:
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        posterior = self.vae.encode(images)
+        reconstruction = self.vae.decode(posterior.sample(generator))
+        error = reconstruction - images
+        return error.abs().mean() + error.pow(2).mean() + self.kl_weight * posterior.kl().mean()
+
+
+class DiffusionLoss(nn.Module):
+    """||target - unet(x_t, t, text)||^2 with x_t = sqrt(abar) x0 + sqrt(1 - abar) noise, t uniform;
+    target = noise (eps) or sqrt(abar) noise - sqrt(1 - abar) x0 (v). The text encoder learns through it."""
+
+    def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, abar: torch.Tensor, prediction: str,
+                 train_text_encoder: bool) -> None:
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+        self.register_buffer("abar", abar.float(), persistent=False)
+        self.prediction = prediction
+        text_encoder.requires_grad_(train_text_encoder)
+
+    def forward(self, latents: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b = latents.shape[0]
+        t = torch.randint(0, len(self.abar), (b,), generator=generator, device=generator.device).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
+        x_t = add_noise(latents, noise, t, self.abar)
+        context, _ = self.text_encoder(ids)
+        prediction = self.unet(x_t, t, context)
+        if self.prediction == "v":
+            a = self.abar[t].reshape(-1, 1, 1, 1)
+            target = a.sqrt() * noise - (1 - a).sqrt() * latents
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float())
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / rank) * up(down(x))`` with ``base`` frozen and ``up`` starting at zero."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.alpha = alpha
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.to(base.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_up(self.lora_down(x)) * self.scale
+
+
+def add_lora(unet: UNetModel, rank: int, alpha: float, targets: list[str]) -> dict[str, LoRALinear]:
+    """Wrap every Linear of the UNet whose name contains one of ``targets`` (e.g. "attn2"); freeze the rest."""
+    unet.requires_grad_(False)
+    wrapped: dict[str, LoRALinear] = {}
+    for name, module in list(unet.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and any(t in full for t in targets):
+                lora = LoRALinear(child, rank, alpha)
+                setattr(module, child_name, lora)
+                wrapped[full] = lora
+    if not wrapped:
+        raise ValueError(f"no UNet Linear layer matches the LoRA targets {targets}")
+    return wrapped
+
+
+def lora_state_dict(wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    """The kohya / A1111 file layout (LDM module names): lora_unet_<name>.lora_down/lora_up/alpha."""
+    out = {}
+    for name, lora in wrapped.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        out[f"{key}.lora_down.weight"] = lora.lora_down.weight.detach().cpu()
+        out[f"{key}.lora_up.weight"] = lora.lora_up.weight.detach().cpu()
+        out[f"{key}.alpha"] = torch.tensor(float(lora.alpha))
+    return out
+
+
+def remove_lora(unet: UNetModel, wrapped: dict[str, LoRALinear]) -> None:
+    """Put the original Linear layers back (the adapters live on in the saved file)."""
+    for name, lora in wrapped.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, child, lora.base)
+    unet.requires_grad_(True)

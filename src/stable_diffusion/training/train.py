@@ -1,0 +1,153 @@
+"""``sd train CONFIG.toml``: the stages of a config in order (VAE, then UNet + text encoder, or a LoRA on an
+existing model), written to ``[train] save_path``: ``model.safetensors`` (a single-file checkpoint that
+``load_pipeline`` and ``sd txt2img --model`` read like any other), ``loss.jsonl``, ``loss.png``,
+``samples/``, and one resumable ``<stage>-state.pt`` per stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.io import write_safetensors
+from ..diffusion.schedules import alphas_cumprod, make_betas
+from ..pipeline import Pipeline, load_pipeline
+from .config import TrainConfig
+from .data import FolderDataset, make_batch
+from .loop import Dist, LossLog, StageRunner, StageSpec, init_distributed
+from .objectives import DiffusionLoss, VAELoss, add_lora, lora_state_dict, remove_lora, step_generator
+from .plots import loss_curve, sample_grid
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+        self.config, self.resume, self.progress = config, resume, progress
+        t = config.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = pick_device(t.device)
+        self.dist: Dist = init_distributed(self.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.out = Path(t.save_path)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not resume and self.dist.main:
+            for stale in [*self.out.glob("*-state.pt"), self.out / "loss.jsonl"]:
+                stale.unlink(missing_ok=True)
+        self.log = LossLog(self.out / "loss.jsonl")
+        if t.base_model:
+            self.pipe = load_pipeline(t.base_model, device=self.device, dtype=torch.float32)
+        else:
+            self.pipe = Pipeline.from_config(config.model_config(), seed=t.seed).to(self.device)
+            if config.vae.checkpoint:
+                donor = load_pipeline(config.vae.checkpoint, dtype=torch.float32)
+                self.pipe.vae.load_state_dict(donor.vae.state_dict())
+                self.pipe.config.vae.scaling_factor = donor.config.vae.scaling_factor
+        d = config.data
+        self.folder = FolderDataset(d.path, d.size, d.random_crop, d.flip) if d.kind == "folder" else None
+
+    def _spec(self, name: str, module: torch.nn.Module, steps: int, lr: float) -> StageSpec:
+        t = self.config.train
+        return StageSpec(name, module, steps, lr, t.weight_decay, min(t.warmup_steps, max(steps // 10, 1)),
+                         t.grad_accum, t.grad_clip, t.ema_decay, t.mixed_precision, t.save_every, t.log_every)
+
+    def _run(self, spec: StageSpec, batch, sample_every: int = 0):
+        runner = StageRunner(spec, self.out, self.device, self.dist, self._samples, sample_every)
+        if self.resume and runner.load():
+            self.log.truncate(spec.name, runner.step)
+        ema = runner.run(batch, self.log, self.progress)
+        if self.dist.main:
+            loss_curve(self.log.records(), self.out / "loss.png")
+        return ema
+
+    def _images(self, step: int, micro: int, batch_size: int, dropout: float | None = None):
+        index = step * self.config.train.grad_accum + micro
+        images, captions = make_batch(self.config.data, self.folder, index, batch_size, self.dist.rank,
+                                      self.dist.world, dropout)
+        return images.to(self.device), captions
+
+    def _generator(self, step: int, micro: int) -> torch.Generator:
+        return step_generator(self.config.train.seed, self.dist.rank, step, micro, self.device)
+
+    def train_vae(self) -> None:
+        v = self.config.vae
+        vae = self.pipe.vae
+        spec = self._spec("vae", VAELoss(vae, v.kl_weight), v.steps, v.learning_rate)
+
+        def batch(step: int, micro: int):
+            return self._images(step, micro, v.batch_size, 0.0)[0], self._generator(step, micro)
+
+        self._run(spec, batch).copy_to(spec.module)
+        # LDM's scale: latents * factor have unit variance, so the diffusion's noise levels fit them
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(self._images(10**6 + i, 0, 32, 0.0)[0]).mean for i in range(4)])
+        self.pipe.config.vae.scaling_factor = float(1 / latents.std())
+
+    def _diffusion_loss(self, train_text: bool) -> DiffusionLoss:
+        c = self.pipe.config
+        abar = alphas_cumprod(make_betas(c.beta_schedule, c.timesteps, c.beta_start, c.beta_end))
+        return DiffusionLoss(self.pipe.unet, self.pipe.text_encoder, abar.to(self.device), c.prediction, train_text)
+
+    def _latent_batch(self, batch_size: int):
+        scale = self.pipe.config.vae.scaling_factor
+
+        def batch(step: int, micro: int):
+            images, captions = self._images(step, micro, batch_size)
+            generator = self._generator(step, micro)
+            with torch.no_grad():
+                latents = self.pipe.vae.encode(images).sample(generator) * scale
+            return latents, self.pipe.tokenizer(captions).to(self.device), generator
+        return batch
+
+    def _steps(self) -> int:
+        t = self.config.train
+        if t.epochs and self.folder is not None:
+            per_step = t.batch_size * t.grad_accum * self.dist.world
+            return max(1, -(-t.epochs * len(self.folder) // per_step))
+        return t.steps
+
+    def train_unet(self) -> None:
+        t = self.config.train
+        self.pipe.vae.requires_grad_(False)
+        loss = self._diffusion_loss(t.train_text_encoder)
+        spec = self._spec("unet", loss, self._steps(), t.learning_rate)
+        self._run(spec, self._latent_batch(t.batch_size), t.sample_every).copy_to(loss)
+
+    def train_lora(self) -> None:
+        t, lo = self.config.train, self.config.lora
+        self.pipe.vae.requires_grad_(False)
+        wrapped = add_lora(self.pipe.unet, lo.rank, lo.alpha, lo.targets)
+        loss = self._diffusion_loss(False)
+        spec = self._spec("lora", loss, self._steps(), t.learning_rate)
+        self._run(spec, self._latent_batch(t.batch_size), t.sample_every).copy_to(loss)
+        if self.dist.main:
+            write_safetensors(self.out / lo.output, lora_state_dict(wrapped),
+                              metadata={"ss_network_dim": str(lo.rank), "ss_network_alpha": str(lo.alpha)})
+        remove_lora(self.pipe.unet, wrapped)
+
+    def _samples(self, step: int) -> None:
+        prompts = self.config.train.sample_prompts
+        if prompts:
+            self.pipe.unet.eval()
+            sample_grid(self.pipe, prompts, self.out / "samples" / f"step-{step:06d}.png")
+
+    def run(self) -> Path:
+        for stage in self.config.train.stages:
+            getattr(self, f"train_{stage}")()
+        model_path = self.out / "model.safetensors"
+        if self.dist.main and "lora" not in self.config.train.stages:
+            self.pipe.save(model_path, dtype=self.config.train.export_dtype)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
+        return model_path
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    return Trainer(config, resume, progress).run()

@@ -1,0 +1,184 @@
+"""Training: config validation, the procedural and folder datasets, a whole tiny run that the pipeline loads,
+exact resume, crash-safe checkpoints, LoRA fine-tuning in the kohya format, and 2-process data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from stable_diffusion.checkpoints.io import read_state_dict
+from stable_diffusion.pipeline import load_pipeline
+from stable_diffusion.training import data as data_module
+from stable_diffusion.training.config import load_config, parse_config
+from stable_diffusion.training.data import FolderDataset, make_batch
+from stable_diffusion.training.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    ShapesDataset,
+    heldout_scenes,
+    is_held_out,
+    render,
+)
+from stable_diffusion.training.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.toml"
+
+
+def smoke_config(tmp_path: Path, **train_overrides):
+    data = tomllib.loads(SMOKE.read_text())
+    data["train"].update(save_path=str(tmp_path / "run"), **train_overrides)
+    return parse_config(data)
+
+
+def test_config_rejects_unknown_keys_and_sections(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in \[train\]: stepz"):
+        parse_config({"train": {"stepz": 3}})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in \[unet\]: channels"):
+        parse_config({"unet": {"channels": 3}})
+    with pytest.raises(ValueError, match="unknown section"):
+        parse_config({"optimiser": {}})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 1")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(bad)
+    builtin = load_config(ROOT / "configs" / "builtin.toml").model_config()
+    assert builtin.unet.context_dim == builtin.text_encoders[0].width and builtin.image_size == 64
+
+
+def test_shapes_dataset_is_rich_seeded_and_keeps_its_held_out_split():
+    assert len(COLOURS) >= 8 and len(SHAPES) >= 5 and len(BACKGROUNDS) >= 4
+    scenes = list(zip(range(400), ShapesDataset(seed=3).scenes(random.Random(3))))
+    assert not any(is_held_out(s) for _, s in scenes)
+    captions = [s.caption for _, s in scenes]
+    assert any(" on the left and " in c for c in captions) and any(" above " in c for c in captions)
+    assert any(c.startswith("a small ") and " at the top left " in c for c in captions)
+    held = heldout_scenes(50)
+    assert all(is_held_out(s) for s in held) and all(s.relation is None for s in held)
+    images, texts = make_batch(parse_config({}).data, None, step=7, batch_size=3)
+    again, texts_again = make_batch(parse_config({}).data, None, step=7, batch_size=3)
+    assert images.shape == (3, 3, 64, 64) and torch.equal(images, again) and texts == texts_again
+    assert images.min() >= -1 and images.max() <= 1
+    assert render(held[0]).size == (64, 64)
+
+
+def test_folder_dataset_crops_flips_and_reports_bad_images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (80, 40), (255, 0, 0)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a red thing\n")
+    Image.new("RGB", (40, 60), (0, 0, 255)).save(folder / "b.jpg")
+    dataset = FolderDataset(folder, 32, random_crop=True, flip=True)
+    assert len(dataset) == 2 and dataset.caption(0) == "a red thing" and dataset.caption(1) == ""
+    config = parse_config({"data": {"kind": "folder", "path": str(folder), "size": 32, "caption_dropout": 0.0}})
+    images, captions = make_batch(config.data, dataset, step=0, batch_size=4)
+    assert images.shape == (4, 3, 32, 32) and sorted(captions) == ["", "", "a red thing", "a red thing"]
+    (folder / "c.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        [FolderDataset(folder, 32).image(i, random.Random(0)) for i in range(3)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        FolderDataset(tmp_path / "empty", 32)
+
+
+def test_a_tiny_run_writes_a_model_the_pipeline_loads(tmp_path):
+    path = train(smoke_config(tmp_path), progress=False)
+    out = path.parent
+    expected = {"model.safetensors", "loss.jsonl", "loss.png", "vae-state.pt", "unet-state.pt"}
+    assert expected <= {p.name for p in out.iterdir()}
+    pipe = load_pipeline(path)
+    assert pipe.config.image_size == 32 and pipe.config.beta_schedule == "linear"
+    assert pipe.config.vae.scaling_factor != 1.0  # measured from the trained VAE's latents
+    image = pipe.txt2img("a red circle", steps=2, seed=1)[0]
+    assert image.size == (32, 32)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_state_dict(path)[0]
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = train(smoke_config(tmp_path / "a"), progress=False)
+    real = data_module.make_batch
+
+    def crash_at_unet_step_3(data, folder, step, batch_size, rank=0, world=1, caption_dropout=None):
+        if step == 3 and caption_dropout is None:
+            raise KeyboardInterrupt
+        return real(data, folder, step, batch_size, rank, world, caption_dropout)
+
+    config = smoke_config(tmp_path / "b")
+    monkeypatch.setattr("stable_diffusion.training.train.make_batch", crash_at_unet_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False)
+    monkeypatch.setattr("stable_diffusion.training.train.make_batch", real)
+    resumed = train(config, resume=True, progress=False)
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in map(json.loads, (resumed.parent / "loss.jsonl").read_text().splitlines())
+             if r["stage"] == "unet"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_kill_9_never_leaves_a_corrupt_checkpoint(tmp_path):
+    config = tmp_path / "long.toml"
+    text = SMOKE.read_text().replace("steps = 4", "steps = 400").replace("save_every = 2", "save_every = 1")
+    config.write_text(text.replace('save_path = "runs/smoke"', f'save_path = "{tmp_path / "run"}"'))
+    proc = subprocess.Popen([sys.executable, "-m", "stable_diffusion.cli", "train", str(config), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "run" / "unet-state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.3)  # somewhere inside later saves
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    loaded = torch.load(state, weights_only=True)
+    assert loaded["step"] >= 1 and "model" in loaded
+
+
+def test_lora_fine_tune_saves_a_kohya_file_that_generation_applies(tmp_path):
+    base = train(smoke_config(tmp_path / "base"), progress=False)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, colour in enumerate([(250, 20, 20), (20, 20, 250)]):
+        Image.new("RGB", (40, 40), colour).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("sks colour")
+    data = tomllib.loads(SMOKE.read_text())
+    data["train"].update(stages=["lora"], base_model=str(base), save_path=str(tmp_path / "lora"), steps=3,
+                         learning_rate=1e-2)
+    data["data"] = {"kind": "folder", "path": str(folder), "size": 32}
+    data["lora"] = {"rank": 2, "alpha": 2.0, "output": "sks.safetensors"}
+    train(parse_config(data), progress=False)
+    lora_file = tmp_path / "lora" / "sks.safetensors"
+    sd = read_state_dict(lora_file)[0]
+    assert sd and all(k.startswith("lora_unet_") for k in sd)
+    assert any(k.endswith(".lora_down.weight") for k in sd) and any(k.endswith(".alpha") for k in sd)
+    pipe = load_pipeline(base)
+    plain = pipe.txt2img("sks colour", steps=2, seed=3)[0]
+    with_lora = pipe.txt2img("sks colour", steps=2, seed=3, loras=[(str(lora_file), 1.0)])[0]
+    assert plain.tobytes() != with_lora.tobytes()
+    assert pipe.txt2img("sks colour", steps=2, seed=3)[0].tobytes() == plain.tobytes()  # unmerged afterwards
+
+
+def test_two_process_data_parallel_keeps_ranks_identical(tmp_path):
+    config = tmp_path / "ddp.toml"
+    config.write_text(SMOKE.read_text().replace('save_path = "runs/smoke"', f'save_path = "{tmp_path / "run"}"'))
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    "29531", str(worker), str(config), str(tmp_path)], check=True, env=env, timeout=300,
+                   capture_output=True)
+    hashes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert hashes[0] == hashes[1] and len(hashes[0]) > 10
