@@ -20,11 +20,14 @@ from stable_diffusion.diffusion.samplers import (
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
     sample_dpmpp_2s_ancestral,
+    sample_dpmpp_sde,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
     sample_lcm,
     sample_lms,
+    sample_plms,
+    sample_unipc,
 )
 from stable_diffusion.diffusion.schedules import DiscreteSigmas, add_noise, alphas_cumprod, make_betas, make_sigmas
 
@@ -118,8 +121,12 @@ def test_samplers_match_diffusers_loops(kind):
     assert torch.allclose(ours, expected.float(), atol=1e-4), (ours - expected).abs().max()
 
 
-@pytest.mark.parametrize("sampler,order", [(sample_euler, 1), (sample_heun, 2), (sample_dpmpp_2m, 2), (sample_dpm_2, 2),
-                                           (partial(sample_dpmpp_2s_ancestral, eta=0.0), 2), (sample_lms, 3)])
+@pytest.mark.parametrize("sampler,order", [
+    (sample_euler, 1), (sample_heun, 2), (sample_dpmpp_2m, 2), (sample_dpm_2, 2),
+    (partial(sample_dpmpp_2s_ancestral, eta=0.0), 2), (sample_lms, 3), (partial(sample_dpmpp_sde, eta=0.0), 2),
+    (sample_plms, 2),  # held to second order by its Heun start
+    (partial(sample_unipc, order=2), 3), (partial(sample_unipc, order=2, variant="bh2"), 3),  # UniC adds one
+])
 def test_convergence_order_on_gaussian_data(sampler, order):
     torch.manual_seed(0)
     sigma_max, sigma_min = 14.6, 0.03

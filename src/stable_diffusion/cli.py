@@ -210,6 +210,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained: {path.parent}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .metrics.clip_score import DOMAIN_CLIP
+    from .metrics.evaluate import evaluate, table, write_report
+    from .pipeline import load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device)
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    try:
+        steps = [int(s) for s in args.steps.split(",")]
+    except ValueError:
+        raise ValueError(f"--steps takes comma-separated integers, not {args.steps!r}") from None
+    result = evaluate(pipe, samplers, steps, n=args.n, cfg=args.cfg, seed=args.seed, clip_path=args.clip or DOMAIN_CLIP)
+    write_report(result, Path(args.out))
+    print(table(result), end="")
+    print(f"written: {args.out}/results.json, table.md, plot.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd", description="Stable Diffusion: run, convert, train and serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override [train] steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="prompt adherence, FID and CLIP score of a shapes-domain model per sampler/steps")
+    p.add_argument("--model", help="model file (default: the built-in model)")
+    p.add_argument("--samplers", default="Euler a,DPM++ 2M,DDIM,DDPM")
+    p.add_argument("--steps", default="5,10,20,50", help="comma-separated step counts")
+    p.add_argument("--n", type=int, default=50, help="held-out prompts per kind (one-object, two-object)")
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", help="CLIP folder for FID features and CLIP score (default: the domain CLIP)")
+    p.add_argument("--device")
+    p.add_argument("--out", default="outputs/eval")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
     p.add_argument("image")

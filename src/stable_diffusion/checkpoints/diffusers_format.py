@@ -83,7 +83,7 @@ def vae_to_diffusers(c: VAEConfig, sample_size: int) -> dict[str, Any]:
         "_class_name": "AutoencoderKL", "in_channels": c.in_channels, "out_channels": c.out_ch,
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
         "block_out_channels": [c.ch * m for m in c.ch_mult], "layers_per_block": c.num_res_blocks,
-        "act_fn": "silu", "latent_channels": c.z_channels, "norm_num_groups": 32, "sample_size": sample_size,
+        "act_fn": "silu", "latent_channels": c.z_channels, "norm_num_groups": c.norm_groups, "sample_size": sample_size,
         "scaling_factor": c.scaling_factor,
     }
 
@@ -93,7 +93,8 @@ def vae_from_diffusers(d: dict[str, Any]) -> VAEConfig:
     z = d.get("latent_channels", 4)
     return VAEConfig(in_channels=d.get("in_channels", 3), out_ch=d.get("out_channels", 3), ch=channels[0],
                      ch_mult=tuple(ch // channels[0] for ch in channels), num_res_blocks=d.get("layers_per_block", 2),
-                     z_channels=z, embed_dim=z, scaling_factor=d.get("scaling_factor", 0.18215))
+                     z_channels=z, embed_dim=z, scaling_factor=d.get("scaling_factor", 0.18215),
+                     norm_groups=d.get("norm_num_groups", 32))
 
 
 def text_encoder_to_transformers(c: TextEncoderConfig, layers: int) -> dict[str, Any]:

@@ -21,9 +21,9 @@ class QuickGELU(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, causal: bool = True) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -31,9 +31,9 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        # (B, N, C) -> (B, heads, N, C/heads); causal: token i sees tokens <= i
+        # (B, N, C) -> (B, heads, N, C/heads); causal (text): token i sees tokens <= i
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -49,10 +49,10 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, c: TextEncoderConfig) -> None:
+    def __init__(self, c: TextEncoderConfig, causal: bool = True) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(c.width)
-        self.self_attn = CLIPAttention(c.width, c.heads)
+        self.self_attn = CLIPAttention(c.width, c.heads, causal)
         self.layer_norm2 = nn.LayerNorm(c.width)
         self.mlp = CLIPMLP(c.width, c.intermediate, c.activation)
 

@@ -71,6 +71,7 @@ class VAEConfig:
     embed_dim: int = 4
     dropout: float = 0.0
     scaling_factor: float = 0.18215
+    norm_groups: int = 32  # GroupNorm groups (LDM: 32); fewer suits narrow VAEs, whose 32 groups are 1 channel
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(self.ch_mult)

@@ -187,6 +187,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        for norm in self.modules():  # same parameters whatever the grouping, so checkpoints are unaffected
+            if isinstance(norm, nn.GroupNorm):
+                norm.num_groups = config.norm_groups
         self.to(memory_format=torch.channels_last)  # faster convolutions (oneDNN, tensor cores); same maths
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:

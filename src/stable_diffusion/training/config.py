@@ -15,7 +15,7 @@ from ..models.configs import ModelConfig, TextEncoderConfig, UNetConfig, VAEConf
 
 @dataclass
 class TrainSection:
-    stages: list[str] = field(default_factory=lambda: ["vae", "unet"])  # vae | unet | lora, in order
+    stages: list[str] = field(default_factory=lambda: ["vae", "unet"])  # vae | unet | lora | clip, in order
     steps: int = 1000  # optimiser steps of the UNet (or LoRA) stage; 0 with epochs > 0: derived from epochs
     epochs: int = 0  # folder datasets: passes over the data (overrides steps when > 0)
     batch_size: int = 16
@@ -65,6 +65,7 @@ class VAESection:
     ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: int = 1
     z_channels: int = 4
+    norm_groups: int = 32
     dropout: float = 0.0
     steps: int = 2000  # the VAE stage's own optimisation
     batch_size: int = 16
@@ -89,6 +90,24 @@ class LoraSection:
     output: str = "lora.safetensors"
 
 
+@dataclass
+class ClipSection:
+    """The "clip" stage: a small CLIP (ViT image tower + text tower) trained contrastively on the data; the
+    domain model behind the CLIP score and the FID features of the shapes domain."""
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 64
+    vision_layers: int = 2
+    text_width: int = 64
+    text_layers: int = 2
+    heads: int = 4
+    projection_dim: int = 64
+    steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    output: str = "clip"  # folder under save_path (transformers' CLIPModel layout)
+
+
 UNET_KEYS = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
              "num_head_channels", "transformer_depth", "transformer_depth_middle", "context_dim", "dropout",
              "use_scale_shift_norm", "resblock_updown", "use_linear_in_transformer")
@@ -103,6 +122,7 @@ class TrainConfig:
     text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
     unet: dict[str, Any] = field(default_factory=dict)
     lora: LoraSection = field(default_factory=LoraSection)
+    clip: ClipSection = field(default_factory=ClipSection)
 
     def model_config(self) -> ModelConfig:
         """The ModelConfig of a from-scratch model: a single CLIP-style text encoder (the SD1 layout)."""
@@ -113,6 +133,7 @@ class TrainConfig:
             raise ValueError(f"[unet] context_dim {unet.context_dim} must equal [text_encoder] width {text.width}")
         vae = VAEConfig(ch=self.vae.ch, ch_mult=tuple(self.vae.ch_mult), num_res_blocks=self.vae.num_res_blocks,
                         z_channels=self.vae.z_channels, embed_dim=self.vae.z_channels, dropout=self.vae.dropout,
+                        norm_groups=self.vae.norm_groups,
                         scaling_factor=1.0)
         low, high = self.diffusion.beta_range
         return ModelConfig(family="sd1", unet=unet, vae=vae, text_encoders=[text],
@@ -132,7 +153,7 @@ def _section(cls: type, name: str, data: dict[str, Any]) -> Any:
 def parse_config(data: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from parsed TOML, refusing unknown sections and keys."""
     sections = {"train": TrainSection, "data": DataSection, "diffusion": DiffusionSection, "vae": VAESection,
-                "text_encoder": TextEncoderSection, "lora": LoraSection}
+                "text_encoder": TextEncoderSection, "lora": LoraSection, "clip": ClipSection}
     unknown = sorted(set(data) - set(sections) - {"unet"})
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; known: {sorted([*sections, 'unet'])}")
@@ -142,8 +163,8 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"unknown key(s) in [unet]: {', '.join(bad)}; known: {', '.join(UNET_KEYS)}")
     config = TrainConfig(unet=unet, **{k: _section(cls, k, data.get(k, {})) for k, cls in sections.items()})
     for stage in config.train.stages:
-        if stage not in ("vae", "unet", "lora"):
-            raise ValueError(f"unknown stage {stage!r} in [train] stages (vae, unet, lora)")
+        if stage not in ("vae", "unet", "lora", "clip"):
+            raise ValueError(f"unknown stage {stage!r} in [train] stages (vae, unet, lora, clip)")
     if config.data.kind not in ("shapes", "folder"):
         raise ValueError(f"unknown [data] kind {config.data.kind!r} (shapes or folder)")
     if config.train.mixed_precision not in ("no", "bf16", "fp16"):

@@ -62,6 +62,21 @@ class DiffusionLoss(nn.Module):
         return F.mse_loss(prediction.float(), target.float())
 
 
+class ContrastiveLoss(nn.Module):
+    """CLIP's symmetric InfoNCE over a batch of (image, caption) pairs (Radford et al. 2021)."""
+
+    def __init__(self, pair: nn.Module) -> None:
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        image_emb = self.pair.embed_images((images + 1) / 2)
+        text_emb = self.pair.embed_texts(ids)
+        logits = self.pair.logit_scale.clamp(max=math.log(100)).exp() * image_emb @ text_emb.T  # (B, B)
+        labels = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
 class LoRALinear(nn.Module):
     """``base(x) + (alpha / rank) * up(down(x))`` with ``base`` frozen and ``up`` starting at zero."""
 

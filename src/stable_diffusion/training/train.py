@@ -17,7 +17,15 @@ from ..pipeline import Pipeline, load_pipeline
 from .config import TrainConfig
 from .data import FolderDataset, make_batch
 from .loop import Dist, LossLog, StageRunner, StageSpec, init_distributed
-from .objectives import DiffusionLoss, VAELoss, add_lora, lora_state_dict, remove_lora, step_generator
+from .objectives import (
+    ContrastiveLoss,
+    DiffusionLoss,
+    VAELoss,
+    add_lora,
+    lora_state_dict,
+    remove_lora,
+    step_generator,
+)
 from .plots import loss_curve, sample_grid
 
 
@@ -133,6 +141,30 @@ class Trainer:
                               metadata={"ss_network_dim": str(lo.rank), "ss_network_alpha": str(lo.alpha)})
         remove_lora(self.pipe.unet, wrapped)
 
+    def train_clip(self) -> None:
+        """A domain CLIP, contrastive on the training data; saved in transformers' CLIPModel layout."""
+        from ..metrics.clip_score import CLIPScorer
+        from ..models.clip_vision import CLIPPair, VisionConfig
+        from ..models.configs import TextEncoderConfig
+
+        c = self.config.clip
+        text = TextEncoderConfig(width=c.text_width, layers=c.text_layers, heads=c.heads, intermediate=4 * c.text_width)
+        vision = VisionConfig(image_size=c.image_size, patch_size=c.patch_size, width=c.vision_width,
+                              layers=c.vision_layers, heads=c.heads, intermediate=4 * c.vision_width)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.config.train.seed)
+            pair = CLIPPair(text, vision, c.projection_dim).to(self.device)
+        spec = self._spec("clip", ContrastiveLoss(pair), c.steps, c.learning_rate)
+        tokenizer = self.pipe.tokenizer
+
+        def batch(step: int, micro: int):
+            images, captions = self._images(step, micro, c.batch_size, 0.0)
+            return images, tokenizer(captions).to(self.device)
+
+        self._run(spec, batch).copy_to(spec.module)
+        if self.dist.main:
+            CLIPScorer(pair.eval(), tokenizer).save(self.out / c.output)
+
     def _samples(self, step: int) -> None:
         prompts = self.config.train.sample_prompts
         if prompts:
@@ -143,7 +175,7 @@ class Trainer:
         for stage in self.config.train.stages:
             getattr(self, f"train_{stage}")()
         model_path = self.out / "model.safetensors"
-        if self.dist.main and "lora" not in self.config.train.stages:
+        if self.dist.main and {"vae", "unet"} & set(self.config.train.stages):
             self.pipe.save(model_path, dtype=self.config.train.export_dtype)
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
         return model_path

@@ -1,0 +1,134 @@
+"""``sd eval``: how well a shapes-domain model follows prompts, across samplers and step counts.
+
+For each (sampler, steps): images for held-out one-object and two-object prompts (attribute combinations that
+training never saw), judged by the adherence checker; FID against renders of the same held-out scenes and the
+CLIP score, both with the domain CLIP; seconds per image. The unconditional model (empty prompt) judged against
+the same scenes gives the chance level. Writes results.json, table.md and plot.png."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from ..checkpoints.io import atomic_write
+from ..training.shapes import Scene, heldout_scenes, render
+from .adherence import judge, read_image
+from .clip_score import DOMAIN_CLIP, CLIPScorer, pil_to_unit
+from .fid import FeatureStatistics, frechet_distance
+
+
+@dataclass
+class Row:
+    sampler: str
+    steps: int
+    one_object: float  # fraction of one-object prompts with every attribute right
+    two_object: float  # fraction of two-object prompts with both objects and their relation right
+    attributes: dict  # per-attribute accuracy on one-object prompts
+    fid: float
+    clip_score: float
+    seconds_per_image: float
+
+
+def _generate(pipe, scenes: list[Scene], sampler: str, steps: int, cfg: float, seed: int,
+              prompt_override: str | None = None) -> tuple[list[Image.Image], float]:
+    images, start = [], time.perf_counter()
+    for i, scene in enumerate(scenes):
+        prompt = scene.caption if prompt_override is None else prompt_override
+        images += pipe.txt2img(prompt, steps=steps, sampler=sampler, cfg_scale=cfg, seed=seed + i)
+    return images, (time.perf_counter() - start) / max(1, len(scenes))
+
+
+def _stats(scorer: CLIPScorer, images: list[Image.Image]) -> FeatureStatistics:
+    stats = FeatureStatistics()
+    with torch.no_grad():
+        for k in range(0, len(images), 64):
+            stats.update(scorer.model.image_features(pil_to_unit(images[k:k + 64])))
+    return stats
+
+
+def adherence(images: list[Image.Image], scenes: list[Scene]) -> tuple[float, dict]:
+    verdicts = [judge(read_image(im), s) for im, s in zip(images, scenes)]
+    keys = verdicts[0].keys() if verdicts else []
+    per_key = {k: sum(v[k] for v in verdicts) / len(verdicts) for k in keys}
+    return per_key.get("all", 0.0), per_key
+
+
+def evaluate(pipe, samplers: list[str], step_counts: list[int], n: int = 50, cfg: float = 7.0, seed: int = 0,
+             clip_path: str | Path = DOMAIN_CLIP, chance: bool = True) -> dict:
+    scorer = CLIPScorer.from_folder(clip_path)
+    one, two = heldout_scenes(n, seed=seed + 1), heldout_scenes(n, seed=seed + 2, two_object=True)
+    scenes = one + two
+    real = _stats(scorer, [render(s, pipe.config.image_size) for s in scenes]).mean_cov()
+    rows = []
+    for sampler in samplers:
+        for steps in step_counts:
+            images, seconds = _generate(pipe, scenes, sampler, steps, cfg, seed)
+            one_rate, per_attribute = adherence(images[:n], one)
+            two_rate, _ = adherence(images[n:], two)
+            rows.append(Row(sampler, steps, one_rate, two_rate, per_attribute,
+                            frechet_distance(*real, *_stats(scorer, images).mean_cov()),
+                            scorer.score(images, [s.caption for s in scenes]), seconds))
+    result = {"n_per_kind": n, "cfg": cfg, "rows": [asdict(r) for r in rows]}
+    if chance:
+        images, _ = _generate(pipe, scenes, samplers[0], 20, 1.0, seed, prompt_override="")
+        result["chance"] = {"one_object": adherence(images[:n], one)[0], "two_object": adherence(images[n:], two)[0],
+                            "attributes": adherence(images[:n], one)[1]}
+    return result
+
+
+def table(result: dict) -> str:
+    lines = ["| sampler | steps | one-object all right | two-object right | colour | shape | size | place | "
+             "background | FID (domain) | CLIP score | s / image |", "|" + "---|" * 12]
+    for r in result["rows"]:
+        a = r["attributes"]
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['one_object']:.1%} | {r['two_object']:.1%} | "
+                     f"{a.get('colour', 0):.0%} | {a.get('shape', 0):.0%} | {a.get('size', 0):.0%} | "
+                     f"{a.get('place', 0):.0%} | {a.get('background', 0):.0%} | {r['fid']:.2f} | "
+                     f"{r['clip_score']:.1f} | {r['seconds_per_image']:.3f} |")
+    if "chance" in result:
+        c = result["chance"]
+        lines.append(f"| unconditional (chance) | | {c['one_object']:.1%} | {c['two_object']:.1%} | | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path, width: int = 720, height: int = 300) -> None:
+    """Adherence (one-object, solid; two-object, thin) and FID against steps, a line per sampler."""
+    rows = result["rows"]
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    steps = sorted({r["steps"] for r in rows})
+    palette = [(200, 50, 40), (40, 90, 200), (40, 150, 70), (150, 60, 170), (220, 140, 20), (30, 160, 170)]
+    image = Image.new("RGB", (width, 2 * height), "white")
+    draw = ImageDraw.Draw(image)
+    fid_max = max(r["fid"] for r in rows) or 1.0
+    panels = [("adherence (thick: one object, thin: two objects), 0..100%", lambda r: r["one_object"], 1.0),
+              (f"FID (domain features), 0..{fid_max:.1f}", lambda r: r["fid"], fid_max)]
+    for p, (title, value, top) in enumerate(panels):
+        y0, left, w, h = p * height + 30, 50, width - 200, height - 70
+        draw.rectangle((left, y0, left + w, y0 + h), outline=(160, 160, 160))
+        draw.text((left, y0 - 20), title, fill="black")
+        for k, s in enumerate(steps):
+            x = left + w * (k / max(1, len(steps) - 1))
+            draw.text((x - 6, y0 + h + 5), str(s), fill="black")
+        for i, sampler in enumerate(samplers):
+            colour = palette[i % len(palette)]
+            mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["steps"])
+            series = [value] if p else [value, lambda r: r["two_object"]]
+            for j, fn in enumerate(series):
+                points = [(left + w * (steps.index(r["steps"]) / max(1, len(steps) - 1)), y0 + h * (1 - fn(r) / top))
+                          for r in mine]
+                if len(points) > 1:
+                    draw.line(points, fill=colour, width=3 if j == 0 else 1)
+            draw.text((left + w + 15, y0 + 15 * i), sampler, fill=colour)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_report(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    atomic_write(out / "table.md", lambda tmp: tmp.write_text(table(result)))
+    plot(result, out / "plot.png")

@@ -1,0 +1,165 @@
+"""Metrics: the adherence checker is validated on real dataset images; FID and CLIP score are cross-checked
+against torchmetrics with the same feature module / the same CLIP weights; ``sd eval`` writes its report."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from stable_diffusion.metrics.adherence import judge, read_image
+from stable_diffusion.metrics.clip_score import CLIPScorer, pil_to_unit
+from stable_diffusion.metrics.fid import FeatureStatistics, fid, frechet_distance
+from stable_diffusion.models.tokenizer import CLIPTokenizer
+from stable_diffusion.training.shapes import Scene, ShapesDataset, Thing, render
+
+
+@pytest.mark.parametrize("two", [0.0, 1.0])
+def test_adherence_checker_reads_dataset_images(two):
+    stream = ShapesDataset(split="train", two_object_fraction=two).scenes(random.Random(11), full_captions=True)
+    scenes = [next(stream) for _ in range(200)]
+    right = sum(judge(read_image(render(s)), s)["all"] for s in scenes)
+    assert right / len(scenes) >= 0.98
+
+
+def test_adherence_checker_notices_wrong_images():
+    asked = Scene((Thing("red", "circle", "large", "top left"),), "white")
+    assert judge(read_image(render(asked)), asked)["all"]
+    for wrong in [Thing("blue", "circle", "large", "top left"), Thing("red", "square", "large", "top left"),
+                  Thing("red", "circle", "small", "top left"), Thing("red", "circle", "large", "bottom right")]:
+        verdict = judge(read_image(render(Scene((wrong,), "white"))), asked)
+        assert not verdict["all"], wrong
+    assert not judge(read_image(render(Scene(asked.objects, "black"))), asked)["all"]
+    two = Scene((Thing("red", "circle"), Thing("blue", "star")), "gray", "left of")
+    swapped = Scene((Thing("blue", "star"), Thing("red", "circle")), "gray", "left of")
+    assert judge(read_image(render(two)), two)["all"] and not judge(read_image(render(swapped)), two)["place"]
+    assert not judge(read_image(Image.new("RGB", (64, 64), (128, 128, 128))), asked)["all"]
+
+
+def _features():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(32, 12))
+    with torch.no_grad():
+        net[-1].weight.mul_(30)  # features of order 1, so the distance is well above rounding
+    return net.eval()
+
+
+def test_frechet_distance_is_exact_on_known_gaussians():
+    mu1, mu2 = torch.zeros(3), torch.tensor([1.0, 2.0, 0.0])
+    s1, s2 = torch.diag(torch.tensor([1.0, 4.0, 9.0])), torch.diag(torch.tensor([4.0, 1.0, 9.0]))
+    # |mu|^2 + sum (sqrt(a) - sqrt(b))^2 for commuting diagonal covariances
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(5 + 1 + 1 + 0, abs=1e-9)
+    a = torch.randn(500, 6, dtype=torch.float64)
+    stats = FeatureStatistics()
+    stats.update(a[:200])
+    stats.update(a[200:])
+    mu, cov = stats.mean_cov()
+    assert torch.allclose(cov, torch.cov(a.T), atol=1e-10)
+    assert frechet_distance(mu, cov, mu, cov) == pytest.approx(0, abs=1e-8)
+
+
+def test_fid_matches_torchmetrics_with_the_same_features():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    net = _features()
+    rng = random.Random(0)
+    stream = ShapesDataset(size=32).scenes(rng)
+    real = torch.stack([pil_to_unit([render(next(stream), 32)])[0] for _ in range(96)])
+    fake = (real + 0.3 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    ours = fid(net, real.split(32), fake.split(32))
+    metric = FrechetInceptionDistance(feature=net, normalize=True, input_img_size=(3, 32, 32))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    theirs = float(metric.compute())
+    assert ours > 0.01 and ours == pytest.approx(theirs, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_clip(tmp_path_factory):
+    """A small random transformers CLIPModel with a processor, saved as an offline folder."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("clip")
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=77, vocab_size=49408, eos_token_id=49407, bos_token_id=49406,
+                         pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=24)
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).eval().save_pretrained(folder)
+    ours = CLIPTokenizer.builtin()
+    tokenizer = transformers.CLIPTokenizer(vocab=ours.vocab, merges=ours.merges, model_max_length=77)
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_matches_torchmetrics(tiny_hf_clip):
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    rng = random.Random(4)
+    scenes = [next(ShapesDataset(size=32).scenes(rng)) for _ in range(6)]
+    images = [render(s, 32) for s in scenes]
+    texts = [s.caption for s in scenes]
+    ours = CLIPScorer.from_folder(tiny_hf_clip).scores(images, texts)
+    import transformers
+
+    class Features(transformers.CLIPModel):
+        """transformers 5 returns output objects where torchmetrics 1.9 expects tensors: unwrap them."""
+
+        def get_image_features(self, *args, **kwargs):
+            out = super().get_image_features(*args, **kwargs)
+            return getattr(out, "pooler_output", out)
+
+        def get_text_features(self, *args, **kwargs):
+            out = super().get_text_features(*args, **kwargs)
+            return getattr(out, "pooler_output", out)
+
+    def load():  # torchmetrics takes a loader for models outside its list of hub names
+        return Features.from_pretrained(tiny_hf_clip), transformers.CLIPProcessor.from_pretrained(tiny_hf_clip)
+
+    metric = CLIPScore(model_name_or_path=load)
+    pixels = (pil_to_unit(images) * 255).round().to(torch.uint8)
+    theirs = [float(metric(pixels[i:i + 1], texts[i])) for i in range(len(texts))]
+    assert ours.tolist() == pytest.approx(theirs, abs=0.05)
+
+
+def test_our_clip_folders_load_in_transformers(tiny_hf_clip, tmp_path):
+    import transformers
+
+    scorer = CLIPScorer.from_folder(tiny_hf_clip)
+    scorer.save(tmp_path / "copy")
+    theirs = transformers.CLIPModel.from_pretrained(tmp_path / "copy").eval()
+    ids = scorer.tokenizer(["a red circle", "a blue square on a white background"])
+    with torch.no_grad():
+        expected = theirs.get_text_features(input_ids=ids)
+        expected = getattr(expected, "pooler_output", expected)
+    ours = scorer.model.embed_texts(ids)
+    assert torch.allclose(ours, torch.nn.functional.normalize(expected.float(), dim=-1), atol=2e-3)
+
+
+def test_sd_eval_writes_a_report(tmp_path):
+    import tomllib
+
+    from stable_diffusion.cli import main
+    from stable_diffusion.training.config import parse_config
+    from stable_diffusion.training.train import train
+
+    data = tomllib.loads(open("configs/smoke.toml").read())
+    data["train"].update(save_path=str(tmp_path / "run"), stages=["vae", "unet", "clip"])
+    data["clip"] = {"image_size": 32, "patch_size": 8, "vision_width": 32, "vision_layers": 1, "text_width": 32,
+                    "text_layers": 1, "heads": 2, "projection_dim": 16, "steps": 2, "batch_size": 8}
+    model = train(parse_config(data), progress=False)
+    code = main(["eval", "--model", str(model), "--samplers", "Euler,DDIM", "--steps", "2,3", "--n", "2",
+                 "--clip", str(tmp_path / "run" / "clip"), "--out", str(tmp_path / "eval")])
+    assert code == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [("Euler", 2), ("Euler", 3), ("DDIM", 2), ("DDIM", 3)]
+    assert "chance" in result and (tmp_path / "eval" / "plot.png").exists()
+    assert "| Euler | 2 |" in (tmp_path / "eval" / "table.md").read_text()
