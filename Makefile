@@ -14,9 +14,11 @@ PIP := .venv/bin/pip
 venv: .venv/.installed
 
 demo: venv
-	.venv/bin/sd info sd1
-	# the built-in trained model is not there yet: generate with the random-weight tiny preset (noise-like image)
-	.venv/bin/sd txt2img "a red circle on a white background" --model tiny-sd1 --steps 10 --seed 1 --out outputs/demo
+	.venv/bin/sd info
+	# the built-in model (trained by configs/builtin.toml), on the CPU, at its native 64x64
+	.venv/bin/sd txt2img "a small red circle at the top left on a white background" --seed 1 --out outputs/demo
+	.venv/bin/sd txt2img "a blue square on the left and a yellow star on the right on a black background" \
+		--seed 2 --out outputs/demo
 	.venv/bin/sd pnginfo outputs/demo/00000-1.png
 
 test: venv

@@ -182,3 +182,10 @@ def test_two_process_data_parallel_keeps_ranks_identical(tmp_path):
                    capture_output=True)
     hashes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert hashes[0] == hashes[1] and len(hashes[0]) > 10
+
+
+def test_bf16_autocast_and_gradient_accumulation_train(tmp_path):
+    config = smoke_config(tmp_path, mixed_precision="bf16", grad_accum=2, stages=["vae", "unet"])
+    path = train(config, progress=False)
+    losses = [json.loads(line)["loss"] for line in (path.parent / "loss.jsonl").read_text().splitlines()]
+    assert losses and all(loss == loss and loss < 100 for loss in losses)  # finite

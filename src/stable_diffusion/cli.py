@@ -48,7 +48,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(_describe(pipe, f"preset {args.model}"))
         return
     pipe = load_pipeline(args.model, prediction=args.prediction)
-    print(_describe(pipe, args.model))
+    print(_describe(pipe, args.model or "built-in model"))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -227,12 +227,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"written: {args.out}/results.json, table.md, plot.png")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .server.app import create_app
+    from .server.registry import ModelRegistry
+    from .server.schemas import Limits
+
+    registry = ModelRegistry(args.models_dir, device=args.device, default=args.model)
+    limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
+                    max_images=args.max_images)
+    app = create_app(registry, limits, max_queue=args.queue, outputs=args.outputs, api_auth=args.api_auth,
+                     api_token=args.api_token, max_body=args.max_body_mb * 2**20)
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    print(f"sd serve: {registry.current_entry.title} on http://{host}:{args.port}/ (API docs at /docs)")
+    uvicorn.run(app, host=host, port=args.port, log_level="warning")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd", description="Stable Diffusion: run, convert, train and serve.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="family, sizes and parameter counts of a model")
-    p.add_argument("model", help="a .safetensors/.ckpt file, a diffusers folder, or a preset name (sd1, sdxl, ...)")
+    p.add_argument("model", nargs="?", help="a .safetensors/.ckpt file, a diffusers folder, or a preset name "
+                   "(sd1, sdxl, ...); default: the built-in model")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type")
     p.set_defaults(func=cmd_info)
 
@@ -272,6 +290,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="the AUTOMATIC1111 HTTP API (/sdapi/v1) and the web UI")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (all interfaces) instead of 127.0.0.1")
+    p.add_argument("--models-dir", default="models", help="A1111 layout: Stable-diffusion/, VAE/, Lora/, embeddings/")
+    p.add_argument("--model", help="the model to start with (a listed name; default: the built-in model)")
+    p.add_argument("--api-auth", help="user:pass[,user2:pass2] for HTTP basic auth")
+    p.add_argument("--api-token", help="a bearer token accepted instead of basic auth")
+    p.add_argument("--outputs", default="outputs", help="where save_images writes")
+    p.add_argument("--queue", type=int, default=16, help="jobs that may wait; more get 503 + Retry-After")
+    p.add_argument("--max-size", type=int, default=2048, help="largest width/height a request may ask for")
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--max-images", type=int, default=16, help="largest batch_size * n_iter")
+    p.add_argument("--max-body-mb", type=int, default=50)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
     p.add_argument("image")

@@ -67,6 +67,15 @@ class GenerationRequest:
             self.seed = random.randrange(2**32)
 
 
+class StopSampling(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a step callback to end sampling early: ``denoised`` (the x0 prediction of that step) is
+    decoded as the image. ``skip``: end only this batch (A1111's Skip); otherwise the whole job (Interrupt)."""
+
+    def __init__(self, denoised: torch.Tensor, skip: bool = False) -> None:
+        super().__init__("sampling stopped")
+        self.denoised, self.skip = denoised, skip
+
+
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
@@ -280,7 +289,11 @@ def _generate(pipe, request: GenerationRequest, prompt: str, negative: str, init
                 x = x + first
             takes_eta = "eta" in inspect.signature(sampler).parameters  # follows the no_grad wrapper
             kwargs = {"eta": request.eta} if request.eta is not None and takes_eta else {}
-            x = sampler(model, x, sigmas, callback=callback, noise=_per_image_noise(generators), **kwargs)
+            stopped = None
+            try:
+                x = sampler(model, x, sigmas, callback=callback, noise=_per_image_noise(generators), **kwargs)
+            except StopSampling as stop:
+                x, stopped = stop.denoised, stop
             images = to_pil(pipe.vae.decode(x / c.vae.scaling_factor))
             if inpaint is not None:
                 images = [composite(init_image, image, start.pixel_mask) for image in images]
@@ -295,4 +308,6 @@ def _generate(pipe, request: GenerationRequest, prompt: str, negative: str, init
                     "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
                     "Version": "stable_diffusion 0.1.0",
                 }))
+            if stopped is not None and not stopped.skip:
+                break
     return result

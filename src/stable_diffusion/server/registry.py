@@ -1,0 +1,103 @@
+"""The models a server offers, found in an A1111-style models folder (``Stable-diffusion/``, ``VAE/``,
+``Lora/``, ``embeddings/``) plus the built-in model. Clients name models only by the titles listed here, so a
+request can never make the server open an arbitrary path."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..pipeline import BUILTIN_MODEL, Pipeline, load_pipeline
+
+CHECKPOINT_SUFFIXES = {".safetensors", ".ckpt", ".pt"}
+BUILTIN_NAME = "builtin"
+
+
+def short_hash(path: Path) -> str:
+    """A1111's short hash: the first 10 hex digits of the file's sha256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+@dataclass
+class ModelEntry:
+    path: Path
+    name: str  # model_name: the file stem, or "builtin"
+    sha: str
+
+    @property
+    def title(self) -> str:
+        return f"{self.path.name if self.name != BUILTIN_NAME else BUILTIN_NAME} [{self.sha}]"
+
+    def listing(self) -> dict:
+        return {"title": self.title, "model_name": self.name, "hash": self.sha, "sha256": None,
+                "filename": str(self.path), "config": None}
+
+
+class ModelRegistry:
+    def __init__(self, models_dir: str | Path | None, device: str | torch.device | None = None,
+                 default: str | None = None) -> None:
+        self.models_dir = Path(models_dir) if models_dir else None
+        self.device = device
+        self.lock = threading.Lock()
+        self._hashes: dict[tuple[str, float, int], str] = {}
+        self.entries: list[ModelEntry] = []
+        self.refresh()
+        if not self.entries:
+            raise ValueError("no models: the built-in model is missing and the models folder has no checkpoints")
+        self.current_entry = self.find(default) if default else self.entries[0]
+        self.pipe: Pipeline = self._load(self.current_entry)
+
+    def folder(self, kind: str) -> Path | None:
+        """``Stable-diffusion``, ``VAE``, ``Lora`` or ``embeddings`` under the models folder."""
+        return self.models_dir / kind if self.models_dir else None
+
+    def _hash(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime, stat.st_size)
+        if key not in self._hashes:
+            self._hashes[key] = short_hash(path)
+        return self._hashes[key]
+
+    def refresh(self) -> None:
+        entries = []
+        if BUILTIN_MODEL.exists():
+            entries.append(ModelEntry(BUILTIN_MODEL, BUILTIN_NAME, self._hash(BUILTIN_MODEL)))
+        folder = self.folder("Stable-diffusion")
+        if folder is not None and folder.is_dir():
+            for path in sorted(folder.rglob("*")):
+                if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file():
+                    entries.append(ModelEntry(path, path.stem, self._hash(path)))
+        self.entries = entries
+
+    def find(self, name: str) -> ModelEntry:
+        """A listed model by title, file name or model name; anything else is refused."""
+        for entry in self.entries:
+            if name in (entry.title, entry.name, entry.path.name):
+                return entry
+        raise KeyError(f"model {name!r} not found; GET /sdapi/v1/sd-models lists the available ones")
+
+    def _load(self, entry: ModelEntry) -> Pipeline:
+        pipe = load_pipeline(entry.path, device=self.device)
+        pipe.config.name = entry.name
+        return pipe
+
+    def select(self, name: str) -> None:
+        entry = self.find(name)
+        with self.lock:
+            if entry.path != self.current_entry.path:
+                self.pipe = self._load(entry)
+                self.current_entry = entry
+
+    def files(self, kind: str, suffixes: set[str]) -> list[Path]:
+        folder = self.folder(kind)
+        if folder is None or not folder.is_dir():
+            return []
+        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())

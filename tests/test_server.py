@@ -1,0 +1,211 @@
+"""The A1111 API in-process (FastAPI's TestClient): response shapes, PNG parameters, seeds, inpainting, every
+kind of bad request as a 4xx in A1111's error shape, auth, the queue bound, interrupt, and a fuzz run."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from stable_diffusion.models.configs import preset
+from stable_diffusion.pipeline import Pipeline
+from stable_diffusion.server.app import create_app
+from stable_diffusion.server.jobs import JobQueue, QueueFull
+from stable_diffusion.server.registry import ModelRegistry
+from stable_diffusion.server.schemas import Limits
+
+INFO_KEYS = {"prompt", "all_prompts", "negative_prompt", "all_negative_prompts", "seed", "all_seeds", "subseed",
+             "all_subseeds", "subseed_strength", "width", "height", "sampler_name", "cfg_scale", "steps",
+             "batch_size", "restore_faces", "face_restoration_model", "sd_model_name", "sd_model_hash",
+             "sd_vae_name", "sd_vae_hash", "seed_resize_from_w", "seed_resize_from_h", "denoising_strength",
+             "extra_generation_params", "index_of_first_image", "infotexts", "styles", "job_timestamp", "clip_skip",
+             "is_using_inpainting_conditioning", "version"}
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    (root / "Stable-diffusion").mkdir()
+    Pipeline.from_config(preset("tiny-sd1"), seed=0).save(root / "Stable-diffusion" / "tiny.safetensors")
+    Pipeline.from_config(preset("tiny-sd1"), seed=1).save(root / "Stable-diffusion" / "other.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(models_dir, tmp_path_factory):
+    registry = ModelRegistry(models_dir, default="tiny")
+    app = create_app(registry, Limits(max_width=256, max_height=256, max_steps=60, max_images=8),
+                     outputs=tmp_path_factory.mktemp("outputs"), max_body=2 * 2**20)
+    with TestClient(app) as c:
+        yield c
+
+
+def b64png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def test_txt2img_answers_like_a1111(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "negative_prompt": "blue", "seed": 42,
+                                               "steps": 3, "width": 64, "height": 64, "batch_size": 2,
+                                               "sampler_name": "DPM++ 2M", "scheduler": "karras",
+                                               "restore_faces": False, "script_args": []})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    info = json.loads(body["info"])
+    assert INFO_KEYS <= set(info) and info["all_seeds"] == [42, 43] and info["sampler_name"] == "DPM++ 2M"
+    assert all(isinstance(info[k], str) for k in ("version", "sd_model_name", "sd_model_hash", "job_timestamp"))
+    images = [decode(d) for d in body["images"]]
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    text = images[0].info["parameters"]
+    assert text.split("\n")[-1].startswith("Steps: 3") and "Seed: 42" in text and "Negative prompt: blue" in text
+    assert body["parameters"]["prompt"] == "a red circle"
+    again = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "negative_prompt": "blue", "seed": 43,
+                                                   "steps": 3, "width": 64, "height": 64,
+                                                   "sampler_name": "DPM++ 2M", "scheduler": "karras"}).json()
+    assert decode(again["images"][0]).tobytes() == images[1].tobytes()  # a batch image equals its seed alone
+
+
+def test_img2img_inpaints_inside_the_mask_only(client):
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    r = client.post("/sdapi/v1/img2img", json={"init_images": ["data:image/png;base64," + b64png(init)],
+                                               "mask": b64png(mask), "denoising_strength": 1.0, "steps": 4,
+                                               "width": 64, "height": 64, "mask_blur": 0, "inpainting_fill": 2,
+                                               "seed": 5, "inpaint_full_res": False})
+    assert r.status_code == 200, r.text
+    out = decode(r.json()["images"][0]).convert("RGB")
+    assert out.crop((40, 0, 64, 64)).tobytes() == init.crop((40, 0, 64, 64)).tobytes()
+    assert out.crop((0, 0, 24, 64)).tobytes() != init.crop((0, 0, 24, 64)).tobytes()
+    assert json.loads(r.json()["info"])["denoising_strength"] == 1.0
+
+
+@pytest.mark.parametrize("path,body,status,words", [
+    ("txt2img", {"width": 65}, 422, "multiples of 8"),
+    ("txt2img", {"width": 1024, "height": 64}, 422, "beyond this server's limit"),
+    ("txt2img", {"steps": 500}, 422, "steps must be"),
+    ("txt2img", {"batch_size": 8, "n_iter": 4}, 422, "at most 8"),
+    ("txt2img", {"sampler_name": "Magic"}, 422, "unknown sampler"),
+    ("txt2img", {"scheduler": "wobbly"}, 422, "unknown scheduler"),
+    ("txt2img", {"steps": "many"}, 422, "steps"),
+    ("img2img", {"init_images": ["%%%not base64"]}, 422, "invalid base64"),
+    ("img2img", {"init_images": [base64.b64encode(b"hello").decode()]}, 422, "not a readable image"),
+    ("img2img", {}, 422, "init_images"),
+    ("png-info", {"image": "AAAA"}, 422, "not a readable image"),
+])
+def test_bad_requests_get_a1111_error_bodies(client, path, body, status, words):
+    r = client.post(f"/sdapi/v1/{path}", json={"width": 64, "height": 64, "steps": 2, **body})
+    assert r.status_code == status, r.text
+    error = r.json()
+    assert set(error) == {"error", "detail", "body", "errors"} and words in error["detail"]
+
+
+def test_wrong_size_mask_and_unknown_model_and_huge_body(client):
+    init = b64png(Image.new("RGB", (64, 64)))
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [init], "mask": b64png(Image.new("L", (32, 32))),
+                                               "width": 64, "height": 64, "steps": 2})
+    assert r.status_code == 422 and "mask is 32x32" in r.json()["detail"]
+    r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "../../etc/passwd"})
+    assert r.status_code == 404 and "not found" in r.json()["detail"]
+    r = client.post("/sdapi/v1/txt2img", content=b"{" + b" " * (3 * 2**20) + b"}",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_listings_options_and_model_switch(client):
+    models = client.get("/sdapi/v1/sd-models").json()
+    titles = {m["model_name"]: m["title"] for m in models}
+    assert {"tiny", "other"} <= set(titles) and all(len(m["hash"]) == 10 for m in models)
+    assert {s["name"] for s in client.get("/sdapi/v1/samplers").json()} >= {"Euler a", "DPM++ 2M", "UniPC", "PLMS"}
+    assert "karras" in {s["name"] for s in client.get("/sdapi/v1/schedulers").json()}
+    assert all(isinstance(u["scale"], float) for u in client.get("/sdapi/v1/upscalers").json())
+    for path in ("loras", "embeddings", "memory", "scripts", "sd-vae", "cmd-flags"):
+        assert client.get(f"/sdapi/v1/{path}").status_code == 200, path
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "other"}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles["other"]
+    info = json.loads(client.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 64, "height": 64}).json()["info"])
+    assert info["sd_model_name"] == "other"
+    client.post("/sdapi/v1/options", json={"sd_model_checkpoint": titles["tiny"]})
+    assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_png_info_reads_our_parameters(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "seed": 7, "steps": 2, "width": 64, "height": 64})
+    r = client.post("/sdapi/v1/png-info", json={"image": r.json()["images"][0]})
+    assert r.status_code == 200 and r.json()["parameters"]["Seed"] == "7" and "a cat" in r.json()["info"]
+
+
+def test_interrupt_stops_at_the_next_step_and_returns_an_image(client):
+    result = {}
+
+    def post():
+        result["r"] = client.post("/sdapi/v1/txt2img", json={"steps": 60, "width": 256, "height": 256, "seed": 1})
+
+    thread = threading.Thread(target=post)
+    started = time.time()
+    thread.start()
+    while client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 2:
+        assert time.time() - started < 60
+        time.sleep(0.05)
+    progress = client.get("/sdapi/v1/progress").json()
+    assert 0 < progress["progress"] < 1 and {"current_image", "textinfo"} <= set(progress)
+    client.post("/sdapi/v1/interrupt")
+    thread.join(60)
+    assert result["r"].status_code == 200 and len(result["r"].json()["images"]) == 1
+
+
+def test_a_full_queue_answers_503_with_retry_after():
+    jobs = JobQueue(max_queue=1)
+    gate = threading.Event()
+    first = jobs.submit(lambda cb: gate.wait(10), 1, 1, "block")
+    time.sleep(0.1)  # the worker has taken the first job; one more may wait
+    second = jobs.submit(lambda cb: 2, 1, 1, "wait")
+    with pytest.raises(QueueFull):
+        jobs.submit(lambda cb: 3, 1, 1, "refused")
+    gate.set()
+    assert first.result(10) and second.result(10) == 2
+    failing = jobs.submit(lambda cb: 1 / 0, 1, 1, "fails")
+    with pytest.raises(ZeroDivisionError):
+        failing.result(10)
+    assert jobs.submit(lambda cb: "alive", 1, 1, "after").result(10) == "alive"  # the worker survived
+
+
+def test_basic_auth_and_bearer_token(models_dir):
+    app = create_app(ModelRegistry(models_dir, default="tiny"), api_auth="ann:secret", api_token="t0ken")
+    with TestClient(app) as c:
+        assert c.get("/sdapi/v1/options").status_code == 401
+        assert c.get("/sdapi/v1/options", auth=("ann", "wrong")).status_code == 401
+        assert c.get("/sdapi/v1/options", auth=("ann", "secret")).status_code == 200
+        assert c.get("/sdapi/v1/options", headers={"Authorization": "Bearer t0ken"}).status_code == 200
+
+
+def test_fuzzed_requests_never_get_a_5xx(client):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False),
+                       st.text(max_size=20), st.lists(st.text(max_size=8), max_size=3))
+    fields = st.sampled_from(["prompt", "seed", "steps", "width", "height", "cfg_scale", "sampler_name",
+                              "scheduler", "batch_size", "n_iter", "denoising_strength", "init_images", "mask",
+                              "inpainting_fill", "resize_mode", "eta", "clip_skip", "styles"])
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(["txt2img", "img2img"]), st.dictionaries(fields, values, max_size=6))
+    def check(path, body):
+        body = {"steps": 1, "width": 64, "height": 64, **body}
+        r = client.post(f"/sdapi/v1/{path}", json=body)
+        assert r.status_code < 500, (body, r.text)
+
+    check()
