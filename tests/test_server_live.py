@@ -1,0 +1,108 @@
+"""A live ``sd serve`` on 127.0.0.1 driven by the real ``webuiapi`` client from PyPI, and a load test of 32
+concurrent txt2img requests (all complete with the right seeds and images; memory back to its level)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from stable_diffusion.models.configs import preset
+from stable_diffusion.pipeline import Pipeline
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    (root / "Stable-diffusion").mkdir()
+    for seed, name in ((0, "tiny"), (1, "other")):
+        Pipeline.from_config(preset("tiny-sd1"), seed=seed).save(root / "Stable-diffusion" / f"{name}.safetensors")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "stable_diffusion.cli", "serve", "--port", str(port),
+                             "--models-dir", str(root), "--model", "tiny", "--queue", "64",
+                             "--outputs", str(tmp_path_factory.mktemp("out"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/options", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"sd serve did not start: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.3)
+    yield port, proc
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_webuiapi_client_txt2img_img2img_progress_interrupt_options(server):
+    import webuiapi
+
+    port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=3)
+    result = api.txt2img(prompt="a red circle", negative_prompt="blue", seed=11, width=64, height=64, batch_size=2)
+    assert len(result.images) == 2 and result.images[0].size == (64, 64)
+    assert result.info["all_seeds"] == [11, 12] and "Seed: 11" in result.info["infotexts"][0]
+    init = Image.new("RGB", (64, 64), (20, 120, 200))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inpainted = api.img2img(images=[init], mask_image=mask, inpainting_fill=1, denoising_strength=0.9, seed=3,
+                            width=64, height=64, mask_blur=0, inpaint_full_res=False)
+    out = inpainted.images[0].convert("RGB")
+    assert out.getpixel((2, 2)) == init.getpixel((2, 2)) and out.getpixel((32, 32)) != init.getpixel((32, 32))
+    progress = api.get_progress()
+    assert {"progress", "eta_relative", "state", "current_image", "textinfo"} <= set(progress)
+    assert api.interrupt() == {} and api.skip() == {}
+    names = api.util_get_model_names()
+    assert any(n.startswith("other.safetensors [") for n in names)
+    api.util_set_model("other")
+    assert api.util_get_current_model().startswith("other.safetensors")
+    assert api.txt2img(prompt="x", seed=1, width=64, height=64).info["sd_model_name"] == "other"
+    api.util_set_model("tiny")
+
+
+def test_32_concurrent_requests_complete_and_memory_settles(server):
+    port, proc = server
+    url = f"http://127.0.0.1:{port}/sdapi/v1/txt2img"
+
+    def one(seed: int) -> tuple[int, dict]:
+        r = httpx.post(url, json={"prompt": "a blue square", "seed": seed, "steps": 3, "width": 64, "height": 64},
+                       timeout=300)
+        return r.status_code, r.json()
+
+    with ThreadPoolExecutor(8) as pool:  # warm-up: allocator pools and caches reach their working size
+        list(pool.map(one, range(8)))
+    before = _rss_mb(proc.pid)
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(1000, 1032)))
+    assert all(status == 200 for status, _ in results)
+    seeds = [json.loads(body["info"])["seed"] for _, body in results]
+    assert seeds == list(range(1000, 1032))
+    alone = one(1007)[1]["images"][0]
+    assert results[7][1]["images"][0] == alone  # a seed gives the same image whatever the load
+    time.sleep(1)
+    assert httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/progress").json()["state"]["job_count"] == 0
+    assert _rss_mb(proc.pid) - before < 100, (before, _rss_mb(proc.pid))
