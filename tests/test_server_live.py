@@ -4,9 +4,6 @@ concurrent txt2img requests (all complete with the right seeds and images; memor
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,14 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from stable_diffusion.models.configs import preset
-from stable_diffusion.pipeline import Pipeline
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .live_server import live_server, tiny_models
 
 
 def _rss_mb(pid: int) -> float:
@@ -34,28 +24,9 @@ def _rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    (root / "Stable-diffusion").mkdir()
-    for seed, name in ((0, "tiny"), (1, "other")):
-        Pipeline.from_config(preset("tiny-sd1"), seed=seed).save(root / "Stable-diffusion" / f"{name}.safetensors")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stable_diffusion.cli", "serve", "--port", str(port),
-                             "--models-dir", str(root), "--model", "tiny", "--queue", "64",
-                             "--outputs", str(tmp_path_factory.mktemp("out"))],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/options", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"sd serve did not start: {proc.stdout.read().decode()[-2000:]}")
-        time.sleep(0.3)
-    yield port, proc
-    proc.terminate()
-    proc.wait(30)
+    models = tiny_models(tmp_path_factory.mktemp("models"))
+    with live_server(models, tmp_path_factory.mktemp("out")) as running:
+        yield running
 
 
 def test_webuiapi_client_txt2img_img2img_progress_interrupt_options(server):

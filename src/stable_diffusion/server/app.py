@@ -263,5 +263,9 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
     async def index():
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/ui/model", include_in_schema=False)
+    async def ui_model():  # what the web UI needs beyond A1111's API: the model's native size
+        return {"title": registry.current_entry.title, "native_size": registry.pipe.config.image_size}
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return BodyLimit(app, max_body)  # type: ignore[return-value]
