@@ -209,3 +209,14 @@ def test_fuzzed_requests_never_get_a_5xx(client):
         assert r.status_code < 500, (body, r.text)
 
     check()
+
+
+def test_save_images_writes_numbered_pngs_and_send_images_false_sends_none(models_dir, tmp_path):
+    app = create_app(ModelRegistry(models_dir, default="tiny"), outputs=tmp_path)
+    with TestClient(app) as c:
+        r = c.post("/sdapi/v1/txt2img", json={"seed": 9, "steps": 1, "width": 64, "height": 64, "batch_size": 2,
+                                             "save_images": True, "send_images": False})
+        assert r.status_code == 200 and r.json()["images"] == []
+    saved = sorted(p.name for p in (tmp_path / "txt2img-images").glob("*.png"))
+    assert saved == ["00000-9.png", "00001-10.png"]
+    assert "Seed: 10" in Image.open(tmp_path / "txt2img-images" / "00001-10.png").info["parameters"]

@@ -170,6 +170,11 @@ def test_lora_fine_tune_saves_a_kohya_file_that_generation_applies(tmp_path):
     with_lora = pipe.txt2img("sks colour", steps=2, seed=3, loras=[(str(lora_file), 1.0)])[0]
     assert plain.tobytes() != with_lora.tobytes()
     assert pipe.txt2img("sks colour", steps=2, seed=3)[0].tobytes() == plain.tobytes()  # unmerged afterwards
+    data["train"].update(stages=["unet"], save_path=str(tmp_path / "full"), steps=2)  # full fine-tune
+    tuned = train(parse_config(data), progress=False)
+    before, after = _weights(base), _weights(tuned)
+    changed = [k for k in before if k.startswith("model.diffusion_model.") and not torch.equal(before[k], after[k])]
+    assert changed and all(torch.equal(before[k], after[k]) for k in before if k.startswith("first_stage_model."))
 
 
 def test_two_process_data_parallel_keeps_ranks_identical(tmp_path):
