@@ -161,5 +161,5 @@ def test_sd_eval_writes_a_report(tmp_path):
     assert code == 0
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [("Euler", 2), ("Euler", 3), ("DDIM", 2), ("DDIM", 3)]
-    assert "chance" in result and (tmp_path / "eval" / "plot.png").exists()
+    assert "chance" in result and (tmp_path / "eval" / "plot.png").exists() and result["vae_psnr_db"] > 0
     assert "| Euler | 2 |" in (tmp_path / "eval" / "table.md").read_text()

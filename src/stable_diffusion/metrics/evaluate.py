@@ -51,6 +51,16 @@ def _stats(scorer: CLIPScorer, images: list[Image.Image]) -> FeatureStatistics:
     return stats
 
 
+@torch.no_grad()
+def vae_psnr(pipe, images: list[Image.Image]) -> tuple[float, float]:
+    """Mean and worst PSNR (dB, pixels in [0, 1]) of the VAE's reconstruction (encode -> mean -> decode)."""
+    x = (pil_to_unit(images) * 2 - 1).to(pipe.device, pipe.dtype)
+    out = pipe.vae.decode(pipe.vae.encode(x).mean).float().clamp(-1, 1)
+    mse = ((out - x.float()) / 2).pow(2).mean(dim=(1, 2, 3))
+    psnr = 10 * torch.log10(1 / mse.clamp(min=1e-10))
+    return float(psnr.mean()), float(psnr.min())
+
+
 def adherence(images: list[Image.Image], scenes: list[Scene]) -> tuple[float, dict]:
     verdicts = [judge(read_image(im), s) for im, s in zip(images, scenes)]
     keys = verdicts[0].keys() if verdicts else []
@@ -63,7 +73,8 @@ def evaluate(pipe, samplers: list[str], step_counts: list[int], n: int = 50, cfg
     scorer = CLIPScorer.from_folder(clip_path)
     one, two = heldout_scenes(n, seed=seed + 1), heldout_scenes(n, seed=seed + 2, two_object=True)
     scenes = one + two
-    real = _stats(scorer, [render(s, pipe.config.image_size) for s in scenes]).mean_cov()
+    renders = [render(s, pipe.config.image_size) for s in scenes]
+    real = _stats(scorer, renders).mean_cov()
     rows = []
     for sampler in samplers:
         for steps in step_counts:
@@ -73,7 +84,9 @@ def evaluate(pipe, samplers: list[str], step_counts: list[int], n: int = 50, cfg
             rows.append(Row(sampler, steps, one_rate, two_rate, per_attribute,
                             frechet_distance(*real, *_stats(scorer, images).mean_cov()),
                             scorer.score(images, [s.caption for s in scenes]), seconds))
-    result = {"n_per_kind": n, "cfg": cfg, "rows": [asdict(r) for r in rows]}
+    psnr_mean, psnr_min = vae_psnr(pipe, renders)
+    result = {"n_per_kind": n, "cfg": cfg, "vae_psnr_db": psnr_mean, "vae_psnr_min_db": psnr_min,
+              "rows": [asdict(r) for r in rows]}
     if chance:
         images, _ = _generate(pipe, scenes, samplers[0], 20, 1.0, seed, prompt_override="")
         result["chance"] = {"one_object": adherence(images[:n], one)[0], "two_object": adherence(images[n:], two)[0],
@@ -93,6 +106,8 @@ def table(result: dict) -> str:
     if "chance" in result:
         c = result["chance"]
         lines.append(f"| unconditional (chance) | | {c['one_object']:.1%} | {c['two_object']:.1%} | | | | | | | | |")
+    lines.append(f"\nVAE reconstruction of the {2 * result['n_per_kind']} held-out images: PSNR "
+                 f"{result['vae_psnr_db']:.1f} dB mean, {result['vae_psnr_min_db']:.1f} dB worst.")
     return "\n".join(lines) + "\n"
 
 
