@@ -1,4 +1,5 @@
-"""Start ``sd serve`` as a real process on a free 127.0.0.1 port, over a models folder of tiny random models."""
+"""Start ``sd serve`` as a real process on a free 127.0.0.1 port: the built-in model by default, beside a models
+folder of two tiny random models."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def live_server(models: Path, outputs: Path) -> Iterator[tuple[int, subprocess.P
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "stable_diffusion.cli", "serve", "--port", str(port),
-                             "--models-dir", str(models), "--model", "tiny", "--queue", "64", "--outputs", str(outputs)],
+                             "--models-dir", str(models), "--queue", "64", "--outputs", str(outputs)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while True:

@@ -1,5 +1,6 @@
-"""A live ``sd serve`` on 127.0.0.1 driven by the real ``webuiapi`` client from PyPI, and a load test of 32
-concurrent txt2img requests (all complete with the right seeds and images; memory back to its level)."""
+"""A live ``sd serve`` (built-in model) on 127.0.0.1 driven by the real ``webuiapi`` client from PyPI, and a load
+test of 32 concurrent txt2img requests on the built-in model (all complete with the right seeds and images;
+memory back to its level)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def test_webuiapi_client_txt2img_img2img_progress_interrupt_options(server):
     api.util_set_model("other")
     assert api.util_get_current_model().startswith("other.safetensors")
     assert api.txt2img(prompt="x", seed=1, width=64, height=64).info["sd_model_name"] == "other"
-    api.util_set_model("tiny")
+    api.util_set_model("builtin")
+    assert api.util_get_current_model().startswith("builtin [")
 
 
 def test_32_concurrent_requests_complete_and_memory_settles(server):
@@ -70,6 +72,7 @@ def test_32_concurrent_requests_complete_and_memory_settles(server):
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(one, range(1000, 1032)))
     assert all(status == 200 for status, _ in results)
+    assert all(json.loads(body["info"])["sd_model_name"] == "builtin" for _, body in results)
     seeds = [json.loads(body["info"])["seed"] for _, body in results]
     assert seeds == list(range(1000, 1032))
     alone = one(1007)[1]["images"][0]
