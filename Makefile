@@ -16,6 +16,7 @@ venv: .venv/.installed
 demo: venv
 	.venv/bin/sd info
 	# the built-in model (trained by configs/builtin.toml), on the CPU, at its native 64x64
+	rm -rf outputs/demo
 	.venv/bin/sd txt2img "a small red circle at the top left on a white background" --seed 1 --out outputs/demo
 	.venv/bin/sd txt2img "a blue square on the left and a yellow star on the right on a black background" \
 		--seed 2 --out outputs/demo
