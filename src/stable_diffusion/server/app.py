@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import json
 import os
 import secrets
@@ -19,7 +18,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
 
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedules import SCHEDULERS
@@ -137,11 +135,11 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         request = build_request(body, options, *dirs())
 
         def run(callback):
-            return registry.pipe, run_generation(registry.pipe, request, None, 1.0, None, callback)
+            entry, pipe = registry.current_entry, registry.pipe
+            return entry, pipe, run_generation(pipe, request, None, 1.0, None, callback)
 
-        pipe, result = await queued(run, body.steps, body.n_iter, "txt2img")
-        model = (registry.current_entry.name, registry.current_entry.sha)
-        return respond(body, request, result, model, None, False, outputs_dir, "txt2img")
+        entry, pipe, result = await queued(run, body.steps, body.n_iter, "txt2img")
+        return respond(body, request, result, (entry.name, entry.sha), None, False, outputs_dir, "txt2img")
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest):
@@ -150,13 +148,13 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         init, spec = img2img_inputs(body)
 
         def run(callback):
-            return registry.pipe, run_generation(registry.pipe, request, init, body.denoising_strength, spec, callback)
+            entry, pipe = registry.current_entry, registry.pipe
+            return entry, pipe, run_generation(pipe, request, init, body.denoising_strength, spec, callback)
 
         steps = max(1, int(min(body.denoising_strength, 0.999) * body.steps))
-        pipe, result = await queued(run, steps, body.n_iter, "img2img")
-        model = (registry.current_entry.name, registry.current_entry.sha)
-        return respond(body, request, result, model, body.denoising_strength, pipe.config.is_inpainting,
-                       outputs_dir, "img2img")
+        entry, pipe, result = await queued(run, steps, body.n_iter, "img2img")
+        return respond(body, request, result, (entry.name, entry.sha), body.denoising_strength,
+                       pipe.config.is_inpainting, outputs_dir, "img2img")
 
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False):
@@ -252,10 +250,7 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
 
     @app.post("/sdapi/v1/png-info")
     async def png_info(body: PngInfoRequest):
-        decode_image(body.image, "image")  # a clear 422 for anything that is not an image
-        raw = base64.b64decode(body.image.split(",", 1)[-1] if body.image.startswith("data:") else body.image)
-        with Image.open(io.BytesIO(raw)) as image:
-            text = image.info.get("parameters")
+        text = decode_image(body.image, "image").info.get("parameters")
         return {"info": text or "", "items": {"parameters": text} if text else {},
                 "parameters": parse_infotext(text) if text else {}}
 

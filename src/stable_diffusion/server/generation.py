@@ -42,7 +42,9 @@ def decode_image(data: str, what: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(raw)) as image:
             image.load()
-            return ImageOps.exif_transpose(image).convert("RGBA" if image.mode in ("RGBA", "LA") else "RGB")
+            out = ImageOps.exif_transpose(image).convert("RGBA" if image.mode in ("RGBA", "LA") else "RGB")
+            out.info = dict(image.info)  # keep the PNG text chunks (png-info reads "parameters")
+            return out
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ApiError(422, f"{what}: not a readable image ({type(error).__name__})") from None
 
