@@ -9,6 +9,9 @@ PIP := .venv/bin/pip
 	# torch==2.13.0 is the CPU build on this machine's disk; other specifiers pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev]"
+	# torch-fidelity: the test oracle for our FID InceptionV3, kept off the import path (.venv/oracles) and
+	# without dependencies: it asks for torchvision, which must not be installed beside this torch
+	$(PIP) install -q --no-deps --upgrade --target .venv/oracles "torch-fidelity==0.4.0"
 	touch $@
 
 venv: .venv/.installed

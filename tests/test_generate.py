@@ -9,7 +9,7 @@ import torch
 from stable_diffusion import load_pipeline
 from stable_diffusion.cli import main
 from stable_diffusion.diffusion.samplers import SAMPLERS
-from stable_diffusion.generate import initial_noise
+from stable_diffusion.generate import GenerationRequest, initial_noise, txt2img
 from stable_diffusion.infotext import format_infotext, parse_infotext, read_png_infotext
 
 
@@ -36,6 +36,20 @@ def test_same_seed_same_image_and_batches_match_singles(sd1):
     assert np.abs(pixels(a) - pixels(c)).mean() > 5
     assert np.abs(pixels(batch[1]) - pixels(c)).max() <= 2  # batched maths differ only in float rounding
     assert a.size == (64, 64)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sdxl"])
+def test_a_prompt_list_draws_one_image_per_prompt_in_one_batch(name):
+    pipe = load_pipeline(name)
+    prompts = ["a red circle", "a [blue:green:2] square", "a cat"]
+    result = txt2img(pipe, GenerationRequest(prompt=prompts, steps=3, seed=20, width=64, height=64))
+    assert len(result.images) == 3 and result.seeds == [20, 21, 22]
+    for i, prompt in enumerate(prompts):
+        alone = pipe.txt2img(prompt, steps=3, seed=20 + i, width=64, height=64)[0]
+        assert np.abs(pixels(result.images[i]) - pixels(alone)).max() <= 2
+        assert parse_infotext(result.infotexts[i])["Prompt"] == prompt
+    with pytest.raises(ValueError, match="at least one string"):
+        pipe.txt2img([])
 
 
 def test_negative_prompt_and_cfg_change_the_image(sd1):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from stable_diffusion.checkpoints.io import write_safetensors
 from stable_diffusion.metrics.adherence import judge, read_image
 from stable_diffusion.metrics.clip_score import CLIPScorer, pil_to_unit
 from stable_diffusion.metrics.fid import FeatureStatistics, fid, frechet_distance
@@ -144,7 +146,7 @@ def test_our_clip_folders_load_in_transformers(tiny_hf_clip, tmp_path):
     assert torch.allclose(ours, torch.nn.functional.normalize(expected.float(), dim=-1), atol=2e-3)
 
 
-def test_sd_eval_writes_a_report(tmp_path):
+def test_sd_eval_writes_a_report(tmp_path, inception_weights):
     import tomllib
 
     from stable_diffusion.cli import main
@@ -157,9 +159,84 @@ def test_sd_eval_writes_a_report(tmp_path):
                     "text_layers": 1, "heads": 2, "projection_dim": 16, "steps": 2, "batch_size": 8}
     model = train(parse_config(data), progress=False)
     code = main(["eval", "--model", str(model), "--samplers", "Euler,DDIM", "--steps", "2,3", "--n", "2",
-                 "--clip", str(tmp_path / "run" / "clip"), "--out", str(tmp_path / "eval")])
+                 "--clip", str(tmp_path / "run" / "clip"), "--out", str(tmp_path / "eval"), "--batch", "3",
+                 "--inception", str(inception_weights)])
     assert code == 0
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [("Euler", 2), ("Euler", 3), ("DDIM", 2), ("DDIM", 3)]
     assert "chance" in result and (tmp_path / "eval" / "plot.png").exists() and result["vae_psnr_db"] > 0
+    assert all(r["fid"] >= 0 and r["fid_inception"] > 0 for r in result["rows"]) and result["batch"] == 3
     assert "| Euler | 2 |" in (tmp_path / "eval" / "table.md").read_text()
+    assert "FID (Inception)" in (tmp_path / "eval" / "table.md").read_text()
+
+
+def _torch_fidelity_module(name: str, monkeypatch):
+    """A torch-fidelity module, imported without the package's __init__ (which needs torchvision). The wheel
+    lives in .venv/oracles (see the Makefile), off the import path so torchmetrics never sees it."""
+    import importlib
+    import sys
+    import types
+
+    root = Path(sys.prefix) / "oracles" / "torch_fidelity"
+    assert root.is_dir(), f"{root} is missing: `make venv` installs torch-fidelity there"
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = [str(root)]
+    monkeypatch.setitem(sys.modules, "torch_fidelity", package)
+    for sub in ("defaults", "deprecations", "helpers", "feature_extractor_base", "interpolate_compat_tensorflow",
+                "feature_extractor_inceptionv3"):
+        monkeypatch.delitem(sys.modules, f"torch_fidelity.{sub}", raising=False)
+    return importlib.import_module(f"torch_fidelity.{name}")
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """Random InceptionV3 weights whose BatchNorm statistics are calibrated on random images (so activations
+    stay in range), saved as a plain state-dict .pth like the FID weights files."""
+    from stable_diffusion.metrics.inception import InceptionV3Features
+
+    torch.manual_seed(0)
+    net = InceptionV3Features()
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # running stats = the calibration batch's
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.bias, -0.2, 0.2)
+    with torch.no_grad():
+        net.train()(torch.rand(4, 3, 80, 80))
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-random.pth"
+    torch.save({k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    return path
+
+
+def test_tf1_resize_matches_torch_fidelitys(monkeypatch):
+    from stable_diffusion.metrics.inception import resize_like_tf1
+
+    theirs = _torch_fidelity_module("interpolate_compat_tensorflow", monkeypatch)
+    x = torch.rand(2, 3, 37, 64) * 255
+    expected = theirs.interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+    assert torch.allclose(resize_like_tf1(x, 299), expected, atol=1e-3)
+
+
+def test_inception_features_match_torch_fidelity(inception_weights, monkeypatch):
+    from stable_diffusion.metrics.inception import InceptionV3Features
+
+    theirs = _torch_fidelity_module("feature_extractor_inceptionv3", monkeypatch)
+    oracle = theirs.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                feature_extractor_weights_path=str(inception_weights))
+    ours = InceptionV3Features.from_file(inception_weights)
+    images = torch.randint(0, 256, (3, 3, 64, 64), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = oracle(images)[0]
+        got = ours(images.float() / 255)
+    assert expected.std() > 1e-3  # the random network does not collapse
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_inception_refuses_other_weights(tmp_path):
+    from stable_diffusion.checkpoints.errors import CheckpointError
+    from stable_diffusion.metrics.inception import InceptionV3Features
+
+    path = tmp_path / "other.safetensors"
+    write_safetensors(path, {"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)})
+    with pytest.raises(CheckpointError, match="not InceptionV3 FID weights"):
+        InceptionV3Features.from_file(path)

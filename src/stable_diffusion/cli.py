@@ -221,7 +221,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         steps = [int(s) for s in args.steps.split(",")]
     except ValueError:
         raise ValueError(f"--steps takes comma-separated integers, not {args.steps!r}") from None
-    result = evaluate(pipe, samplers, steps, n=args.n, cfg=args.cfg, seed=args.seed, clip_path=args.clip or DOMAIN_CLIP)
+    result = evaluate(pipe, samplers, steps, n=args.n, cfg=args.cfg, seed=args.seed, clip_path=args.clip or DOMAIN_CLIP,
+                      batch=args.batch, inception=args.inception)
     write_report(result, Path(args.out))
     print(table(result), end="")
     print(f"written: {args.out}/results.json, table.md, plot.png")
@@ -286,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=50, help="held-out prompts per kind (one-object, two-object)")
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8, help="prompts per generation batch")
+    p.add_argument("--inception", help="InceptionV3 FID weights (.pth/.safetensors, pytorch-fid/torch-fidelity "
+                   "layout): adds FID with Inception features")
     p.add_argument("--clip", help="CLIP folder for FID features and CLIP score (default: the domain CLIP)")
     p.add_argument("--device")
     p.add_argument("--out", default="outputs/eval")

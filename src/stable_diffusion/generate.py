@@ -37,7 +37,7 @@ from .prompts import count_chunks
 class GenerationRequest:
     """The A1111 txt2img fields this pipeline understands (names and defaults as in /sdapi/v1/txt2img)."""
 
-    prompt: str = ""
+    prompt: str | list[str] = ""  # a list: one prompt per image of each batch (batch_size = its length)
     negative_prompt: str = ""
     steps: int = 20
     cfg_scale: float = 7.0
@@ -60,6 +60,10 @@ class GenerationRequest:
         self.height = self.height or native
         if self.width % 8 or self.height % 8 or self.width <= 0 or self.height <= 0:
             raise ValueError(f"width and height must be positive multiples of 8, got {self.width}x{self.height}")
+        if isinstance(self.prompt, list):
+            if not self.prompt or not all(isinstance(p, str) for p in self.prompt):
+                raise ValueError("a prompt list must hold at least one string")
+            self.batch_size = len(self.prompt)
         if self.steps < 1 or self.batch_size < 1 or self.n_iter < 1:
             raise ValueError("steps, batch_size and n_iter must be at least 1")
         resolve_sampler(self.sampler)
@@ -115,29 +119,34 @@ class _StepwiseCFG(torch.nn.Module):
         return self.per_step[min(max(step, 0), len(self.per_step) - 1)](x, sigma)
 
 
-def _scheduled_cfg(pipe, request: GenerationRequest, prompt: str, negative: str, denoiser: Denoiser,
-                   sigmas: torch.Tensor, n: int):
-    """CFG with A1111 prompt editing on both prompts; each distinct text is encoded once."""
+def _scheduled_cfg(pipe, request: GenerationRequest, prompts: list[str], negative: str, denoiser: Denoiser,
+                   sigmas: torch.Tensor):
+    """CFG with A1111 prompt editing on every image's prompt and the negative; each distinct text is encoded
+    once, and the batch's conditioning stacks the texts each image is at."""
     steps = len(sigmas) - 1
-    positive = prompt_schedule(prompt, steps)
-    negatives = prompt_schedule(negative, steps)
-    texts = {t for _, t in positive + negatives}
+    schedules = {text: prompt_schedule(text, steps) for text in {*prompts, negative}}
+    texts = {t for schedule in schedules.values() for _, t in schedule}
     # every text pads to the same number of 77-token chunks so cond and uncond share one batched UNet call
     library = EmbeddingLibrary(request.embeddings_dir)
     chunks = max(count_chunks(pipe.tokenizer, t, library) for t in texts)
-    encoded = {t: condition(pipe, [t] * n, request.width, request.height, request.clip_skip, chunks, library)
+    encoded = {t: condition(pipe, [t], request.width, request.height, request.clip_skip, chunks, library)
                for t in texts}
 
-    def at(schedule: list[tuple[int, str]], step: int) -> str:
-        return next(text for end, text in schedule if step <= end)
+    def at(text: str, step: int) -> str:
+        return next(part for end, part in schedules[text] if step <= end)
 
-    models: dict[tuple[str, str], CFGDenoiser] = {}
+    def stacked(parts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context = torch.cat([encoded[p].context for p in parts])  # (n, tokens, width)
+        ys = [encoded[p].y for p in parts]
+        return context, None if ys[0] is None else torch.cat(ys)
+
+    models: dict[tuple[tuple[str, ...], str], CFGDenoiser] = {}
     per_step = []
     for step in range(1, steps + 1):
-        key = (at(positive, step), at(negatives, step))
+        key = (tuple(at(p, step) for p in prompts), at(negative, step))
         if key not in models:
-            cond, uncond = encoded[key[0]], encoded[key[1]]
-            models[key] = CFGDenoiser(denoiser, cond.context, uncond.context, request.cfg_scale, cond.y, uncond.y)
+            (cond, cond_y), (uncond, uncond_y) = stacked(key[0]), stacked((key[1],) * len(prompts))
+            models[key] = CFGDenoiser(denoiser, cond, uncond, request.cfg_scale, cond_y, uncond_y)
         per_step.append(models[key])
     return per_step[0] if len(models) == 1 else _StepwiseCFG(sigmas, per_step)
 
@@ -242,14 +251,18 @@ def generate(pipe, request: GenerationRequest, init_image: Image.Image | None = 
              callback: Callable[[dict], None] | None = None, inpaint: InpaintSpec | None = None) -> GenerationResult:
     """The one sampling path: conditioning -> first latent (noise, or noised init image) -> sampler -> decode,
     with the request's LoRAs (and the prompt's ``<lora:name:w>`` tags) merged in for its duration."""
-    prompt, tagged = extract_lora_tags(request.prompt, request.lora_dir)
+    prompts, tagged = [], []
+    for text in request.prompt if isinstance(request.prompt, list) else [request.prompt]:
+        prompt, tags = extract_lora_tags(text, request.lora_dir)
+        prompts.append(prompt)
+        tagged += [tag for tag in tags if tag not in tagged]
     negative, tagged_negative = extract_lora_tags(request.negative_prompt, request.lora_dir)
     loras = [(resolve_lora(str(name), request.lora_dir), float(w)) for name, w in request.loras]
     with applied_loras(pipe, loras + tagged + tagged_negative):
-        return _generate(pipe, request, prompt, negative, init_image, strength, callback, inpaint)
+        return _generate(pipe, request, prompts, negative, init_image, strength, callback, inpaint)
 
 
-def _generate(pipe, request: GenerationRequest, prompt: str, negative: str, init_image: Image.Image | None,
+def _generate(pipe, request: GenerationRequest, prompts: list[str], negative: str, init_image: Image.Image | None,
               strength: float, callback: Callable[[dict], None] | None, inpaint: InpaintSpec | None) -> GenerationResult:
     c = pipe.config
     if init_image is not None:
@@ -278,7 +291,7 @@ def _generate(pipe, request: GenerationRequest, prompt: str, negative: str, init
         for it in range(request.n_iter):
             n = request.batch_size
             seeds = [request.seed + it * n + i for i in range(n)]
-            model = _scheduled_cfg(pipe, request, prompt, negative, denoiser, sigmas, n)
+            model = _scheduled_cfg(pipe, request, prompts * (n // len(prompts)), negative, denoiser, sigmas)
             noise, generators = initial_noise(seeds, latent_shape)
             x = noise.to(pipe.device) * sigmas[0]
             if start.init_latent is not None:
@@ -297,10 +310,11 @@ def _generate(pipe, request: GenerationRequest, prompt: str, negative: str, init
             images = to_pil(pipe.vae.decode(x / c.vae.scaling_factor))
             if inpaint is not None:
                 images = [composite(init_image, image, start.pixel_mask) for image in images]
-            for seed, image in zip(seeds, images, strict=True):
+            asked = request.prompt if isinstance(request.prompt, list) else [request.prompt] * n
+            for seed, image, text in zip(seeds, images, asked, strict=True):
                 result.images.append(image)
                 result.seeds.append(seed)
-                result.infotexts.append(format_infotext(request.prompt, request.negative_prompt, {
+                result.infotexts.append(format_infotext(text, request.negative_prompt, {
                     "Steps": request.steps, "Sampler": label, "Schedule type": scheduler.capitalize(),
                     "CFG scale": request.cfg_scale, "Seed": seed, "Size": f"{request.width}x{request.height}",
                     "Model": c.name or None, "Denoising strength": strength if init_image is not None else None,

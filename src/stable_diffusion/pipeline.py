@@ -92,8 +92,9 @@ class Pipeline:
         else:
             raise ValueError(f"unknown format {format!r} (single-file or diffusers)")
 
-    def txt2img(self, prompt: str = "", **kwargs: object) -> list:
-        """Generate images from a prompt; keywords are GenerationRequest's (A1111 names). Returns PIL images."""
+    def txt2img(self, prompt: str | list[str] = "", **kwargs: object) -> list:
+        """Generate images from a prompt (a list: one image per prompt, in one batch); keywords are
+        GenerationRequest's (A1111 names). Returns PIL images."""
         from .generate import GenerationRequest, txt2img
 
         callback = kwargs.pop("callback", None)

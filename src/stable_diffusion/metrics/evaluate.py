@@ -19,7 +19,8 @@ from ..checkpoints.io import atomic_write
 from ..training.shapes import Scene, heldout_scenes, render
 from .adherence import judge, read_image
 from .clip_score import DOMAIN_CLIP, CLIPScorer, pil_to_unit
-from .fid import FeatureStatistics, frechet_distance
+from .fid import Features, FeatureStatistics, frechet_distance
+from .inception import InceptionV3Features
 
 
 @dataclass
@@ -32,22 +33,25 @@ class Row:
     fid: float
     clip_score: float
     seconds_per_image: float
+    fid_inception: float | None = None  # with InceptionV3 features, when a weights file was given
 
 
-def _generate(pipe, scenes: list[Scene], sampler: str, steps: int, cfg: float, seed: int,
+def _generate(pipe, scenes: list[Scene], sampler: str, steps: int, cfg: float, seed: int, batch: int = 8,
               prompt_override: str | None = None) -> tuple[list[Image.Image], float]:
+    """Scene i's image with seed ``seed + i``, ``batch`` prompts per call (the same images as one at a time,
+    up to float rounding); returns the images and the wall seconds per image."""
     images, start = [], time.perf_counter()
-    for i, scene in enumerate(scenes):
-        prompt = scene.caption if prompt_override is None else prompt_override
-        images += pipe.txt2img(prompt, steps=steps, sampler=sampler, cfg_scale=cfg, seed=seed + i)
+    for k in range(0, len(scenes), batch):
+        prompts = [s.caption if prompt_override is None else prompt_override for s in scenes[k:k + batch]]
+        images += pipe.txt2img(prompts, steps=steps, sampler=sampler, cfg_scale=cfg, seed=seed + k)
     return images, (time.perf_counter() - start) / max(1, len(scenes))
 
 
-def _stats(scorer: CLIPScorer, images: list[Image.Image]) -> FeatureStatistics:
+def _stats(features: Features, images: list[Image.Image], batch: int = 64) -> FeatureStatistics:
     stats = FeatureStatistics()
     with torch.no_grad():
-        for k in range(0, len(images), 64):
-            stats.update(scorer.model.image_features(pil_to_unit(images[k:k + 64])))
+        for k in range(0, len(images), batch):
+            stats.update(features(pil_to_unit(images[k:k + batch])))
     return stats
 
 
@@ -69,44 +73,56 @@ def adherence(images: list[Image.Image], scenes: list[Scene]) -> tuple[float, di
 
 
 def evaluate(pipe, samplers: list[str], step_counts: list[int], n: int = 50, cfg: float = 7.0, seed: int = 0,
-             clip_path: str | Path = DOMAIN_CLIP, chance: bool = True) -> dict:
+             clip_path: str | Path = DOMAIN_CLIP, chance: bool = True, batch: int = 8,
+             inception: str | Path | None = None) -> dict:
+    """``inception``: an InceptionV3 FID weights file; adds FID with its pool features beside the domain one."""
     scorer = CLIPScorer.from_folder(clip_path)
+    extractors: dict[str, Features] = {"domain": scorer.model.image_features}
+    if inception is not None:
+        extractors["inception"] = InceptionV3Features.from_file(inception)
     one, two = heldout_scenes(n, seed=seed + 1), heldout_scenes(n, seed=seed + 2, two_object=True)
     scenes = one + two
     renders = [render(s, pipe.config.image_size) for s in scenes]
-    real = _stats(scorer, renders).mean_cov()
+    real = {name: _stats(fn, renders).mean_cov() for name, fn in extractors.items()}
     rows = []
     for sampler in samplers:
         for steps in step_counts:
-            images, seconds = _generate(pipe, scenes, sampler, steps, cfg, seed)
+            images, seconds = _generate(pipe, scenes, sampler, steps, cfg, seed, batch)
             one_rate, per_attribute = adherence(images[:n], one)
             two_rate, _ = adherence(images[n:], two)
-            rows.append(Row(sampler, steps, one_rate, two_rate, per_attribute,
-                            frechet_distance(*real, *_stats(scorer, images).mean_cov()),
-                            scorer.score(images, [s.caption for s in scenes]), seconds))
+            fids = {name: frechet_distance(*real[name], *_stats(fn, images).mean_cov())
+                    for name, fn in extractors.items()}
+            rows.append(Row(sampler, steps, one_rate, two_rate, per_attribute, fids["domain"],
+                            scorer.score(images, [s.caption for s in scenes]), seconds, fids.get("inception")))
     psnr_mean, psnr_min = vae_psnr(pipe, renders)
-    result = {"n_per_kind": n, "cfg": cfg, "vae_psnr_db": psnr_mean, "vae_psnr_min_db": psnr_min,
+    result = {"n_per_kind": n, "cfg": cfg, "batch": batch, "vae_psnr_db": psnr_mean, "vae_psnr_min_db": psnr_min,
               "rows": [asdict(r) for r in rows]}
     if chance:
-        images, _ = _generate(pipe, scenes, samplers[0], 20, 1.0, seed, prompt_override="")
+        images, _ = _generate(pipe, scenes, samplers[0], 20, 1.0, seed, batch, prompt_override="")
         result["chance"] = {"one_object": adherence(images[:n], one)[0], "two_object": adherence(images[n:], two)[0],
                             "attributes": adherence(images[:n], one)[1]}
     return result
 
 
 def table(result: dict) -> str:
+    inception = any(r.get("fid_inception") is not None for r in result["rows"])
+    extra = " FID (Inception) |" if inception else ""
     lines = ["| sampler | steps | one-object all right | two-object right | colour | shape | size | place | "
-             "background | FID (domain) | CLIP score | s / image |", "|" + "---|" * 12]
+             f"background | FID (domain) |{extra} CLIP score | s / image |", "|" + "---|" * (12 + inception)]
     for r in result["rows"]:
         a = r["attributes"]
+        cell = f" {r['fid_inception']:.2f} |" if inception else ""
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['one_object']:.1%} | {r['two_object']:.1%} | "
                      f"{a.get('colour', 0):.0%} | {a.get('shape', 0):.0%} | {a.get('size', 0):.0%} | "
-                     f"{a.get('place', 0):.0%} | {a.get('background', 0):.0%} | {r['fid']:.2f} | "
+                     f"{a.get('place', 0):.0%} | {a.get('background', 0):.0%} | {r['fid']:.2f} |{cell} "
                      f"{r['clip_score']:.1f} | {r['seconds_per_image']:.3f} |")
     if "chance" in result:
         c = result["chance"]
-        lines.append(f"| unconditional (chance) | | {c['one_object']:.1%} | {c['two_object']:.1%} | | | | | | | | |")
-    lines.append(f"\nVAE reconstruction of the {2 * result['n_per_kind']} held-out images: PSNR "
+        lines.append(f"| unconditional (chance) | | {c['one_object']:.1%} | {c['two_object']:.1%} |"
+                     + " |" * (8 + inception))
+    lines.append(f"\nSeconds per image: wall time of the whole run over its images, {result.get('batch', 1)} "
+                 "prompts per batch.")
+    lines.append(f"VAE reconstruction of the {2 * result['n_per_kind']} held-out images: PSNR "
                  f"{result['vae_psnr_db']:.1f} dB mean, {result['vae_psnr_min_db']:.1f} dB worst.")
     return "\n".join(lines) + "\n"
 
