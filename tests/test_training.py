@@ -194,3 +194,38 @@ def test_bf16_autocast_and_gradient_accumulation_train(tmp_path):
     path = train(config, progress=False)
     losses = [json.loads(line)["loss"] for line in (path.parent / "loss.jsonl").read_text().splitlines()]
     assert losses and all(loss == loss and loss < 100 for loss in losses)  # finite
+
+
+def test_vae_patch_gan_each_player_learns_only_from_its_own_term():
+    from stable_diffusion.models.configs import VAEConfig
+    from stable_diffusion.models.vae import AutoencoderKL
+    from stable_diffusion.training.objectives import VAELoss
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8))
+    loss = VAELoss(vae, 1e-6, disc_weight=0.5, disc_channels=8, disc_layers=2)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+
+    def grads(adversarial: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        loss.zero_grad()
+        loss(images, torch.Generator().manual_seed(3), adversarial).backward()
+        return ([p.grad.clone() for p in vae.parameters()],
+                [p.grad.clone() for p in loss.discriminator.parameters()])
+
+    vae_plain, disc_plain = grads(False)
+    vae_adv, disc_adv = grads(True)
+    # the discriminator learns from the start and the generator term never reaches it
+    assert all(g.abs().sum() > 0 for g in disc_plain[:1])
+    assert all(torch.equal(a, b) for a, b in zip(disc_plain, disc_adv))
+    # from disc_start the VAE gets the generator's gradient as well
+    assert any(not torch.allclose(a, b) for a, b in zip(vae_plain, vae_adv))
+
+
+def test_a_vae_stage_with_a_discriminator_trains(tmp_path):
+    config = smoke_config(tmp_path)
+    config.vae.disc_weight, config.vae.disc_start, config.vae.disc_channels = 0.1, 1, 8
+    config.train.stages = ["vae"]
+    train(config, progress=False)
+    losses = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert losses and all(torch.isfinite(torch.tensor(r["loss"])) for r in losses)
+    assert load_pipeline(tmp_path / "run" / "model.safetensors").config.image_size == 32

@@ -71,6 +71,10 @@ class VAESection:
     batch_size: int = 16
     learning_rate: float = 1e-3
     kl_weight: float = 1e-6
+    disc_weight: float = 0.0  # > 0: a PatchGAN discriminator's hinge loss, at this weight (0 = off)
+    disc_start: int = 0  # VAE step from which the discriminator plays
+    disc_channels: int = 64
+    disc_layers: int = 3
     checkpoint: str = ""  # reuse a trained VAE (a model file) instead of the VAE stage
 
 

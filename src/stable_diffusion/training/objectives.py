@@ -1,6 +1,7 @@
 """The losses of the three stages as modules (so DistributedDataParallel can wrap them):
-the VAE's reconstruction + KL (Rombach et al. 2022, sec. 3.1), the DDPM objective (Ho et al. 2020, Algorithm 1;
-v-prediction: Salimans & Ho 2022) with the text encoder trained jointly, and LoRA adapters (Hu et al. 2021)."""
+the VAE's reconstruction + KL and optional PatchGAN term (Rombach et al. 2022, sec. 3.1), the DDPM objective
+(Ho et al. 2020, Algorithm 1; v-prediction: Salimans & Ho 2022) with the text encoder trained jointly, and LoRA
+adapters (Hu et al. 2021)."""
 
 from __future__ import annotations
 
@@ -21,18 +22,47 @@ def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.de
     return torch.Generator(device).manual_seed(((seed * 1_000_003 + rank) * 10_000_019 + step) * 101 + micro)
 
 
+class PatchDiscriminator(nn.Sequential):
+    """PatchGAN (Isola et al. 2017): strided 4x4 convolutions ending in one real/fake logit per patch.
+    GroupNorm rather than BatchNorm, so a logit does not depend on the rest of the batch."""
+
+    def __init__(self, channels: int = 64, layers: int = 3) -> None:
+        blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for k in range(1, layers):
+            out = channels * min(2 ** k, 8)
+            blocks += [nn.Conv2d(width, out, 4, 2, 1), nn.GroupNorm(min(32, out // 4), out), nn.LeakyReLU(0.2)]
+            width = out
+        blocks.append(nn.Conv2d(width, 1, 3, 1, 1))
+        super().__init__(*blocks)
+
+
 class VAELoss(nn.Module):
-    """L1 + L2 reconstruction of a posterior sample, plus ``kl_weight`` x KL to N(0, I)."""
+    """L1 + L2 reconstruction of a posterior sample, plus ``kl_weight`` x KL to N(0, I); with ``disc_weight``,
+    LDM's adversarial term as hinge losses of a PatchGAN. Both players sit in one loss for one optimiser: the
+    generator term sees the discriminator's weights detached (so it trains only the VAE) and the discriminator
+    term sees the reconstruction detached (so it trains only the discriminator)."""
 
-    def __init__(self, vae: AutoencoderKL, kl_weight: float) -> None:
+    def __init__(self, vae: AutoencoderKL, kl_weight: float, disc_weight: float = 0.0, disc_channels: int = 64,
+                 disc_layers: int = 3) -> None:
         super().__init__()
-        self.vae, self.kl_weight = vae, kl_weight
+        self.vae, self.kl_weight, self.disc_weight = vae, kl_weight, disc_weight
+        self.discriminator = PatchDiscriminator(disc_channels, disc_layers) if disc_weight > 0 else None
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, generator: torch.Generator, adversarial: bool = False) -> torch.Tensor:
         posterior = self.vae.encode(images)
         reconstruction = self.vae.decode(posterior.sample(generator))
         error = reconstruction - images
-        return error.abs().mean() + error.pow(2).mean() + self.kl_weight * posterior.kl().mean()
+        loss = error.abs().mean() + error.pow(2).mean() + self.kl_weight * posterior.kl().mean()
+        if self.discriminator is None:
+            return loss
+        real, fake = self.discriminator(images), self.discriminator(reconstruction.detach())
+        loss = loss + (F.relu(1 - real).mean() + F.relu(1 + fake).mean()) / 2  # the discriminator always learns
+        if adversarial:  # the VAE plays from ``disc_start`` on
+            frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+            fooled = torch.func.functional_call(self.discriminator, frozen, (reconstruction,))
+            loss = loss - self.disc_weight * fooled.mean()
+        return loss
 
 
 class DiffusionLoss(nn.Module):

@@ -88,10 +88,12 @@ class Trainer:
     def train_vae(self) -> None:
         v = self.config.vae
         vae = self.pipe.vae
-        spec = self._spec("vae", VAELoss(vae, v.kl_weight), v.steps, v.learning_rate)
+        loss = VAELoss(vae, v.kl_weight, v.disc_weight, v.disc_channels, v.disc_layers).to(self.device)
+        spec = self._spec("vae", loss, v.steps, v.learning_rate)
 
         def batch(step: int, micro: int):
-            return self._images(step, micro, v.batch_size, 0.0)[0], self._generator(step, micro)
+            images = self._images(step, micro, v.batch_size, 0.0)[0]
+            return images, self._generator(step, micro), step >= v.disc_start
 
         self._run(spec, batch).copy_to(spec.module)
         # LDM's scale: latents * factor have unit variance, so the diffusion's noise levels fit them
