@@ -57,6 +57,9 @@ class DiffusionSection:
     beta_schedule: str = "linear"  # linear | scaled_linear | cosine
     beta_range: list[float] = field(default_factory=lambda: [1e-4, 0.02])
     prediction: str = "eps"  # eps | v
+    loss_weighting: str = "none"  # none | min_snr | truncated_snr (see training/objectives.py)
+    snr_gamma: float = 5.0  # min_snr: Hang et al.'s gamma
+    snr_weight_cap: float = 25.0  # truncated_snr: the noisiest steps' weight, in units of the clean end's
 
 
 @dataclass
@@ -171,6 +174,9 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
             raise ValueError(f"unknown stage {stage!r} in [train] stages (vae, unet, lora, clip)")
     if config.data.kind not in ("shapes", "folder"):
         raise ValueError(f"unknown [data] kind {config.data.kind!r} (shapes or folder)")
+    if config.diffusion.loss_weighting not in ("none", "min_snr", "truncated_snr"):
+        raise ValueError(f"[diffusion] loss_weighting must be none, min_snr or truncated_snr, "
+                         f"not {config.diffusion.loss_weighting!r}")
     if config.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"[train] mixed_precision must be no, bf16 or fp16, not {config.train.mixed_precision!r}")
     return config

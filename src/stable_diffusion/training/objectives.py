@@ -65,15 +65,45 @@ class VAELoss(nn.Module):
         return loss
 
 
+def snr_loss_weights(abar: torch.Tensor, weighting: str, gamma: float = 5.0, cap: float = 25.0) -> torch.Tensor:
+    """Per-timestep weights on the noise (eps) error, normalised to mean 1 over the timesteps; with SNR =
+    abar / (1 - abar) (= 1 / sigma^2):
+    - ``none``: 1 (Ho et al.'s L_simple);
+    - ``min_snr``: min(1, gamma / SNR), Min-SNR-gamma (Hang et al. 2023), which lightens the nearly clean steps;
+    - ``truncated_snr``: clamp(1 / SNR, 1, cap), i.e. max(SNR, 1) on the x0 error (Salimans & Ho 2022, the
+      weighting v-prediction roughly implies) but never more than ``cap`` times the eps weight: the noisy steps,
+      where the layout is decided, weigh as much as the detailed ones in x0 terms, and the nearly pure-noise
+      steps, whose x0 error is mostly irreducible, do not drown the rest."""
+    inverse_snr = (1 - abar) / abar  # sigma^2
+    if weighting == "none":
+        weights = torch.ones_like(abar)
+    elif weighting == "min_snr":
+        weights = (gamma * inverse_snr).clamp(max=1.0)
+    elif weighting == "truncated_snr":
+        weights = inverse_snr.clamp(1.0, cap)
+    else:
+        raise ValueError(f"unknown loss weighting {weighting!r} (none, min_snr, truncated_snr)")
+    return weights / weights.mean()
+
+
 class DiffusionLoss(nn.Module):
     """||target - unet(x_t, t, text)||^2 with x_t = sqrt(abar) x0 + sqrt(1 - abar) noise, t uniform;
-    target = noise (eps) or sqrt(abar) noise - sqrt(1 - abar) x0 (v). The text encoder learns through it."""
+    target = noise (eps) or sqrt(abar) noise - sqrt(1 - abar) x0 (v). The text encoder learns through it.
+    With a ``weighting`` other than "none", each sample's error is measured on the noise (for v: abar times the
+    v error, which equals it) and weighted by :func:`snr_loss_weights`."""
 
     def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, abar: torch.Tensor, prediction: str,
-                 train_text_encoder: bool) -> None:
+                 train_text_encoder: bool, weighting: str = "none", snr_gamma: float = 5.0,
+                 snr_weight_cap: float = 25.0) -> None:
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
         self.register_buffer("abar", abar.float(), persistent=False)
+        weights = None
+        if weighting != "none":
+            weights = snr_loss_weights(abar.float(), weighting, snr_gamma, snr_weight_cap)
+            if prediction == "v":  # eps - eps_hat = sqrt(abar) (v - v_hat)
+                weights = weights * abar.float()
+        self.register_buffer("weights", weights, persistent=False)
         self.prediction = prediction
         text_encoder.requires_grad_(train_text_encoder)
 
@@ -89,7 +119,10 @@ class DiffusionLoss(nn.Module):
             target = a.sqrt() * noise - (1 - a).sqrt() * latents
         else:
             target = noise
-        return F.mse_loss(prediction.float(), target.float())
+        if self.weights is None:
+            return F.mse_loss(prediction.float(), target.float())
+        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        return (self.weights[t] * per_sample).mean()
 
 
 class ContrastiveLoss(nn.Module):

@@ -102,9 +102,10 @@ class Trainer:
         self.pipe.config.vae.scaling_factor = float(1 / latents.std())
 
     def _diffusion_loss(self, train_text: bool) -> DiffusionLoss:
-        c = self.pipe.config
+        c, d = self.pipe.config, self.config.diffusion
         abar = alphas_cumprod(make_betas(c.beta_schedule, c.timesteps, c.beta_start, c.beta_end))
-        return DiffusionLoss(self.pipe.unet, self.pipe.text_encoder, abar.to(self.device), c.prediction, train_text)
+        return DiffusionLoss(self.pipe.unet, self.pipe.text_encoder, abar.to(self.device), c.prediction, train_text,
+                             d.loss_weighting, d.snr_gamma, d.snr_weight_cap)
 
     def _latent_batch(self, batch_size: int):
         scale = self.pipe.config.vae.scaling_factor
