@@ -29,6 +29,11 @@ def test_weightings_follow_their_formulas_and_average_one():
     assert (truncated[-1] / truncated[0]).item() == pytest.approx(10.0, rel=1e-5)
     middle = (inverse_snr > 1.5) & (inverse_snr < 9)
     torch.testing.assert_close(truncated[middle] / truncated[0], inverse_snr[middle])
+    # a floor below 1: max(SNR, floor) on the x0 error, i.e. floor * sigma^2 on the noise error once above 1
+    floored = snr_loss_weights(ABAR, "truncated_snr", floor=0.2)
+    noisy = 0.2 * inverse_snr > 1
+    torch.testing.assert_close(floored[noisy] / floored[0], 0.2 * inverse_snr[noisy])
+    assert torch.equal(floored[~noisy], torch.full_like(floored[~noisy], floored[0].item()))
     with pytest.raises(ValueError, match="unknown loss weighting"):
         snr_loss_weights(ABAR, "p2")
     with pytest.raises(ValueError, match="loss_weighting must be"):

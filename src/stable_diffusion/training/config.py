@@ -59,7 +59,8 @@ class DiffusionSection:
     prediction: str = "eps"  # eps | v
     loss_weighting: str = "none"  # none | min_snr | truncated_snr (see training/objectives.py)
     snr_gamma: float = 5.0  # min_snr: Hang et al.'s gamma
-    snr_weight_cap: float = 25.0  # truncated_snr: the noisiest steps' weight, in units of the clean end's
+    snr_floor: float = 1.0  # truncated_snr: the x0 error's weight is max(SNR, snr_floor)
+    snr_weight_cap: float = 0.0  # truncated_snr: > 0 caps the noise error's weight (the clean end's is 1)
 
 
 @dataclass

@@ -65,22 +65,23 @@ class VAELoss(nn.Module):
         return loss
 
 
-def snr_loss_weights(abar: torch.Tensor, weighting: str, gamma: float = 5.0, cap: float = 25.0) -> torch.Tensor:
+def snr_loss_weights(abar: torch.Tensor, weighting: str, gamma: float = 5.0, cap: float = math.inf,
+                     floor: float = 1.0) -> torch.Tensor:
     """Per-timestep weights on the noise (eps) error, normalised to mean 1 over the timesteps; with SNR =
-    abar / (1 - abar) (= 1 / sigma^2):
+    abar / (1 - abar) (= 1 / sigma^2), and x0 error = sigma x noise error:
     - ``none``: 1 (Ho et al.'s L_simple);
     - ``min_snr``: min(1, gamma / SNR), Min-SNR-gamma (Hang et al. 2023), which lightens the nearly clean steps;
-    - ``truncated_snr``: clamp(1 / SNR, 1, cap), i.e. max(SNR, 1) on the x0 error (Salimans & Ho 2022, the
-      weighting v-prediction roughly implies) but never more than ``cap`` times the eps weight: the noisy steps,
-      where the layout is decided, weigh as much as the detailed ones in x0 terms, and the nearly pure-noise
-      steps, whose x0 error is mostly irreducible, do not drown the rest."""
+    - ``truncated_snr``: max(SNR, floor) on the x0 error, i.e. max(1, floor / SNR) on the noise error
+      (Salimans & Ho 2022 with floor 1, close to what v-prediction implies), at most ``cap``: the noisy steps,
+      where the layout is decided, weigh more than under eps; a floor below 1 or a cap keeps the nearly
+      pure-noise steps, whose x0 error is mostly irreducible, from drowning the rest."""
     inverse_snr = (1 - abar) / abar  # sigma^2
     if weighting == "none":
         weights = torch.ones_like(abar)
     elif weighting == "min_snr":
         weights = (gamma * inverse_snr).clamp(max=1.0)
     elif weighting == "truncated_snr":
-        weights = inverse_snr.clamp(1.0, cap)
+        weights = (floor * inverse_snr).clamp(min=1.0, max=cap)
     else:
         raise ValueError(f"unknown loss weighting {weighting!r} (none, min_snr, truncated_snr)")
     return weights / weights.mean()
@@ -94,13 +95,13 @@ class DiffusionLoss(nn.Module):
 
     def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, abar: torch.Tensor, prediction: str,
                  train_text_encoder: bool, weighting: str = "none", snr_gamma: float = 5.0,
-                 snr_weight_cap: float = 25.0) -> None:
+                 snr_weight_cap: float = math.inf, snr_floor: float = 1.0) -> None:
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
         self.register_buffer("abar", abar.float(), persistent=False)
         weights = None
         if weighting != "none":
-            weights = snr_loss_weights(abar.float(), weighting, snr_gamma, snr_weight_cap)
+            weights = snr_loss_weights(abar.float(), weighting, snr_gamma, snr_weight_cap, snr_floor)
             if prediction == "v":  # eps - eps_hat = sqrt(abar) (v - v_hat)
                 weights = weights * abar.float()
         self.register_buffer("weights", weights, persistent=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -105,7 +106,7 @@ class Trainer:
         c, d = self.pipe.config, self.config.diffusion
         abar = alphas_cumprod(make_betas(c.beta_schedule, c.timesteps, c.beta_start, c.beta_end))
         return DiffusionLoss(self.pipe.unet, self.pipe.text_encoder, abar.to(self.device), c.prediction, train_text,
-                             d.loss_weighting, d.snr_gamma, d.snr_weight_cap)
+                             d.loss_weighting, d.snr_gamma, d.snr_weight_cap or math.inf, d.snr_floor)
 
     def _latent_batch(self, batch_size: int):
         scale = self.pipe.config.vae.scaling_factor
