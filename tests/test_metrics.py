@@ -166,8 +166,44 @@ def test_sd_eval_writes_a_report(tmp_path, inception_weights):
     assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [("Euler", 2), ("Euler", 3), ("DDIM", 2), ("DDIM", 3)]
     assert "chance" in result and (tmp_path / "eval" / "plot.png").exists() and result["vae_psnr_db"] > 0
     assert all(r["fid"] >= 0 and r["fid_inception"] > 0 for r in result["rows"]) and result["batch"] == 3
-    assert "| Euler | 2 |" in (tmp_path / "eval" / "table.md").read_text()
-    assert "FID (Inception)" in (tmp_path / "eval" / "table.md").read_text()
+    report = (tmp_path / "eval" / "table.md").read_text()
+    assert "| Euler | 2 |" in report and "FID (Inception)" in report and "through the VAE alone" in report
+    assert 0 <= result["vae_ceiling"]["one_object"] <= 1
+
+
+class _BlockVAE(torch.nn.Module):
+    """A stand-in VAE that keeps one average colour per ``factor`` x ``factor`` block (factor 1: lossless)."""
+
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def encode(self, x: torch.Tensor):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(mean=torch.nn.functional.avg_pool2d(x, self.factor))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(z, scale_factor=self.factor, mode="nearest")
+
+
+def test_vae_ceiling_is_the_adherence_of_reconstructions():
+    """A lossless VAE gives back the renders (every attribute right); one that keeps 4x4 blocks loses shapes."""
+    from types import SimpleNamespace
+
+    from stable_diffusion.metrics.evaluate import adherence, vae_reconstruct
+    from stable_diffusion.training.shapes import heldout_scenes, render
+
+    scenes = heldout_scenes(20, seed=1)
+    renders = [render(s, 64) for s in scenes]
+    results = {}
+    for factor in (1, 4):
+        pipe = SimpleNamespace(vae=_BlockVAE(factor), device=torch.device("cpu"), dtype=torch.float32)
+        psnr, worst, rebuilt = vae_reconstruct(pipe, renders, batch=7)
+        results[factor] = (psnr, adherence(rebuilt, scenes)[1]["shape"])
+        assert len(rebuilt) == len(renders) and worst <= psnr
+    assert results[1][0] > 99 and results[1][1] == 1.0
+    assert results[4][0] < 40 and results[4][1] < 1.0
 
 
 def _torch_fidelity_module(name: str, monkeypatch):
