@@ -179,7 +179,7 @@ def main() -> None:
     cases: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {}
     if set(names) - {"builtin"}:
         cases.update(sd15_cases(device))
-    workdir = tempfile.TemporaryDirectory()
+    workdir = tempfile.TemporaryDirectory()  # the built-in model as a diffusers folder, kept while timing
     if "builtin" in names:
         cases["builtin"] = builtin_pair(device, Path(workdir.name) / "builtin")
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, fp32, "

@@ -102,14 +102,17 @@ def evaluate(pipe, samplers: list[str], step_counts: list[int], n: int = 50, cfg
                             scorer.score(images, [s.caption for s in scenes]), seconds, fids.get("inception")))
     psnr_mean, psnr_min, rebuilt = vae_reconstruct(pipe, renders)
     result = {"n_per_kind": n, "cfg": cfg, "batch": batch, "vae_psnr_db": psnr_mean, "vae_psnr_min_db": psnr_min,
-              "vae_ceiling": {"one_object": adherence(rebuilt[:n], one)[0], "two_object": adherence(rebuilt[n:], two)[0],
-                              "attributes": adherence(rebuilt[:n], one)[1]},
-              "rows": [asdict(r) for r in rows]}
+              "vae_ceiling": _judged(rebuilt, one, two), "rows": [asdict(r) for r in rows]}
     if chance:
         images, _ = _generate(pipe, scenes, samplers[0], 20, 1.0, seed, batch, prompt_override="")
-        result["chance"] = {"one_object": adherence(images[:n], one)[0], "two_object": adherence(images[n:], two)[0],
-                            "attributes": adherence(images[:n], one)[1]}
+        result["chance"] = _judged(images, one, two)
     return result
+
+
+def _judged(images: list[Image.Image], one: list[Scene], two: list[Scene]) -> dict:
+    """Adherence of images for the one-object scenes followed by the two-object ones."""
+    one_rate, per_attribute = adherence(images[:len(one)], one)
+    return {"one_object": one_rate, "two_object": adherence(images[len(one):], two)[0], "attributes": per_attribute}
 
 
 def table(result: dict) -> str:
