@@ -222,6 +222,28 @@ def test_vae_patch_gan_each_player_learns_only_from_its_own_term():
     assert any(not torch.allclose(a, b) for a, b in zip(vae_plain, vae_adv))
 
 
+def test_vae_object_weight_counts_only_pixels_unlike_the_background():
+    from stable_diffusion.models.configs import VAEConfig
+    from stable_diffusion.models.vae import AutoencoderKL
+    from stable_diffusion.training.objectives import VAELoss, object_weights
+
+    images = torch.full((2, 3, 8, 8), -0.5)
+    images[0, :, 2:4, 5:7] = 0.8  # a 2x2 object in image 0; image 1 is all background
+    weights = object_weights(images, 10.0)
+    assert weights.shape == (2, 1, 8, 8)
+    assert weights[0].sum() == 60 + 4 * 10 and torch.equal(weights[1], torch.ones(1, 8, 8))
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8))
+    plain, weighted = VAELoss(vae, 0.0), VAELoss(vae, 0.0, object_weight=10.0)
+    gen = torch.Generator().manual_seed(1)
+    background_only = images[1:]  # no object pixel: the weighting changes nothing
+    assert torch.equal(plain(background_only, gen.manual_seed(1)), weighted(background_only, gen.manual_seed(1)))
+    assert weighted(images, gen.manual_seed(1)) > plain(images, gen.manual_seed(1))
+    with pytest.raises(ValueError, match="object_weight"):
+        parse_config({"vae": {"object_weight": 0.5}})
+
+
 def test_a_vae_stage_with_a_discriminator_trains(tmp_path):
     config = smoke_config(tmp_path)
     config.vae.disc_weight, config.vae.disc_start, config.vae.disc_channels = 0.1, 1, 8

@@ -75,6 +75,7 @@ class VAESection:
     batch_size: int = 16
     learning_rate: float = 1e-3
     kl_weight: float = 1e-6
+    object_weight: float = 1.0  # > 1: reconstruction weight of pixels unlike the background (top-left) colour
     disc_weight: float = 0.0  # > 0: a PatchGAN discriminator's hinge loss, at this weight (0 = off)
     disc_start: int = 0  # VAE step from which the discriminator plays
     disc_channels: int = 64
@@ -178,6 +179,8 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
     if config.diffusion.loss_weighting not in ("none", "min_snr", "truncated_snr"):
         raise ValueError(f"[diffusion] loss_weighting must be none, min_snr or truncated_snr, "
                          f"not {config.diffusion.loss_weighting!r}")
+    if config.vae.object_weight < 1:
+        raise ValueError(f"[vae] object_weight must be >= 1 (1 = every pixel alike), not {config.vae.object_weight}")
     if config.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"[train] mixed_precision must be no, bf16 or fp16, not {config.train.mixed_precision!r}")
     return config

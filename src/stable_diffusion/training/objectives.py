@@ -37,23 +37,34 @@ class PatchDiscriminator(nn.Sequential):
         super().__init__(*blocks)
 
 
+def object_weights(images: torch.Tensor, weight: float, threshold: float = 0.05) -> torch.Tensor:
+    """(B, 1, H, W): ``weight`` where a pixel differs from its image's top-left pixel (the background of a flat
+    scene) by more than ``threshold`` in some channel (images in [-1, 1]), else 1."""
+    background = images[:, :, :1, :1]
+    differs = (images - background).abs().amax(dim=1, keepdim=True) > threshold
+    return 1 + (weight - 1) * differs.float()
+
+
 class VAELoss(nn.Module):
-    """L1 + L2 reconstruction of a posterior sample, plus ``kl_weight`` x KL to N(0, I); with ``disc_weight``,
+    """L1 + L2 reconstruction of a posterior sample, plus ``kl_weight`` x KL to N(0, I). ``object_weight`` > 1
+    weights the pixels that differ from the image's background (its top-left pixel's colour) that much more, so
+    small shapes on flat backgrounds are not averaged away (their points and corners are few pixels). With ``disc_weight``,
     LDM's adversarial term as hinge losses of a PatchGAN. Both players sit in one loss for one optimiser: the
     generator term sees the discriminator's weights detached (so it trains only the VAE) and the discriminator
     term sees the reconstruction detached (so it trains only the discriminator)."""
 
     def __init__(self, vae: AutoencoderKL, kl_weight: float, disc_weight: float = 0.0, disc_channels: int = 64,
-                 disc_layers: int = 3) -> None:
+                 disc_layers: int = 3, object_weight: float = 1.0) -> None:
         super().__init__()
-        self.vae, self.kl_weight, self.disc_weight = vae, kl_weight, disc_weight
+        self.vae, self.kl_weight, self.disc_weight, self.object_weight = vae, kl_weight, disc_weight, object_weight
         self.discriminator = PatchDiscriminator(disc_channels, disc_layers) if disc_weight > 0 else None
 
     def forward(self, images: torch.Tensor, generator: torch.Generator, adversarial: bool = False) -> torch.Tensor:
         posterior = self.vae.encode(images)
         reconstruction = self.vae.decode(posterior.sample(generator))
         error = reconstruction - images
-        loss = error.abs().mean() + error.pow(2).mean() + self.kl_weight * posterior.kl().mean()
+        weight = object_weights(images, self.object_weight) if self.object_weight != 1 else 1.0
+        loss = (weight * error.abs()).mean() + (weight * error.pow(2)).mean() + self.kl_weight * posterior.kl().mean()
         if self.discriminator is None:
             return loss
         real, fake = self.discriminator(images), self.discriminator(reconstruction.detach())
