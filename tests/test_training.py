@@ -252,3 +252,23 @@ def test_a_vae_stage_with_a_discriminator_trains(tmp_path):
     losses = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     assert losses and all(torch.isfinite(torch.tensor(r["loss"])) for r in losses)
     assert load_pipeline(tmp_path / "run" / "model.safetensors").config.image_size == 32
+
+
+def test_ema_averages_only_trainable_parameters_with_its_warm_up_decay():
+    from stable_diffusion.training.loop import EMA
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    module[1].requires_grad_(False)
+    ema = EMA(module, decay=0.9)
+    assert set(ema.shadow) == {"0.weight", "0.bias"}
+    before = {n: v.clone() for n, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+    ema.update(module, step=100)  # past the warm-up: decay 0.9
+    for name, p in module.named_parameters():
+        if name in before:
+            torch.testing.assert_close(ema.shadow[name], 0.9 * before[name] + 0.1 * p.detach())
+    ema.update(module, step=0)  # warm-up: decay (1 + 0) / (10 + 0) = 0.1, the average follows the weights
+    weight = module[0].weight.detach()
+    torch.testing.assert_close(ema.shadow["0.weight"], 0.1 * (0.9 * before["0.weight"] + 0.1 * weight) + 0.9 * weight)
