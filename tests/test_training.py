@@ -272,3 +272,20 @@ def test_ema_averages_only_trainable_parameters_with_its_warm_up_decay():
     ema.update(module, step=0)  # warm-up: decay (1 + 0) / (10 + 0) = 0.1, the average follows the weights
     weight = module[0].weight.detach()
     torch.testing.assert_close(ema.shadow["0.weight"], 0.1 * (0.9 * before["0.weight"] + 0.1 * weight) + 0.9 * weight)
+
+
+def test_vae_object_contrast_weights_faint_objects_more_up_to_4x():
+    from stable_diffusion.training.objectives import object_weights
+
+    images = torch.full((3, 3, 4, 4), -1.0)  # black backgrounds
+    images[0, :, 1, 1] = 1.0  # a white pixel: distance sqrt(12) = 3.46 >= 2, no boost
+    images[1, 0, 1, 1] = 0.0  # a dark red pixel: distance 1.0, boost 2 / 1 = 2
+    images[2, 0, 1, 1] = -0.8  # a faint pixel: distance 0.2, boost 10, clamped to 4
+    plain, boosted = object_weights(images, 10.0), object_weights(images, 10.0, contrast=2.0)
+    assert torch.equal(plain[:, 0, 1, 1], torch.full((3,), 10.0))
+    torch.testing.assert_close(boosted[:, 0, 1, 1], torch.tensor([10.0, 20.0, 40.0]))
+    background = torch.ones(3, 4, 4, dtype=torch.bool)
+    background[:, 1, 1] = False
+    assert torch.equal(boosted[:, 0][background], torch.ones(45))  # background pixels keep weight 1
+    with pytest.raises(ValueError, match="object_contrast"):
+        parse_config({"vae": {"object_contrast": -1.0}})

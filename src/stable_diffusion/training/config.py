@@ -76,6 +76,7 @@ class VAESection:
     learning_rate: float = 1e-3
     kl_weight: float = 1e-6
     object_weight: float = 1.0  # > 1: reconstruction weight of pixels unlike the background (top-left) colour
+    object_contrast: float = 0.0  # > 0: object pixels closer than this to the background count up to 4x more
     disc_weight: float = 0.0  # > 0: a PatchGAN discriminator's hinge loss, at this weight (0 = off)
     disc_start: int = 0  # VAE step from which the discriminator plays
     disc_channels: int = 64
@@ -181,6 +182,8 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
                          f"not {config.diffusion.loss_weighting!r}")
     if config.vae.object_weight < 1:
         raise ValueError(f"[vae] object_weight must be >= 1 (1 = every pixel alike), not {config.vae.object_weight}")
+    if config.vae.object_contrast < 0:
+        raise ValueError(f"[vae] object_contrast must be >= 0 (0 = off), not {config.vae.object_contrast}")
     if config.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"[train] mixed_precision must be no, bf16 or fp16, not {config.train.mixed_precision!r}")
     return config

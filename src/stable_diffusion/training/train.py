@@ -89,7 +89,8 @@ class Trainer:
     def train_vae(self) -> None:
         v = self.config.vae
         vae = self.pipe.vae
-        loss = VAELoss(vae, v.kl_weight, v.disc_weight, v.disc_channels, v.disc_layers, v.object_weight)
+        loss = VAELoss(vae, v.kl_weight, v.disc_weight, v.disc_channels, v.disc_layers, v.object_weight,
+                       v.object_contrast)
         loss = loss.to(self.device)
         spec = self._spec("vae", loss, v.steps, v.learning_rate)
 
