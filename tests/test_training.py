@@ -289,3 +289,17 @@ def test_vae_object_contrast_weights_faint_objects_more_up_to_4x():
     assert torch.equal(boosted[:, 0][background], torch.ones(45))  # background pixels keep weight 1
     with pytest.raises(ValueError, match="object_contrast"):
         parse_config({"vae": {"object_contrast": -1.0}})
+
+
+def test_vae_object_margin_weights_the_background_next_to_an_object():
+    from stable_diffusion.training.objectives import object_weights
+
+    images = torch.full((1, 3, 7, 7), -1.0)
+    images[0, :, 3, 3] = 1.0  # one object pixel in the middle
+    weights = object_weights(images, 10.0, margin=1)[0, 0]
+    near = torch.zeros(7, 7, dtype=torch.bool)
+    near[2:5, 2:5] = True  # the object and its 8 neighbours
+    assert torch.equal(weights[near], torch.full((9,), 10.0)) and torch.equal(weights[~near], torch.ones(40))
+    assert torch.equal(object_weights(images, 10.0, margin=0), object_weights(images, 10.0))
+    with pytest.raises(ValueError, match="object_margin"):
+        parse_config({"vae": {"object_margin": -1}})

@@ -77,6 +77,7 @@ class VAESection:
     kl_weight: float = 1e-6
     object_weight: float = 1.0  # > 1: reconstruction weight of pixels unlike the background (top-left) colour
     object_contrast: float = 0.0  # > 0: object pixels closer than this to the background count up to 4x more
+    object_margin: int = 0  # > 0: background pixels this close (in pixels) to an object get object_weight too
     disc_weight: float = 0.0  # > 0: a PatchGAN discriminator's hinge loss, at this weight (0 = off)
     disc_start: int = 0  # VAE step from which the discriminator plays
     disc_channels: int = 64
@@ -184,6 +185,8 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"[vae] object_weight must be >= 1 (1 = every pixel alike), not {config.vae.object_weight}")
     if config.vae.object_contrast < 0:
         raise ValueError(f"[vae] object_contrast must be >= 0 (0 = off), not {config.vae.object_contrast}")
+    if config.vae.object_margin < 0:
+        raise ValueError(f"[vae] object_margin must be >= 0 pixels (0 = off), not {config.vae.object_margin}")
     if config.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"[train] mixed_precision must be no, bf16 or fp16, not {config.train.mixed_precision!r}")
     return config

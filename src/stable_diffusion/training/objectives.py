@@ -38,14 +38,17 @@ class PatchDiscriminator(nn.Sequential):
 
 
 def object_weights(images: torch.Tensor, weight: float, threshold: float = 0.05,
-                   contrast: float = 0.0) -> torch.Tensor:
+                   contrast: float = 0.0, margin: int = 0) -> torch.Tensor:
     """(B, 1, H, W): ``weight`` where a pixel differs from its image's top-left pixel (the background of a flat
-    scene) by more than ``threshold`` in some channel (images in [-1, 1]), else 1. With ``contrast`` > 0, an
-    object pixel whose RGB distance d to the background is below ``contrast`` counts ``contrast / d`` times more
-    again (at most 4x): a pink star on white costs as much to blur as a yellow one on navy."""
+    scene) by more than ``threshold`` in some channel (images in [-1, 1]), else 1. With ``margin`` > 0, the
+    background pixels within that many pixels (Chebyshev) of an object get ``weight`` too, so a glow or halo
+    around a shape costs as much as the shape's own pixels. With ``contrast`` > 0, an object pixel whose RGB
+    distance d to the background is below ``contrast`` counts ``contrast / d`` times more again (at most 4x): a
+    pink star on white costs as much to blur as a yellow one on navy."""
     difference = images - images[:, :, :1, :1]
     differs = difference.abs().amax(dim=1, keepdim=True) > threshold
-    weights = 1 + (weight - 1) * differs.float()
+    near = F.max_pool2d(differs.float(), 2 * margin + 1, stride=1, padding=margin) if margin > 0 else differs.float()
+    weights = 1 + (weight - 1) * near
     if contrast > 0:
         boost = (contrast / difference.norm(dim=1, keepdim=True).clamp_min(1e-3)).clamp(1, 4)
         weights = torch.where(differs, weights * boost, weights)
@@ -61,10 +64,11 @@ class VAELoss(nn.Module):
     term sees the reconstruction detached (so it trains only the discriminator)."""
 
     def __init__(self, vae: AutoencoderKL, kl_weight: float, disc_weight: float = 0.0, disc_channels: int = 64,
-                 disc_layers: int = 3, object_weight: float = 1.0, object_contrast: float = 0.0) -> None:
+                 disc_layers: int = 3, object_weight: float = 1.0, object_contrast: float = 0.0,
+                 object_margin: int = 0) -> None:
         super().__init__()
         self.vae, self.kl_weight, self.disc_weight, self.object_weight = vae, kl_weight, disc_weight, object_weight
-        self.object_contrast = object_contrast
+        self.object_contrast, self.object_margin = object_contrast, object_margin
         self.discriminator = PatchDiscriminator(disc_channels, disc_layers) if disc_weight > 0 else None
 
     def forward(self, images: torch.Tensor, generator: torch.Generator, adversarial: bool = False) -> torch.Tensor:
@@ -72,7 +76,8 @@ class VAELoss(nn.Module):
         reconstruction = self.vae.decode(posterior.sample(generator))
         error = reconstruction - images
         weighted = self.object_weight != 1 or self.object_contrast > 0
-        weight = object_weights(images, self.object_weight, contrast=self.object_contrast) if weighted else 1.0
+        weight = object_weights(images, self.object_weight, contrast=self.object_contrast,
+                                margin=self.object_margin) if weighted else 1.0
         loss = (weight * error.abs()).mean() + (weight * error.pow(2)).mean() + self.kl_weight * posterior.kl().mean()
         if self.discriminator is None:
             return loss

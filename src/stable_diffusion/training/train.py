@@ -90,7 +90,7 @@ class Trainer:
         v = self.config.vae
         vae = self.pipe.vae
         loss = VAELoss(vae, v.kl_weight, v.disc_weight, v.disc_channels, v.disc_layers, v.object_weight,
-                       v.object_contrast)
+                       v.object_contrast, v.object_margin)
         loss = loss.to(self.device)
         spec = self._spec("vae", loss, v.steps, v.learning_rate)
 
