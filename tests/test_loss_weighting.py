@@ -10,7 +10,7 @@ import torch
 from stable_diffusion.diffusion.schedules import alphas_cumprod, make_betas
 from stable_diffusion.pipeline import Pipeline
 from stable_diffusion.training.config import parse_config
-from stable_diffusion.training.objectives import DiffusionLoss, latent_object_weights, snr_loss_weights
+from stable_diffusion.training.objectives import DiffusionLoss, snr_loss_weights
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 ABAR = alphas_cumprod(make_betas("scaled_linear", 1000, 0.00085, 0.012)).float()
@@ -66,27 +66,3 @@ def test_weighted_loss_is_the_weighted_noise_error(prediction, weighting):
         weights = snr_loss_weights(ABAR, "truncated_snr", cap=10.0)[t]
         expected = (weights * (eps_hat - noise).pow(2).flatten(1).mean(1)).mean()
     assert value.item() == pytest.approx(expected.item(), rel=1e-4)
-
-
-def test_object_weight_counts_the_latent_pixels_over_an_object_more():
-    images = torch.full((2, 3, 16, 16), -1.0)  # black backgrounds; a 2x2 white square in image 0's top-right patch
-    images[0, :, 1:3, 13:15] = 1.0
-    weights = latent_object_weights(images, 5.0, (4, 4))
-    expected = torch.ones(2, 1, 4, 4)
-    expected[0, 0, 0, 3] = 5.0
-    assert torch.equal(weights, expected)
-    config = parse_config(tomllib.loads(SMOKE.read_text())).model_config()
-    torch.manual_seed(0)
-    pipe = Pipeline.from_config(config)
-    ids = pipe.tokenizer(["a small white square at the top right", ""])
-    latents = torch.randn(2, config.unet.in_channels, 4, 4)
-    for weighting in ("none", "truncated_snr"):
-        loss = DiffusionLoss(pipe.unet, pipe.text_encoder, ABAR, "v", False, weighting, snr_floor=0.2)
-        with torch.no_grad():
-            plain = loss(latents, ids, torch.Generator().manual_seed(3))
-            ones = loss(latents, ids, torch.Generator().manual_seed(3), torch.ones(2, 1, 4, 4))
-            weighted = loss(latents, ids, torch.Generator().manual_seed(3), weights)
-        assert ones.item() == pytest.approx(plain.item(), rel=1e-6)
-        assert weighted.item() > plain.item()  # the object's latent pixel's error now counts 5x
-    with pytest.raises(ValueError, match=r"\[diffusion\] object_weight must be >= 1"):
-        parse_config({"diffusion": {"object_weight": 0.5}})

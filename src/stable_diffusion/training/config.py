@@ -61,7 +61,6 @@ class DiffusionSection:
     snr_gamma: float = 5.0  # min_snr: Hang et al.'s gamma
     snr_floor: float = 1.0  # truncated_snr: the x0 error's weight is max(SNR, snr_floor)
     snr_weight_cap: float = 0.0  # truncated_snr: > 0 caps the noise error's weight (the clean end's is 1)
-    object_weight: float = 1.0  # > 1: latent pixels over an object (pixels unlike the top-left colour) count more
 
 
 @dataclass
@@ -184,9 +183,6 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
                          f"not {config.diffusion.loss_weighting!r}")
     if config.vae.object_weight < 1:
         raise ValueError(f"[vae] object_weight must be >= 1 (1 = every pixel alike), not {config.vae.object_weight}")
-    if config.diffusion.object_weight < 1:
-        raise ValueError(f"[diffusion] object_weight must be >= 1 (1 = every latent pixel alike), "
-                         f"not {config.diffusion.object_weight}")
     if config.vae.object_contrast < 0:
         raise ValueError(f"[vae] object_contrast must be >= 0 (0 = off), not {config.vae.object_contrast}")
     if config.vae.object_margin < 0:

@@ -55,15 +55,6 @@ def object_weights(images: torch.Tensor, weight: float, threshold: float = 0.05,
     return weights
 
 
-def latent_object_weights(images: torch.Tensor, weight: float, latent_size: tuple[int, int]) -> torch.Tensor:
-    """(B, 1, h, w): ``weight`` on the latent pixels whose image patch holds any object pixel (see
-    :func:`object_weights`), else 1, for the diffusion loss: a small shape covers a few of the 16x16 latent
-    pixels, so without it the UNet's loss is mostly the flat background."""
-    differs = (object_weights(images, 2.0) > 1).float()  # (B, 1, H, W) object mask
-    covered = F.adaptive_max_pool2d(differs, latent_size)
-    return 1 + (weight - 1) * covered
-
-
 class VAELoss(nn.Module):
     """L1 + L2 reconstruction of a posterior sample, plus ``kl_weight`` x KL to N(0, I). ``object_weight`` > 1
     weights the pixels that differ from the image's background (its top-left pixel's colour) that much more, so
@@ -125,8 +116,7 @@ class DiffusionLoss(nn.Module):
     """||target - unet(x_t, t, text)||^2 with x_t = sqrt(abar) x0 + sqrt(1 - abar) noise, t uniform;
     target = noise (eps) or sqrt(abar) noise - sqrt(1 - abar) x0 (v). The text encoder learns through it.
     With a ``weighting`` other than "none", each sample's error is measured on the noise (for v: abar times the
-    v error, which equals it) and weighted by :func:`snr_loss_weights`. Given ``pixel_weights`` (B, 1, h, w), each
-    latent pixel's squared error counts that much (see :func:`latent_object_weights`)."""
+    v error, which equals it) and weighted by :func:`snr_loss_weights`."""
 
     def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, abar: torch.Tensor, prediction: str,
                  train_text_encoder: bool, weighting: str = "none", snr_gamma: float = 5.0,
@@ -143,8 +133,7 @@ class DiffusionLoss(nn.Module):
         self.prediction = prediction
         text_encoder.requires_grad_(train_text_encoder)
 
-    def forward(self, latents: torch.Tensor, ids: torch.Tensor, generator: torch.Generator,
-                pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b = latents.shape[0]
         t = torch.randint(0, len(self.abar), (b,), generator=generator, device=generator.device).to(latents.device)
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
@@ -156,12 +145,10 @@ class DiffusionLoss(nn.Module):
             target = a.sqrt() * noise - (1 - a).sqrt() * latents
         else:
             target = noise
-        squared = (prediction.float() - target.float()).pow(2)  # (B, C, h, w)
-        if pixel_weights is not None:
-            squared = squared * pixel_weights
         if self.weights is None:
-            return squared.mean()
-        return (self.weights[t] * squared.flatten(1).mean(1)).mean()
+            return F.mse_loss(prediction.float(), target.float())
+        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        return (self.weights[t] * per_sample).mean()
 
 
 class ContrastiveLoss(nn.Module):

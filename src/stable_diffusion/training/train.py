@@ -23,7 +23,6 @@ from .objectives import (
     DiffusionLoss,
     VAELoss,
     add_lora,
-    latent_object_weights,
     lora_state_dict,
     remove_lora,
     step_generator,
@@ -113,17 +112,13 @@ class Trainer:
 
     def _latent_batch(self, batch_size: int):
         scale = self.pipe.config.vae.scaling_factor
-        object_weight = self.config.diffusion.object_weight
 
         def batch(step: int, micro: int):
             images, captions = self._images(step, micro, batch_size)
             generator = self._generator(step, micro)
             with torch.no_grad():
                 latents = self.pipe.vae.encode(images).sample(generator) * scale
-            ids = self.pipe.tokenizer(captions).to(self.device)
-            if object_weight == 1:
-                return latents, ids, generator
-            return latents, ids, generator, latent_object_weights(images, object_weight, latents.shape[-2:])
+            return latents, self.pipe.tokenizer(captions).to(self.device), generator
         return batch
 
     def _steps(self) -> int:
