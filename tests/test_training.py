@@ -50,6 +50,8 @@ def test_config_rejects_unknown_keys_and_sections(tmp_path):
         parse_config({"unet": {"channels": 3}})
     with pytest.raises(ValueError, match="unknown section"):
         parse_config({"optimiser": {}})
+    with pytest.raises(ValueError, match=r"\[data\] small_fraction must be between 0 and 1"):
+        parse_config({"data": {"small_fraction": 1.5}})
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nsteps = 1")
     with pytest.raises(ValueError, match="not valid TOML"):
@@ -72,6 +74,24 @@ def test_shapes_dataset_is_rich_seeded_and_keeps_its_held_out_split():
     assert images.shape == (3, 3, 64, 64) and torch.equal(images, again) and texts == texts_again
     assert images.min() >= -1 and images.max() <= 1
     assert render(held[0]).size == (64, 64)
+
+
+def _single_object_sizes(small_fraction: float) -> list[str]:
+    stream = ShapesDataset(two_object_fraction=0.0, small_fraction=small_fraction).scenes(random.Random(8))
+    return [next(stream).objects[0].size for _ in range(2000)]
+
+
+def test_small_fraction_rebalances_object_sizes_and_keeps_the_default_stream():
+    assert _single_object_sizes(0.0) == ["large"] * 2000 and _single_object_sizes(1.0) == ["small"] * 2000
+    assert 0.66 < _single_object_sizes(0.7).count("small") / 2000 < 0.74
+    assert 0.46 < _single_object_sizes(0.5).count("small") / 2000 < 0.54
+    # 0.5 draws no extra numbers: the stream (and the held-out prompts) is the one before the option existed
+    default = ShapesDataset(seed=2).scenes(random.Random(2))
+    explicit = ShapesDataset(seed=2, small_fraction=0.5).scenes(random.Random(2))
+    assert [next(default).caption for _ in range(200)] == [next(explicit).caption for _ in range(200)]
+    config = parse_config({"data": {"small_fraction": 1.0, "two_object_fraction": 0.0, "caption_dropout": 0.0}})
+    _, captions = make_batch(config.data, None, step=0, batch_size=8)
+    assert all("small" in c for c in captions), captions
 
 
 def test_folder_dataset_crops_flips_and_reports_bad_images(tmp_path):

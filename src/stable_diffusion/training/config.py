@@ -45,6 +45,7 @@ class DataSection:
     path: str = ""  # folder datasets: images with same-name .txt captions
     size: int = 64
     two_object_fraction: float = 0.4
+    small_fraction: float = 0.5  # of single objects; more small ones train the hard case harder
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     random_crop: bool = False
     flip: bool = False
@@ -181,6 +182,9 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
     if config.diffusion.loss_weighting not in ("none", "min_snr", "truncated_snr"):
         raise ValueError(f"[diffusion] loss_weighting must be none, min_snr or truncated_snr, "
                          f"not {config.diffusion.loss_weighting!r}")
+    for key in ("two_object_fraction", "small_fraction", "caption_dropout"):
+        if not 0 <= getattr(config.data, key) <= 1:
+            raise ValueError(f"[data] {key} must be between 0 and 1, not {getattr(config.data, key)}")
     if config.vae.object_weight < 1:
         raise ValueError(f"[vae] object_weight must be >= 1 (1 = every pixel alike), not {config.vae.object_weight}")
     if config.vae.object_contrast < 0:

@@ -60,7 +60,8 @@ def make_batch(data: DataSection, folder: FolderDataset | None, step: int, batch
     rng = random.Random(f"{data.seed}/{rank}/{step}")
     images, captions = [], []
     if folder is None:
-        stream = ShapesDataset(data.size, data.seed, "train", data.two_object_fraction).scenes(rng)
+        stream = ShapesDataset(data.size, data.seed, "train", data.two_object_fraction,
+                               small_fraction=data.small_fraction).scenes(rng)
         for _ in range(batch_size):
             scene = next(stream)
             images.append(image_tensor(render(scene, data.size)))

@@ -160,10 +160,23 @@ def caption_for(scene: Scene, rng: random.Random, full: bool = False) -> str:
     return f"{text} {bg}"
 
 
-def random_scene(rng: random.Random, two_object_fraction: float = 0.4) -> Scene:
+def _rebalance_size(rng: random.Random, size: str, small_fraction: float) -> str:
+    """Turn a fair small/large draw into P(small) = ``small_fraction``. At 0.5 it draws nothing more, so the
+    default stream (and with it the held-out prompts) stays as it was."""
+    if small_fraction > 0.5 and size == "large" and rng.random() < 2 * small_fraction - 1:
+        return "small"
+    if small_fraction < 0.5 and size == "small" and rng.random() < 1 - 2 * small_fraction:
+        return "large"
+    return size
+
+
+def random_scene(rng: random.Random, two_object_fraction: float = 0.4, small_fraction: float = 0.5) -> Scene:
+    """One scene; ``small_fraction`` of single objects are small (two-object scenes draw large objects)."""
     background = rng.choice(list(BACKGROUNDS))
     if rng.random() >= two_object_fraction:
-        thing = Thing(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES)), rng.choice(list(PLACES)))
+        colour, shape, size = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES))
+        size = _rebalance_size(rng, size, small_fraction)
+        thing = Thing(colour, shape, size, rng.choice(list(PLACES)))
         return Scene((thing,), background)
     ca, cb = rng.sample(list(COLOURS), 2)  # two objects never share a colour
     objects = (Thing(ca, rng.choice(SHAPES)), Thing(cb, rng.choice(SHAPES)))
@@ -175,15 +188,15 @@ class ShapesDataset(torch.utils.data.IterableDataset):
     combinations, "heldout" draws only them. Deterministic for a seed; each worker/rank gets its own stream."""
 
     def __init__(self, size: int = 64, seed: int = 0, split: str = "train", two_object_fraction: float = 0.4,
-                 rank: int = 0) -> None:
+                 rank: int = 0, small_fraction: float = 0.5) -> None:
         if split not in ("train", "heldout"):
             raise ValueError(f"unknown split {split!r} (train or heldout)")
         self.size, self.seed, self.split, self.two = size, seed, split, two_object_fraction
-        self.rank = rank
+        self.rank, self.small = rank, small_fraction
 
     def scenes(self, rng: random.Random, full_captions: bool = False):
         while True:
-            scene = random_scene(rng, self.two)
+            scene = random_scene(rng, self.two, self.small)
             if is_held_out(scene) != (self.split == "heldout"):
                 continue
             yield Scene(scene.objects, scene.background, scene.relation, caption_for(scene, rng, full_captions))
