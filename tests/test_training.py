@@ -89,6 +89,9 @@ def test_small_fraction_rebalances_object_sizes_and_keeps_the_default_stream():
     default = ShapesDataset(seed=2).scenes(random.Random(2))
     explicit = ShapesDataset(seed=2, small_fraction=0.5).scenes(random.Random(2))
     assert [next(default).caption for _ in range(200)] == [next(explicit).caption for _ in range(200)]
+    assert [s.caption for s in heldout_scenes(2)] == [  # pinned: the held-out prompts every eval so far used
+        "a large cyan ring at the top right on a gray background",
+        "a large green triangle on the right on a navy background"]
     config = parse_config({"data": {"small_fraction": 1.0, "two_object_fraction": 0.0, "caption_dropout": 0.0}})
     _, captions = make_batch(config.data, None, step=0, batch_size=8)
     assert all("small" in c for c in captions), captions

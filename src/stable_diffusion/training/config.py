@@ -45,7 +45,7 @@ class DataSection:
     path: str = ""  # folder datasets: images with same-name .txt captions
     size: int = 64
     two_object_fraction: float = 0.4
-    small_fraction: float = 0.5  # of single objects; more small ones train the hard case harder
+    small_fraction: float = 0.5  # the share of single objects drawn small
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     random_crop: bool = False
     flip: bool = False
