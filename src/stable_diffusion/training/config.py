@@ -62,6 +62,9 @@ class DiffusionSection:
     snr_gamma: float = 5.0  # min_snr: Hang et al.'s gamma
     snr_floor: float = 1.0  # truncated_snr: the x0 error's weight is max(SNR, snr_floor)
     snr_weight_cap: float = 0.0  # truncated_snr: > 0 caps the noise error's weight (the clean end's is 1)
+    # a sample whose caption contains the word or phrase KEY weighs VALUE in the batch's mean loss (the largest
+    # match; others 1), e.g. {small = 2.0}: kohya's dataset repeats, chosen by caption
+    caption_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -182,6 +185,9 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
     if config.diffusion.loss_weighting not in ("none", "min_snr", "truncated_snr"):
         raise ValueError(f"[diffusion] loss_weighting must be none, min_snr or truncated_snr, "
                          f"not {config.diffusion.loss_weighting!r}")
+    for key, weight in config.diffusion.caption_weights.items():
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0 or not key.strip():
+            raise ValueError(f"[diffusion] caption_weights: {key!r} = {weight!r}; need a word and a number > 0")
     for key in ("two_object_fraction", "small_fraction", "caption_dropout"):
         if not 0 <= getattr(config.data, key) <= 1:
             raise ValueError(f"[data] {key} must be between 0 and 1, not {getattr(config.data, key)}")

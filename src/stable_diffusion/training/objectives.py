@@ -6,6 +6,7 @@ adapters (Hu et al. 2021)."""
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,15 @@ def snr_loss_weights(abar: torch.Tensor, weighting: str, gamma: float = 5.0, cap
     return weights / weights.mean()
 
 
+def caption_loss_weights(captions: list[str], weights: dict[str, float]) -> torch.Tensor:
+    """Each caption's loss weight: the largest ``weights[key]`` whose key occurs in it as whole words
+    (case-insensitive), else 1. Unlike a weight that depends on the image, one that depends only on the
+    conditioning leaves the optimal denoiser for each caption unchanged; it only spends more of the model on
+    those captions, like repeating them in the dataset."""
+    patterns = [(re.compile(rf"\b{re.escape(key.strip())}\b", re.IGNORECASE), w) for key, w in weights.items()]
+    return torch.tensor([max([w for pattern, w in patterns if pattern.search(c)], default=1.0) for c in captions])
+
+
 class DiffusionLoss(nn.Module):
     """||target - unet(x_t, t, text)||^2 with x_t = sqrt(abar) x0 + sqrt(1 - abar) noise, t uniform;
     target = noise (eps) or sqrt(abar) noise - sqrt(1 - abar) x0 (v). The text encoder learns through it.
@@ -133,7 +143,9 @@ class DiffusionLoss(nn.Module):
         self.prediction = prediction
         text_encoder.requires_grad_(train_text_encoder)
 
-    def forward(self, latents: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, ids: torch.Tensor, generator: torch.Generator,
+                sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``sample_weights`` (B,), e.g. from :func:`caption_loss_weights`: the loss is their weighted mean."""
         b = latents.shape[0]
         t = torch.randint(0, len(self.abar), (b,), generator=generator, device=generator.device).to(latents.device)
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
@@ -145,10 +157,15 @@ class DiffusionLoss(nn.Module):
             target = a.sqrt() * noise - (1 - a).sqrt() * latents
         else:
             target = noise
-        if self.weights is None:
+        if self.weights is None and sample_weights is None:
             return F.mse_loss(prediction.float(), target.float())
         per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
-        return (self.weights[t] * per_sample).mean()
+        if self.weights is not None:
+            per_sample = self.weights[t] * per_sample
+        if sample_weights is None:
+            return per_sample.mean()
+        sample_weights = sample_weights.to(per_sample)
+        return (sample_weights * per_sample).sum() / sample_weights.sum()
 
 
 class ContrastiveLoss(nn.Module):

@@ -23,6 +23,7 @@ from .objectives import (
     DiffusionLoss,
     VAELoss,
     add_lora,
+    caption_loss_weights,
     lora_state_dict,
     remove_lora,
     step_generator,
@@ -112,13 +113,17 @@ class Trainer:
 
     def _latent_batch(self, batch_size: int):
         scale = self.pipe.config.vae.scaling_factor
+        caption_weights = self.config.diffusion.caption_weights
 
         def batch(step: int, micro: int):
             images, captions = self._images(step, micro, batch_size)
             generator = self._generator(step, micro)
             with torch.no_grad():
                 latents = self.pipe.vae.encode(images).sample(generator) * scale
-            return latents, self.pipe.tokenizer(captions).to(self.device), generator
+            ids = self.pipe.tokenizer(captions).to(self.device)
+            if not caption_weights:  # the plain batch: no extra tensor, so results match older runs bit for bit
+                return latents, ids, generator
+            return latents, ids, generator, caption_loss_weights(captions, caption_weights).to(self.device)
         return batch
 
     def _steps(self) -> int:
