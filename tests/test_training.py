@@ -4,6 +4,7 @@ exact resume, crash-safe checkpoints, LoRA fine-tuning in the kohya format, and 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -127,6 +128,23 @@ def test_a_tiny_run_writes_a_model_the_pipeline_loads(tmp_path):
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(path)[0]
+
+
+def test_adam_betas_reach_the_optimiser_and_the_log_has_the_gradient_norm(tmp_path):
+    from stable_diffusion.training.loop import StageRunner
+    from stable_diffusion.training.train import Trainer
+
+    config = smoke_config(tmp_path, adam_betas=[0.9, 0.95])
+    trainer = Trainer(config, progress=False)
+    spec = trainer._spec("unet", torch.nn.Linear(2, 2), steps=4, lr=1e-3)
+    runner = StageRunner(spec, tmp_path, torch.device("cpu"), trainer.dist)
+    assert runner.optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert records and all(r["grad_norm"] > 0 and math.isfinite(r["grad_norm"]) for r in records)
+    for bad in ([0.9], [0.9, 1.0], [0.9, "x"]):
+        with pytest.raises(ValueError, match=r"\[train\] adam_betas must be two numbers"):
+            parse_config({"train": {"adam_betas": bad}})
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):

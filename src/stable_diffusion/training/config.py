@@ -21,6 +21,7 @@ class TrainSection:
     batch_size: int = 16
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2), every stage
     warmup_steps: int = 100
     grad_accum: int = 1
     grad_clip: float = 1.0
@@ -197,6 +198,9 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"[vae] object_contrast must be >= 0 (0 = off), not {config.vae.object_contrast}")
     if config.vae.object_margin < 0:
         raise ValueError(f"[vae] object_margin must be >= 0 pixels (0 = off), not {config.vae.object_margin}")
+    betas = config.train.adam_betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"[train] adam_betas must be two numbers in [0, 1), not {betas!r}")
     if config.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"[train] mixed_precision must be no, bf16 or fp16, not {config.train.mixed_precision!r}")
     return config

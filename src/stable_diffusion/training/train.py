@@ -66,8 +66,9 @@ class Trainer:
 
     def _spec(self, name: str, module: torch.nn.Module, steps: int, lr: float) -> StageSpec:
         t = self.config.train
-        return StageSpec(name, module, steps, lr, t.weight_decay, min(t.warmup_steps, max(steps // 10, 1)),
-                         t.grad_accum, t.grad_clip, t.ema_decay, t.mixed_precision, t.save_every, t.log_every)
+        return StageSpec(name, module, steps, lr, t.weight_decay, tuple(t.adam_betas),
+                         min(t.warmup_steps, max(steps // 10, 1)), t.grad_accum, t.grad_clip, t.ema_decay,
+                         t.mixed_precision, t.save_every, t.log_every)
 
     def _run(self, spec: StageSpec, batch, sample_every: int = 0):
         runner = StageRunner(spec, self.out, self.device, self.dist, self._samples, sample_every)
