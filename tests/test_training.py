@@ -142,7 +142,7 @@ def test_adam_betas_reach_the_optimiser_and_the_log_has_the_gradient_norm(tmp_pa
     trainer.run()
     records = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     assert records and all(r["grad_norm"] > 0 and math.isfinite(r["grad_norm"]) for r in records)
-    for bad in ([0.9], [0.9, 1.0], [0.9, "x"]):
+    for bad in ([0.9], [0.9, 1.0], [0.9, "x"], 0.9):
         with pytest.raises(ValueError, match=r"\[train\] adam_betas must be two numbers"):
             parse_config({"train": {"adam_betas": bad}})
 

@@ -199,7 +199,8 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
     if config.vae.object_margin < 0:
         raise ValueError(f"[vae] object_margin must be >= 0 pixels (0 = off), not {config.vae.object_margin}")
     betas = config.train.adam_betas
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+    numbers = isinstance(betas, list) and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+    if not numbers or len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"[train] adam_betas must be two numbers in [0, 1), not {betas!r}")
     if config.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"[train] mixed_precision must be no, bf16 or fp16, not {config.train.mixed_precision!r}")
