@@ -189,7 +189,7 @@ class StageRunner:
                 self.scaler.unscale_(self.optimizer)
             grad_norm = None
             if spec.grad_clip > 0:  # the norm before clipping is logged: a spike in it shows an instability
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(spec.module.parameters(), spec.grad_clip))
+                grad_norm = torch.nn.utils.clip_grad_norm_(spec.module.parameters(), spec.grad_clip)
             if self.scaler:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -204,7 +204,7 @@ class StageRunner:
                 record = {"stage": spec.name, "step": self.step, "loss": total, "lr": self.schedule.get_last_lr()[0],
                           "seconds": round(time.perf_counter() - started, 2)}
                 if grad_norm is not None:
-                    record["grad_norm"] = round(grad_norm, 5)
+                    record["grad_norm"] = round(float(grad_norm), 5)  # read only here: no device sync per step
                 log(record)
             if self.step % spec.save_every == 0 or self.step == spec.steps:
                 self.save()
