@@ -46,6 +46,17 @@ def test_type_a_prompt_generate_and_see_the_image(page):
     assert "Seed: 5" in page.inner_text("#params") and "done: seeds 5" in page.inner_text("#status")
 
 
+def test_guidance_skip_fields_reach_the_image(page):
+    page.fill("#s_min_uncond", "2")
+    page.check("#s_min_uncond_all")
+    page.evaluate("document.getElementById('gallery').innerHTML = ''")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img.result", timeout=60_000)
+    assert "NGMS: 2.0, NGMS all steps: True" in page.inner_text("#params")
+    page.fill("#s_min_uncond", "0")
+    page.uncheck("#s_min_uncond_all")
+
+
 def test_paint_a_mask_inpaint_and_only_the_mask_changes(page, tmp_path):
     init = Image.new("RGB", (64, 64), (30, 160, 60))
     path = tmp_path / "init.png"

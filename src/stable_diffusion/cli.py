@@ -108,7 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch, n_iter=args.n_iter,
         width=args.width, height=args.height, clip_skip=args.clip_skip, lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
-        loras=[_lora_arg(text) for text in args.lora],
+        loras=[_lora_arg(text) for text in args.lora], **_guidance_skip(args),
     )
     pipe = load_pipeline(args.model, device=args.device)
     steps = int(min(strength, 0.999) * request.steps) + 1 if init is not None else request.steps
@@ -162,6 +162,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
     runpy.run_path(str(bench), run_name="__main__")
 
 
+def _guidance_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
+                   help="A1111's NGMS: no CFG below this sigma (the last, low-noise steps), on every other step")
+    p.add_argument("--ngms-all-steps", action="store_true", help="with --ngms: on every step")
+    p.add_argument("--skip-early-cfg", type=float, default=0.0, metavar="FRACTION",
+                   help="A1111's Skip Early CFG: no CFG on this fraction of the first steps")
+
+
+def _guidance_skip(args: argparse.Namespace) -> dict:
+    return {"s_min_uncond": args.ngms, "s_min_uncond_all": args.ngms_all_steps,
+            "skip_early_cond": args.skip_early_cfg}
+
+
 def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("prompt")
     p.add_argument("--negative", default="", help="negative prompt (the unconditional side of CFG)")
@@ -170,6 +183,7 @@ def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--scheduler", default="automatic", help="automatic, uniform, karras, exponential, ...")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=7.0)
+    _guidance_arguments(p)
     p.add_argument("--seed", type=int, default=-1)
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
@@ -222,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     except ValueError:
         raise ValueError(f"--steps takes comma-separated integers, not {args.steps!r}") from None
     result = evaluate(pipe, samplers, steps, n=args.n, cfg=args.cfg, seed=args.seed, clip_path=args.clip or DOMAIN_CLIP,
-                      batch=args.batch, inception=args.inception)
+                      batch=args.batch, inception=args.inception, guidance=_guidance_skip(args))
     write_report(result, Path(args.out))
     print(table(result), end="")
     print(f"written: {args.out}/results.json, table.md, plot.png")
@@ -286,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default="5,10,20,50", help="comma-separated step counts")
     p.add_argument("--n", type=int, default=50, help="held-out prompts per kind (one-object, two-object)")
     p.add_argument("--cfg", type=float, default=7.0)
+    _guidance_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8, help="prompts per generation batch")
     p.add_argument("--inception", help="InceptionV3 FID weights (.pth/.safetensors, pytorch-fid/torch-fidelity "

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .conditioning import condition
-from .diffusion.denoiser import CFGDenoiser, Denoiser
+from .diffusion.denoiser import CFGDenoiser, Denoiser, GuidanceSkip
 from .diffusion.samplers import SAMPLERS, resolve_sampler
 from .diffusion.schedules import alphas_cumprod, make_betas, make_sigmas
 from .embeddings import EmbeddingLibrary
@@ -50,6 +50,10 @@ class GenerationRequest:
     height: int | None = None
     clip_skip: int = 1
     eta: float | None = None
+    # guidance switched off for part of sampling, as A1111's options of these names (diffusion/denoiser.py)
+    s_min_uncond: float = 0.0  # "NGMS": no guidance below this sigma, on every other step
+    s_min_uncond_all: bool = False  # "NGMS all steps": ... on every step
+    skip_early_cond: float = 0.0  # "Skip Early CFG": no guidance on this fraction of the first steps
     loras: list = field(default_factory=list)  # [(path or name, strength)], besides <lora:name:w> in the prompt
     lora_dir: str | None = None
     embeddings_dir: str | None = None  # textual-inversion files, used in prompts by file name
@@ -67,6 +71,10 @@ class GenerationRequest:
         if self.steps < 1 or self.batch_size < 1 or self.n_iter < 1:
             raise ValueError("steps, batch_size and n_iter must be at least 1")
         resolve_sampler(self.sampler)
+        if not 0 <= self.s_min_uncond < float("inf"):
+            raise ValueError(f"s_min_uncond (NGMS) must be a sigma >= 0, got {self.s_min_uncond}")
+        if not 0 <= self.skip_early_cond <= 1:
+            raise ValueError(f"skip_early_cond must be a fraction of the steps in [0, 1], got {self.skip_early_cond}")
         if self.seed == -1:
             self.seed = random.randrange(2**32)
 
@@ -114,9 +122,9 @@ class _StepwiseCFG(torch.nn.Module):
         super().__init__()
         self.sigmas, self.per_step = sigmas, per_step
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, skip_uncond: bool = False) -> torch.Tensor:
         step = int((self.sigmas[:-1] >= sigma.reshape(-1)[0] * (1 - 1e-6)).sum().item()) - 1
-        return self.per_step[min(max(step, 0), len(self.per_step) - 1)](x, sigma)
+        return self.per_step[min(max(step, 0), len(self.per_step) - 1)](x, sigma, skip_uncond)
 
 
 def _scheduled_cfg(pipe, request: GenerationRequest, prompts: list[str], negative: str, denoiser: Denoiser,
@@ -292,6 +300,9 @@ def _generate(pipe, request: GenerationRequest, prompts: list[str], negative: st
             n = request.batch_size
             seeds = [request.seed + it * n + i for i in range(n)]
             model = _scheduled_cfg(pipe, request, prompts * (n // len(prompts)), negative, denoiser, sigmas)
+            if request.s_min_uncond or request.skip_early_cond:
+                model = GuidanceSkip(model, len(sigmas) - 1, request.s_min_uncond, request.s_min_uncond_all,
+                                     request.skip_early_cond)
             noise, generators = initial_noise(seeds, latent_shape)
             x = noise.to(pipe.device) * sigmas[0]
             if start.init_latent is not None:
@@ -320,6 +331,9 @@ def _generate(pipe, request: GenerationRequest, prompts: list[str], negative: st
                     "Model": c.name or None, "Denoising strength": strength if init_image is not None else None,
                     "Mask blur": inpaint.mask_blur if inpaint is not None else None,
                     "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+                    "NGMS": request.s_min_uncond or None,
+                    "NGMS all steps": True if request.s_min_uncond and request.s_min_uncond_all else None,
+                    "Skip Early CFG": request.skip_early_cond or None,
                     "Version": "stable_diffusion 0.1.0",
                 }))
             if stopped is not None and not stopped.skip:

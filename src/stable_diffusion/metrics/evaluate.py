@@ -38,13 +38,14 @@ class Row:
 
 
 def _generate(pipe, scenes: list[Scene], sampler: str, steps: int, cfg: float, seed: int, batch: int = 8,
-              prompt_override: str | None = None) -> tuple[list[Image.Image], float]:
+              prompt_override: str | None = None, guidance: dict | None = None) -> tuple[list[Image.Image], float]:
     """Scene i's image with seed ``seed + i``, ``batch`` prompts per call (the same images as one at a time,
-    up to float rounding); returns the images and the wall seconds per image."""
+    up to float rounding); returns the images and the wall seconds per image. ``guidance``: GenerationRequest's
+    guidance-skipping fields (s_min_uncond, s_min_uncond_all, skip_early_cond)."""
     images, start = [], time.perf_counter()
     for k in range(0, len(scenes), batch):
         prompts = [s.caption if prompt_override is None else prompt_override for s in scenes[k:k + batch]]
-        images += pipe.txt2img(prompts, steps=steps, sampler=sampler, cfg_scale=cfg, seed=seed + k)
+        images += pipe.txt2img(prompts, steps=steps, sampler=sampler, cfg_scale=cfg, seed=seed + k, **(guidance or {}))
     return images, (time.perf_counter() - start) / max(1, len(scenes))
 
 
@@ -80,8 +81,11 @@ def adherence(images: list[Image.Image], scenes: list[Scene]) -> tuple[float, di
 
 def evaluate(pipe, samplers: list[str], step_counts: list[int], n: int = 50, cfg: float = 7.0, seed: int = 0,
              clip_path: str | Path = DOMAIN_CLIP, chance: bool = True, batch: int = 8,
-             inception: str | Path | None = None) -> dict:
-    """``inception``: an InceptionV3 FID weights file; adds FID with its pool features beside the domain one."""
+             inception: str | Path | None = None, guidance: dict | None = None) -> dict:
+    """``inception``: an InceptionV3 FID weights file; adds FID with its pool features beside the domain one.
+    ``guidance``: where CFG is switched off (GenerationRequest's s_min_uncond, s_min_uncond_all,
+    skip_early_cond); the chance row is CFG 1, so it is unaffected."""
+    guidance = {k: v for k, v in (guidance or {}).items() if v}
     scorer = CLIPScorer.from_folder(clip_path)
     extractors: dict[str, Features] = {"domain": scorer.model.image_features}
     if inception is not None:
@@ -93,7 +97,7 @@ def evaluate(pipe, samplers: list[str], step_counts: list[int], n: int = 50, cfg
     rows = []
     for sampler in samplers:
         for steps in step_counts:
-            images, seconds = _generate(pipe, scenes, sampler, steps, cfg, seed, batch)
+            images, seconds = _generate(pipe, scenes, sampler, steps, cfg, seed, batch, guidance=guidance)
             one_rate, per_attribute = adherence(images[:n], one)
             two_rate, _ = adherence(images[n:], two)
             fids = {name: frechet_distance(*real[name], *_stats(fn, images).mean_cov())
@@ -101,7 +105,8 @@ def evaluate(pipe, samplers: list[str], step_counts: list[int], n: int = 50, cfg
             rows.append(Row(sampler, steps, one_rate, two_rate, per_attribute, fids["domain"],
                             scorer.score(images, [s.caption for s in scenes]), seconds, fids.get("inception")))
     psnr_mean, psnr_min, rebuilt = vae_reconstruct(pipe, renders)
-    result = {"n_per_kind": n, "cfg": cfg, "batch": batch, "vae_psnr_db": psnr_mean, "vae_psnr_min_db": psnr_min,
+    result = {"n_per_kind": n, "cfg": cfg, "guidance_skip": guidance, "batch": batch, "vae_psnr_db": psnr_mean,
+              "vae_psnr_min_db": psnr_min,
               "vae_ceiling": _judged(rebuilt, one, two), "rows": [asdict(r) for r in rows]}
     if chance:
         images, _ = _generate(pipe, scenes, samplers[0], 20, 1.0, seed, batch, prompt_override="")
@@ -131,6 +136,8 @@ def table(result: dict) -> str:
         c = result["chance"]
         lines.append(f"| unconditional (chance) | | {c['one_object']:.1%} | {c['two_object']:.1%} |"
                      + " |" * (8 + inception))
+    if result.get("guidance_skip"):
+        lines.append(f"\nCFG {result['cfg']:g}, switched off where A1111's options say: {result['guidance_skip']}.")
     lines.append(f"\nSeconds per image: wall time of the whole run over its images, {result.get('batch', 1)} "
                  "prompts per batch.")
     lines.append(f"VAE reconstruction of the {2 * result['n_per_kind']} held-out images: PSNR "

@@ -77,8 +77,26 @@ def check_limits(body: GenerationFields, limits: Limits) -> None:
         raise ApiError(422, f"cfg_scale must be in [0, 100], got {body.cfg_scale}")
 
 
+def _setting(settings: dict, key: str, default: float, low: float, high: float) -> float:
+    value = settings.get(key, default)
+    if not isinstance(value, int | float) or not low <= value <= high:  # bools are numbers, as A1111's toggles are
+        raise ApiError(422, f"{key} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def guidance_skip(body: GenerationFields, settings: dict) -> dict:
+    """A1111's NGMS (``s_min_uncond``, a request field or option; ``s_min_uncond_all``) and ``skip_early_cond``."""
+    if body.s_min_uncond is not None:
+        settings = {**settings, "s_min_uncond": body.s_min_uncond}
+    return {"s_min_uncond": _setting(settings, "s_min_uncond", 0.0, 0.0, 1e4),
+            "s_min_uncond_all": bool(_setting(settings, "s_min_uncond_all", False, 0, 1)),
+            "skip_early_cond": _setting(settings, "skip_early_cond", 0.0, 0.0, 1.0)}
+
+
 def build_request(body: GenerationFields, options: dict, lora_dir: Path | None,
                   embeddings_dir: Path | None) -> GenerationRequest:
+    """The request a body asks for; options are the server's, with the body's ``override_settings`` on top."""
+    settings = {**options, **(body.override_settings or {})}
     sampler = body.sampler_name or body.sampler_index or "Euler"
     try:
         resolve_sampler(sampler)
@@ -91,8 +109,9 @@ def build_request(body: GenerationFields, options: dict, lora_dir: Path | None,
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=body.cfg_scale,
         sampler=sampler, scheduler=scheduler, seed=body.seed, batch_size=body.batch_size, n_iter=body.n_iter,
         width=body.width, height=body.height, eta=body.eta,
-        clip_skip=body.clip_skip or int(options.get("CLIP_stop_at_last_layers", 1)),
-        lora_dir=str(lora_dir) if lora_dir else None, embeddings_dir=str(embeddings_dir) if embeddings_dir else None)
+        clip_skip=body.clip_skip or int(_setting(settings, "CLIP_stop_at_last_layers", 1, 1, 12)),
+        lora_dir=str(lora_dir) if lora_dir else None, embeddings_dir=str(embeddings_dir) if embeddings_dir else None,
+        **guidance_skip(body, settings))
 
 
 def fit_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:

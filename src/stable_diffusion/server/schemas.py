@@ -31,6 +31,7 @@ class GenerationFields(BaseModel):
     s_tmax: float | None = None
     s_tmin: float | None = None
     s_noise: float | None = None
+    s_min_uncond: float | None = None  # NGMS; None: the "s_min_uncond" option
     clip_skip: int | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True

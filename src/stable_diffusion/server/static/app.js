@@ -117,6 +117,7 @@ function request() {
     prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, sampler_name: $("sampler_name").value,
     scheduler: $("scheduler").value, steps: num("steps"), cfg_scale: num("cfg_scale"), seed: num("seed"),
     width: num("width"), height: num("height"), batch_size: num("batch_size"),
+    s_min_uncond: num("s_min_uncond"), override_settings: {s_min_uncond_all: $("s_min_uncond_all").checked},
   };
   if (tab !== "txt2img") {
     if (!$("init").src) throw new Error("choose an init image first");
@@ -202,6 +203,7 @@ function readParameters(file) {
       const set = (id, value) => { if (value !== undefined) $(id).value = value; };
       set("steps", p.Steps); set("cfg_scale", p["CFG scale"]); set("seed", p.Seed); set("sampler_name", p.Sampler);
       if (p["Schedule type"]) set("scheduler", p["Schedule type"].toLowerCase());
+      set("s_min_uncond", p.NGMS || 0); $("s_min_uncond_all").checked = p["NGMS all steps"] === "True";
       if (p.Size) { const [w, h] = p.Size.split("x"); set("width", w); set("height", h); }
       status("parameters read from " + file.name);
     } catch (e) { status("error: " + e.message); }

@@ -1,0 +1,134 @@
+"""Switching CFG off for part of sampling, as A1111's NGMS (``s_min_uncond``, ``s_min_uncond_all``) and Skip
+Early CFG (``skip_early_cond``) do: which model calls skip, that a skipped call is the conditional prediction
+alone at half the batch, and the request, infotext, CLI and API that carry it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from stable_diffusion import load_pipeline
+from stable_diffusion.cli import main
+from stable_diffusion.diffusion.denoiser import CFGDenoiser, GuidanceSkip
+from stable_diffusion.infotext import parse_infotext, read_png_infotext
+
+
+class Recorder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: list[bool] = []
+
+    def forward(self, x, sigma, skip_uncond=False):
+        self.skipped.append(skip_uncond)
+        return x
+
+
+def skips(sigmas: list[float], **kwargs) -> list[bool]:
+    recorder = Recorder()
+    model = GuidanceSkip(recorder, steps=len(sigmas), **kwargs)
+    for sigma in sigmas:
+        model(torch.zeros(1), torch.tensor(sigma))
+    return recorder.skipped
+
+
+def test_which_calls_skip_guidance():
+    sigmas = [14.0, 8.0, 4.0, 2.0, 1.0, 0.5]
+    assert skips(sigmas) == [False] * 6
+    # NGMS: below the sigma, on odd calls (A1111 counts calls from 0), or on all with s_min_uncond_all
+    assert skips(sigmas, s_min_uncond=3.0) == [False, False, False, True, False, True]
+    assert skips(sigmas, s_min_uncond=3.0, all_steps=True) == [False, False, False, True, True, True]
+    assert skips(sigmas, all_steps=True) == [False] * 6  # s_min_uncond 0 is off
+    # Skip Early CFG: calls / steps <= the fraction
+    assert skips(sigmas, skip_early=0.34) == [True, True, True, False, False, False]
+    assert skips(sigmas, skip_early=0.34, s_min_uncond=1.5, all_steps=True) == [True, True, True, False, True, True]
+
+
+def test_a_skipped_call_is_the_conditional_prediction_alone_in_one_half_batch():
+    batches = []
+
+    def denoiser(x, sigma, context, y):
+        batches.append(x.shape[0])
+        return x * 0 + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+
+    cfg = CFGDenoiser(denoiser, torch.ones(1, 3, 2), torch.zeros(1, 3, 2), scale=7.5)
+    x, sigma = torch.randn(1, 4, 2, 2), torch.tensor(1.0)
+    assert torch.allclose(cfg(x, sigma), torch.full_like(x, 7.5))
+    assert torch.allclose(cfg(x, sigma, skip_uncond=True), torch.ones_like(x))
+    assert batches == [2, 1]
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return load_pipeline("tiny-sd1")
+
+
+def pixels(image):
+    return np.asarray(image).astype(int)
+
+
+def test_guidance_off_everywhere_is_cfg_1_and_the_infotext_says_so(sd1):
+    from stable_diffusion.generate import GenerationRequest, txt2img
+
+    common = {"prompt": "a cat", "steps": 4, "seed": 3, "sampler": "Euler"}
+    guided = txt2img(sd1, GenerationRequest(**common)).images[0]
+    plain = txt2img(sd1, GenerationRequest(**common, cfg_scale=1.0)).images[0]
+    batch_sizes = []
+    hook = sd1.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        off = txt2img(sd1, GenerationRequest(**common, s_min_uncond=1e4, s_min_uncond_all=True))
+    finally:
+        hook.remove()
+    assert np.array_equal(pixels(off.images[0]), pixels(plain)) and batch_sizes == [1] * 4
+    assert not np.array_equal(pixels(guided), pixels(plain))
+    params = parse_infotext(off.infotexts[0])
+    assert params["NGMS"] == "10000.0" and params["NGMS all steps"] == "True"
+    half = txt2img(sd1, GenerationRequest(**common, s_min_uncond=1e4))  # every other step guided
+    assert not np.array_equal(pixels(half.images[0]), pixels(plain))
+    assert "NGMS all steps" not in parse_infotext(half.infotexts[0])
+    early = txt2img(sd1, GenerationRequest(**common, skip_early_cond=1.0))
+    assert np.array_equal(pixels(early.images[0]), pixels(plain))
+    assert parse_infotext(early.infotexts[0])["Skip Early CFG"] == "1.0"
+    assert "NGMS" not in parse_infotext(txt2img(sd1, GenerationRequest(**common)).infotexts[0])
+
+
+def test_bad_values_fail_before_work(sd1):
+    with pytest.raises(ValueError, match="s_min_uncond"):
+        sd1.txt2img("x", s_min_uncond=-1.0)
+    with pytest.raises(ValueError, match="skip_early_cond"):
+        sd1.txt2img("x", skip_early_cond=1.5)
+
+
+def test_cli_flags(tmp_path):
+    out = tmp_path / "out"
+    assert main(["txt2img", "a cat", "--model", "tiny-sd1", "--steps", "2", "--seed", "1", "--ngms", "2.5",
+                 "--ngms-all-steps", "--skip-early-cfg", "0.25", "--out", str(out)]) == 0
+    params = parse_infotext(read_png_infotext(out / "00000-1.png"))
+    assert (params["NGMS"], params["NGMS all steps"], params["Skip Early CFG"]) == ("2.5", "True", "0.25")
+
+
+def test_api_field_and_override_settings(tmp_path):
+    from stable_diffusion.models.configs import preset
+    from stable_diffusion.pipeline import Pipeline
+    from stable_diffusion.server.app import create_app
+    from stable_diffusion.server.registry import ModelRegistry
+
+    (tmp_path / "Stable-diffusion").mkdir()
+    Pipeline.from_config(preset("tiny-sd1"), seed=0).save(tmp_path / "Stable-diffusion" / "tiny.safetensors")
+    app = create_app(ModelRegistry(tmp_path, default="tiny"), outputs=tmp_path / "outputs")
+    base = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 1}
+    with TestClient(app) as client:
+        r = client.post("/sdapi/v1/txt2img", json={**base, "s_min_uncond": 1.5,
+                                                   "override_settings": {"s_min_uncond_all": True}})
+        assert r.status_code == 200, r.text
+        text = json.loads(r.json()["info"])["infotexts"][0]
+        assert "NGMS: 1.5, NGMS all steps: True" in text
+        r = client.post("/sdapi/v1/txt2img", json={**base, "override_settings": {"skip_early_cond": 0.5}})
+        assert "Skip Early CFG: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
+        for bad in ({"s_min_uncond": -2}, {"override_settings": {"skip_early_cond": "lots"}},
+                    {"override_settings": {"s_min_uncond_all": None}}):
+            r = client.post("/sdapi/v1/txt2img", json={**base, **bad})
+            assert r.status_code == 422 and "must be a number" in r.json()["detail"], r.text
