@@ -132,3 +132,9 @@ def test_api_field_and_override_settings(tmp_path):
                     {"override_settings": {"s_min_uncond_all": None}}):
             r = client.post("/sdapi/v1/txt2img", json={**base, **bad})
             assert r.status_code == 422 and "must be a number" in r.json()["detail"], r.text
+        # server-wide, as A1111's options: listed, settable, checked
+        assert client.get("/sdapi/v1/options").json()["s_min_uncond"] == 0.0
+        assert client.post("/sdapi/v1/options", json={"s_min_uncond": "high"}).status_code == 422
+        assert client.post("/sdapi/v1/options", json={"s_min_uncond": 3.0}).status_code == 200
+        r = client.post("/sdapi/v1/txt2img", json=base)
+        assert "NGMS: 3.0" in json.loads(r.json()["info"])["infotexts"][0]

@@ -28,6 +28,7 @@ from .generation import (
     build_request,
     check_limits,
     decode_image,
+    guidance_skip,
     img2img_inputs,
     respond,
     run_generation,
@@ -100,7 +101,8 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
     jobs = JobQueue(max_queue, decode_preview=decode_preview)
     options: dict = {"sd_model_checkpoint": registry.current_entry.title, "sd_vae": "Automatic",
                      "CLIP_stop_at_last_layers": 1, "samples_save": True, "samples_format": "png",
-                     "outdir_samples": str(outputs_dir or ""), "live_previews_enable": True, "eta_ddim": 0.0}
+                     "outdir_samples": str(outputs_dir or ""), "live_previews_enable": True, "eta_ddim": 0.0,
+                     "s_min_uncond": 0.0, "s_min_uncond_all": False, "skip_early_cond": 0.0}
     app = FastAPI(title="stable_diffusion", version=VERSION, description=__doc__)
     app.state.jobs, app.state.registry, app.state.options = jobs, registry, options
 
@@ -182,6 +184,7 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
             raise ApiError(422, "options: the body must be a JSON object") from None
         if not isinstance(changes, dict):
             raise ApiError(422, "options: the body must be a JSON object")
+        guidance_skip({**options, **changes})
         if "sd_model_checkpoint" in changes:
             try:
                 entry = registry.find(str(changes["sd_model_checkpoint"]))

@@ -84,9 +84,10 @@ def _setting(settings: dict, key: str, default: float, low: float, high: float) 
     return float(value)
 
 
-def guidance_skip(body: GenerationFields, settings: dict) -> dict:
-    """A1111's NGMS (``s_min_uncond``, a request field or option; ``s_min_uncond_all``) and ``skip_early_cond``."""
-    if body.s_min_uncond is not None:
+def guidance_skip(settings: dict, body: GenerationFields | None = None) -> dict:
+    """A1111's NGMS (``s_min_uncond``, a request field or option; ``s_min_uncond_all``) and ``skip_early_cond``,
+    checked (a 422 names the bad one)."""
+    if body is not None and body.s_min_uncond is not None:
         settings = {**settings, "s_min_uncond": body.s_min_uncond}
     return {"s_min_uncond": _setting(settings, "s_min_uncond", 0.0, 0.0, 1e4),
             "s_min_uncond_all": bool(_setting(settings, "s_min_uncond_all", False, 0, 1)),
@@ -111,7 +112,7 @@ def build_request(body: GenerationFields, options: dict, lora_dir: Path | None,
         width=body.width, height=body.height, eta=body.eta,
         clip_skip=body.clip_skip or int(_setting(settings, "CLIP_stop_at_last_layers", 1, 1, 12)),
         lora_dir=str(lora_dir) if lora_dir else None, embeddings_dir=str(embeddings_dir) if embeddings_dir else None,
-        **guidance_skip(body, settings))
+        **guidance_skip(settings, body))
 
 
 def fit_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
