@@ -221,3 +221,12 @@ def test_save_images_writes_numbered_pngs_and_send_images_false_sends_none(model
     saved = sorted(p.name for p in (tmp_path / "txt2img-images").glob("*.png"))
     assert saved == ["00000-9.png", "00001-10.png"]
     assert "Seed: 10" in Image.open(tmp_path / "txt2img-images" / "00001-10.png").info["parameters"]
+
+
+def test_override_settings_apply_to_that_request_only(client):
+    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3}
+    r = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"CLIP_stop_at_last_layers": 2}})
+    assert r.status_code == 200 and "Clip skip: 2" in json.loads(r.json()["info"])["infotexts"][0]
+    assert "Clip skip" not in json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])["infotexts"][0]
+    r = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"CLIP_stop_at_last_layers": "two"}})
+    assert r.status_code == 422 and "CLIP_stop_at_last_layers" in r.json()["detail"]
