@@ -138,3 +138,26 @@ def test_api_field_and_override_settings(tmp_path):
         assert client.post("/sdapi/v1/options", json={"s_min_uncond": 3.0}).status_code == 200
         r = client.post("/sdapi/v1/txt2img", json=base)
         assert "NGMS: 3.0" in json.loads(r.json()["info"])["infotexts"][0]
+
+
+@pytest.mark.parametrize("sampler", ["Heun", "DPM++ 2M"])
+def test_prompt_editing_inpainting_and_second_order_samplers_honour_it(sd1, sampler):
+    from PIL import Image
+
+    from stable_diffusion.generate import GenerationRequest, inpaint, txt2img
+    from stable_diffusion.inpaint import InpaintSpec
+
+    edit = {"prompt": "a [cat:dog:2]", "steps": 3, "seed": 4, "sampler": sampler}
+    off = txt2img(sd1, GenerationRequest(**edit, s_min_uncond=1e4, s_min_uncond_all=True)).images[0]
+    plain = txt2img(sd1, GenerationRequest(**edit, cfg_scale=1.0)).images[0]
+    assert np.array_equal(pixels(off), pixels(plain))
+    init, mask = Image.new("RGB", (64, 64), (20, 120, 200)), Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    spec = InpaintSpec(mask, 0, 1, False, False, 0)
+    request = GenerationRequest(prompt="a cat", steps=3, seed=4, sampler=sampler, s_min_uncond=1e4,
+                                s_min_uncond_all=True)
+    out = pixels(inpaint(sd1, request, init, spec, 1.0).images[0])
+    assert np.array_equal(out[:, 40:], pixels(init)[:, 40:])  # outside the mask: kept
+    plain = pixels(inpaint(sd1, GenerationRequest(prompt="a cat", steps=3, seed=4, sampler=sampler, cfg_scale=1.0),
+                           init, spec, 1.0).images[0])
+    assert np.array_equal(out, plain)
