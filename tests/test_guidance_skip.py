@@ -124,8 +124,9 @@ def test_api_field_and_override_settings(tmp_path):
         r = client.post("/sdapi/v1/txt2img", json={**base, "s_min_uncond": 1.5,
                                                    "override_settings": {"s_min_uncond_all": True}})
         assert r.status_code == 200, r.text
-        text = json.loads(r.json()["info"])["infotexts"][0]
-        assert "NGMS: 1.5, NGMS all steps: True" in text
+        info = json.loads(r.json()["info"])
+        assert "NGMS: 1.5, NGMS all steps: True" in info["infotexts"][0]
+        assert info["extra_generation_params"] == {"NGMS": 1.5, "NGMS all steps": True}
         r = client.post("/sdapi/v1/txt2img", json={**base, "override_settings": {"skip_early_cond": 0.5}})
         assert "Skip Early CFG: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
         for bad in ({"s_min_uncond": -2}, {"override_settings": {"skip_early_cond": "lots"}},

@@ -79,6 +79,14 @@ class GenerationRequest:
             self.seed = random.randrange(2**32)
 
 
+def guidance_skip_params(request: GenerationRequest) -> dict:
+    """The infotext keys A1111 writes for its guidance-skipping options (only those in use)."""
+    params = {"NGMS": request.s_min_uncond or None,
+              "NGMS all steps": True if request.s_min_uncond and request.s_min_uncond_all else None,
+              "Skip Early CFG": request.skip_early_cond or None}
+    return {k: v for k, v in params.items() if v is not None}
+
+
 class StopSampling(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised by a step callback to end sampling early: ``denoised`` (the x0 prediction of that step) is
     decoded as the image. ``skip``: end only this batch (A1111's Skip); otherwise the whole job (Interrupt)."""
@@ -331,9 +339,7 @@ def _generate(pipe, request: GenerationRequest, prompts: list[str], negative: st
                     "Model": c.name or None, "Denoising strength": strength if init_image is not None else None,
                     "Mask blur": inpaint.mask_blur if inpaint is not None else None,
                     "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
-                    "NGMS": request.s_min_uncond or None,
-                    "NGMS all steps": True if request.s_min_uncond and request.s_min_uncond_all else None,
-                    "Skip Early CFG": request.skip_early_cond or None,
+                    **guidance_skip_params(request),
                     "Version": "stable_diffusion 0.1.0",
                 }))
             if stopped is not None and not stopped.skip:

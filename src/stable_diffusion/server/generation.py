@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..diffusion.samplers import resolve_sampler
 from ..diffusion.schedules import SCHEDULERS
-from ..generate import GenerationRequest, GenerationResult, generate
+from ..generate import GenerationRequest, GenerationResult, generate, guidance_skip_params
 from ..infotext import save_png
 from ..inpaint import InpaintSpec
 from .schemas import GenerationFields, Img2ImgRequest, Limits
@@ -169,7 +169,7 @@ def info_dict(body: GenerationFields, request: GenerationRequest, result: Genera
         "cfg_scale": request.cfg_scale, "steps": request.steps, "batch_size": request.batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": model[0], "sd_model_hash": model[1],
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": strength, "extra_generation_params": {}, "index_of_first_image": 0,
+        "denoising_strength": strength, "extra_generation_params": guidance_skip_params(request), "index_of_first_image": 0,
         "infotexts": result.infotexts, "styles": body.styles or [], "job_timestamp": timestamp,
         "clip_skip": request.clip_skip, "is_using_inpainting_conditioning": inpainting, "version": VERSION,
     }
