@@ -38,7 +38,7 @@ class Denoiser(nn.Module):
 
 class CFGDenoiser(nn.Module):
     """``uncond + scale * (cond - uncond)`` on x0 (equivalent to on eps), both halves in one batched call.
-    ``skip_uncond``: the conditional prediction alone, one half the work (what guidance skipping uses)."""
+    ``skip_uncond``: the conditional prediction alone, at half the batch (what guidance skipping uses)."""
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor,
                  scale: float, y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None) -> None:
