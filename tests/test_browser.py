@@ -55,6 +55,15 @@ def test_guidance_skip_fields_reach_the_image(page):
     assert "NGMS: 2.0, NGMS all steps: True" in page.inner_text("#params")
     page.fill("#s_min_uncond", "0")
     page.uncheck("#s_min_uncond_all")
+    # a server-wide NGMS set through the API is the form's starting value after a reload
+    options = page.url + "sdapi/v1/options"
+    assert page.request.post(options, data={"s_min_uncond": 1.5, "s_min_uncond_all": True}).ok
+    page.reload()
+    page.wait_for_function("document.getElementById('sampler_name').options.length > 0")
+    assert page.input_value("#s_min_uncond") == "1.5" and page.is_checked("#s_min_uncond_all")
+    assert page.request.post(options, data={"s_min_uncond": 0, "s_min_uncond_all": False}).ok
+    page.reload()
+    page.wait_for_function("document.getElementById('sampler_name').options.length > 0")
 
 
 def test_paint_a_mask_inpaint_and_only_the_mask_changes(page, tmp_path):

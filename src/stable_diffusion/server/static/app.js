@@ -30,6 +30,9 @@ async function loadLists() {
   $("sampler_name").value = "Euler a";
   schedulers.forEach((s) => option($("scheduler"), s.name, s.label));
   $("width").value = $("height").value = current.native_size;
+  // the server-wide NGMS (POST /sdapi/v1/options) is the form's starting value, so the form does not undo it
+  $("s_min_uncond").value = options.s_min_uncond || 0;
+  $("s_min_uncond_all").checked = Boolean(options.s_min_uncond_all);
 }
 
 $("model").addEventListener("change", async () => {
