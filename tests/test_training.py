@@ -341,3 +341,32 @@ def test_vae_object_margin_weights_the_background_next_to_an_object():
     assert torch.equal(object_weights(images, 10.0, margin=0), object_weights(images, 10.0))
     with pytest.raises(ValueError, match="object_margin"):
         parse_config({"vae": {"object_margin": -1}})
+
+
+def test_latent_std_sets_the_scaled_latents_spread_and_refits_a_base_model(tmp_path):
+    from stable_diffusion.training.train import Trainer
+
+    def scaled_std(trainer: Trainer) -> float:
+        with torch.no_grad():
+            images = trainer._images(10**6, 0, 32, 0.0)[0]
+            return float(trainer.pipe.vae.encode(images).mean.std() * trainer.pipe.config.vae.scaling_factor)
+
+    config = smoke_config(tmp_path)
+    config.train.stages = ["vae"]
+    plain = Trainer(config, progress=False)
+    plain.train_vae()
+    assert scaled_std(plain) == pytest.approx(1.0, rel=0.05)  # LDM's unit variance by default
+    config.vae.latent_std = 2.0
+    wide = Trainer(config, progress=False)
+    wide.train_vae()
+    assert scaled_std(wide) == pytest.approx(2.0, rel=0.05)
+    assert wide.pipe.config.vae.scaling_factor == pytest.approx(2 * plain.pipe.config.vae.scaling_factor)
+    base = tmp_path / "base.safetensors"
+    plain.pipe.save(base)
+    kept = smoke_config(tmp_path, base_model=str(base), stages=["unet"])
+    assert Trainer(kept, progress=False).pipe.config.vae.scaling_factor == pytest.approx(
+        plain.pipe.config.vae.scaling_factor)  # a base model keeps its own scale unless latent_std is given
+    kept.vae.latent_std = 3.0
+    assert scaled_std(Trainer(kept, progress=False)) == pytest.approx(3.0, rel=0.05)
+    with pytest.raises(ValueError, match=r"\[vae\] latent_std must be >= 0"):
+        parse_config({"vae": {"latent_std": -1.0}})

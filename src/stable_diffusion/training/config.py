@@ -88,6 +88,9 @@ class VAESection:
     disc_channels: int = 64
     disc_layers: int = 3
     checkpoint: str = ""  # reuse a trained VAE (a model file) instead of the VAE stage
+    # > 0: fit the scaling factor so the scaled latents have this std (larger: every noise level is cleaner
+    # for the image); 0: 1 (LDM's) for a VAE trained here, a base model's or reused VAE's own factor kept
+    latent_std: float = 0.0
 
 
 @dataclass
@@ -198,6 +201,9 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"[vae] object_contrast must be >= 0 (0 = off), not {config.vae.object_contrast}")
     if config.vae.object_margin < 0:
         raise ValueError(f"[vae] object_margin must be >= 0 pixels (0 = off), not {config.vae.object_margin}")
+    if not config.vae.latent_std >= 0:
+        raise ValueError(f"[vae] latent_std must be >= 0 (0 = LDM's unit variance, or a base model's own scale), "
+                         f"not {config.vae.latent_std}")
     betas = config.train.adam_betas
     numbers = isinstance(betas, list) and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
     if not numbers or len(betas) != 2 or not all(0 <= b < 1 for b in betas):

@@ -63,6 +63,8 @@ class Trainer:
                 self.pipe.config.vae.scaling_factor = donor.config.vae.scaling_factor
         d = config.data
         self.folder = FolderDataset(d.path, d.size, d.random_crop, d.flip) if d.kind == "folder" else None
+        if config.vae.latent_std and (t.base_model or config.vae.checkpoint):
+            self._fit_scaling_factor()
 
     def _spec(self, name: str, module: torch.nn.Module, steps: int, lr: float) -> StageSpec:
         t = self.config.train
@@ -101,10 +103,15 @@ class Trainer:
             return images, self._generator(step, micro), step >= v.disc_start
 
         self._run(spec, batch).copy_to(spec.module)
-        # LDM's scale: latents * factor have unit variance, so the diffusion's noise levels fit them
+        self._fit_scaling_factor()
+
+    def _fit_scaling_factor(self) -> None:
+        """LDM's scale: latents * factor have standard deviation ``[vae] latent_std`` (1 in LDM, and when 0), so
+        the diffusion's noise levels fit them; a larger one makes every noise level cleaner for the image."""
         with torch.no_grad():
-            latents = torch.cat([vae.encode(self._images(10**6 + i, 0, 32, 0.0)[0]).mean for i in range(4)])
-        self.pipe.config.vae.scaling_factor = float(1 / latents.std())
+            latents = torch.cat([self.pipe.vae.encode(self._images(10**6 + i, 0, 32, 0.0)[0]).mean
+                                 for i in range(4)])
+        self.pipe.config.vae.scaling_factor = float((self.config.vae.latent_std or 1.0) / latents.std())
 
     def _diffusion_loss(self, train_text: bool) -> DiffusionLoss:
         c, d = self.pipe.config, self.config.diffusion
