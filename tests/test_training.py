@@ -362,6 +362,7 @@ def test_latent_std_sets_the_scaled_latents_spread_and_refits_a_base_model(tmp_p
     assert scaled_std(wide) == pytest.approx(2.0, rel=0.05)
     assert wide.pipe.config.vae.scaling_factor == pytest.approx(2 * plain.pipe.config.vae.scaling_factor)
     base = tmp_path / "base.safetensors"
+    plain.pipe.config.vae.scaling_factor *= 0.5  # a factor no refit would give, so keeping it is visible
     plain.pipe.save(base)
     kept = smoke_config(tmp_path, base_model=str(base), stages=["unet"])
     assert Trainer(kept, progress=False).pipe.config.vae.scaling_factor == pytest.approx(
