@@ -84,8 +84,12 @@ def test_file_without_our_metadata_loads_by_detection(tmp_path):
     assert loaded.config.unet == pipe.config.unet
     ids = pipe.tokenizer(["a cat"])
     assert torch.equal(loaded.text_encoder(ids)[0], pipe.text_encoder(ids)[0])
+    ours, theirs = pipe.unet.state_dict(), loaded.unet.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # the weights come back bit for bit
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 77, 64)
-    torch.testing.assert_close(loaded.unet(x, t, ctx), pipe.unet(x, t, ctx), rtol=1e-5, atol=1e-6)
+    # Same weights; the two forward passes may still differ in the last float bit (thread-split reductions).
+    torch.testing.assert_close(loaded.unet(x, t, ctx), pipe.unet(x, t, ctx), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
