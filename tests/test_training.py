@@ -169,6 +169,42 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     assert steps == [1, 2, 3, 4]
 
 
+def test_refine_stage_trains_on_at_its_own_rate_and_latent_scale_and_resumes_exactly(tmp_path, monkeypatch):
+    def refine_config(folder: str):
+        config = smoke_config(tmp_path / folder, stages=["vae", "unet", "refine"])
+        config.refine.steps, config.refine.learning_rate, config.refine.latent_std = 4, 1e-4, 3.0
+        config.refine.warmup_steps = 1
+        return config
+
+    unet_only = load_pipeline(train(smoke_config(tmp_path / "plain"), progress=False))
+    straight = train(refine_config("a"), progress=False)
+    refined = load_pipeline(straight)
+    assert refined.config.vae.scaling_factor == pytest.approx(3 * unet_only.config.vae.scaling_factor, rel=1e-3)
+    before, after = unet_only.unet.state_dict(), refined.unet.state_dict()
+    assert not all(torch.equal(before[k], after[k]) for k in before)  # refine trained the UNet on
+    records = [json.loads(line) for line in (straight.parent / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "refine"] == [1, 2, 3, 4]
+    assert max(r["lr"] for r in records if r["stage"] == "refine") == pytest.approx(1e-4)
+    assert (straight.parent / "refine-state.pt").exists()
+
+    real, calls = data_module.make_batch, []
+
+    def crash_at_refine_step_3(data, folder, step, batch_size, rank=0, world=1, caption_dropout=None):
+        if caption_dropout is None and len(calls.append(step) or calls) == 4 + 3:
+            raise KeyboardInterrupt  # the unet stage's 4 batches, then the refine stage's third
+        return real(data, folder, step, batch_size, rank, world, caption_dropout)
+
+    config = refine_config("b")
+    monkeypatch.setattr("stable_diffusion.training.train.make_batch", crash_at_refine_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False)
+    monkeypatch.setattr("stable_diffusion.training.train.make_batch", real)
+    a, b = _weights(straight), _weights(train(config, resume=True, progress=False))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"\[refine\] needs steps >= 1"):
+        parse_config({"refine": {"latent_std": -1.0}})
+
+
 def test_kill_9_never_leaves_a_corrupt_checkpoint(tmp_path):
     config = tmp_path / "long.toml"
     text = SMOKE.read_text().replace("steps = 4", "steps = 400").replace("save_every = 2", "save_every = 1")

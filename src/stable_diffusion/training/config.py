@@ -15,7 +15,7 @@ from ..models.configs import ModelConfig, TextEncoderConfig, UNetConfig, VAEConf
 
 @dataclass
 class TrainSection:
-    stages: list[str] = field(default_factory=lambda: ["vae", "unet"])  # vae | unet | lora | clip, in order
+    stages: list[str] = field(default_factory=lambda: ["vae", "unet"])  # vae | unet | refine | lora | clip, in order
     steps: int = 1000  # optimiser steps of the UNet (or LoRA) stage; 0 with epochs > 0: derived from epochs
     epochs: int = 0  # folder datasets: passes over the data (overrides steps when > 0)
     batch_size: int = 16
@@ -94,6 +94,17 @@ class VAESection:
 
 
 @dataclass
+class RefineSection:
+    """The "refine" stage: after "unet", Algorithm 1 again from its EMA weights with a fresh optimiser, a lower
+    learning rate and optionally a refitted latent scale: a curriculum in one run (train at LDM's unit latent
+    variance, then refine at a larger one, where every noise level shows the image more clearly)."""
+    steps: int = 1000
+    learning_rate: float = 2e-4
+    warmup_steps: int = 100
+    latent_std: float = 0.0  # > 0: refit the scaling factor to this std first; 0: keep the factor
+
+
+@dataclass
 class TextEncoderSection:
     width: int = 128
     layers: int = 4
@@ -142,6 +153,7 @@ class TrainConfig:
     unet: dict[str, Any] = field(default_factory=dict)
     lora: LoraSection = field(default_factory=LoraSection)
     clip: ClipSection = field(default_factory=ClipSection)
+    refine: RefineSection = field(default_factory=RefineSection)
 
     def model_config(self) -> ModelConfig:
         """The ModelConfig of a from-scratch model: a single CLIP-style text encoder (the SD1 layout)."""
@@ -172,7 +184,7 @@ def _section(cls: type, name: str, data: dict[str, Any]) -> Any:
 def parse_config(data: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from parsed TOML, refusing unknown sections and keys."""
     sections = {"train": TrainSection, "data": DataSection, "diffusion": DiffusionSection, "vae": VAESection,
-                "text_encoder": TextEncoderSection, "lora": LoraSection, "clip": ClipSection}
+                "text_encoder": TextEncoderSection, "lora": LoraSection, "clip": ClipSection, "refine": RefineSection}
     unknown = sorted(set(data) - set(sections) - {"unet"})
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; known: {sorted([*sections, 'unet'])}")
@@ -182,8 +194,11 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"unknown key(s) in [unet]: {', '.join(bad)}; known: {', '.join(UNET_KEYS)}")
     config = TrainConfig(unet=unet, **{k: _section(cls, k, data.get(k, {})) for k, cls in sections.items()})
     for stage in config.train.stages:
-        if stage not in ("vae", "unet", "lora", "clip"):
-            raise ValueError(f"unknown stage {stage!r} in [train] stages (vae, unet, lora, clip)")
+        if stage not in ("vae", "unet", "refine", "lora", "clip"):
+            raise ValueError(f"unknown stage {stage!r} in [train] stages (vae, unet, refine, lora, clip)")
+    if not config.refine.latent_std >= 0 or config.refine.steps < 1:
+        raise ValueError(f"[refine] needs steps >= 1 and latent_std >= 0 (0 = keep the scale), not "
+                         f"{config.refine.steps} and {config.refine.latent_std}")
     if config.data.kind not in ("shapes", "folder"):
         raise ValueError(f"unknown [data] kind {config.data.kind!r} (shapes or folder)")
     if config.diffusion.loss_weighting not in ("none", "min_snr", "truncated_snr"):

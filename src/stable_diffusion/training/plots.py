@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from ..checkpoints.io import atomic_write
 
-STAGE_COLOURS = {"vae": (200, 60, 40), "unet": (40, 90, 200), "lora": (40, 160, 80)}
+STAGE_COLOURS = {"vae": (200, 60, 40), "unet": (40, 90, 200), "refine": (120, 60, 180), "lora": (40, 160, 80)}
 
 
 def loss_curve(records: list[dict], path: Path, width: int = 640, height: int = 360) -> None:

@@ -64,16 +64,19 @@ class Trainer:
         d = config.data
         self.folder = FolderDataset(d.path, d.size, d.random_crop, d.flip) if d.kind == "folder" else None
         if config.vae.latent_std and (t.base_model or config.vae.checkpoint):
-            self._fit_scaling_factor()
+            self._fit_scaling_factor(config.vae.latent_std)
 
-    def _spec(self, name: str, module: torch.nn.Module, steps: int, lr: float) -> StageSpec:
+    def _spec(self, name: str, module: torch.nn.Module, steps: int, lr: float, warmup: int | None = None) -> StageSpec:
         t = self.config.train
+        warmup = t.warmup_steps if warmup is None else warmup
         return StageSpec(name, module, steps, lr, t.weight_decay, tuple(t.adam_betas),
-                         min(t.warmup_steps, max(steps // 10, 1)), t.grad_accum, t.grad_clip, t.ema_decay,
+                         min(warmup, max(steps // 10, 1)), t.grad_accum, t.grad_clip, t.ema_decay,
                          t.mixed_precision, t.save_every, t.log_every)
 
     def _run(self, spec: StageSpec, batch, sample_every: int = 0):
-        runner = StageRunner(spec, self.out, self.device, self.dist, self._samples, sample_every)
+        prefix = "" if spec.name == "unet" else f"{spec.name}-"  # refine's grids beside the unet stage's
+        runner = StageRunner(spec, self.out, self.device, self.dist, lambda step: self._samples(prefix, step),
+                             sample_every)
         if self.resume and runner.load():
             self.log.truncate(spec.name, runner.step)
         ema = runner.run(batch, self.log, self.progress)
@@ -103,15 +106,15 @@ class Trainer:
             return images, self._generator(step, micro), step >= v.disc_start
 
         self._run(spec, batch).copy_to(spec.module)
-        self._fit_scaling_factor()
+        self._fit_scaling_factor(v.latent_std)
 
-    def _fit_scaling_factor(self) -> None:
+    def _fit_scaling_factor(self, latent_std: float) -> None:
         """LDM's scale: latents * factor have standard deviation ``[vae] latent_std`` (1 in LDM, and when 0), so
         the diffusion's noise levels fit them; a larger one makes every noise level cleaner for the image."""
         with torch.no_grad():
             latents = torch.cat([self.pipe.vae.encode(self._images(10**6 + i, 0, 32, 0.0)[0]).mean
                                  for i in range(4)])
-        self.pipe.config.vae.scaling_factor = float((self.config.vae.latent_std or 1.0) / latents.std())
+        self.pipe.config.vae.scaling_factor = float((latent_std or 1.0) / latents.std())
 
     def _diffusion_loss(self, train_text: bool) -> DiffusionLoss:
         c, d = self.pipe.config, self.config.diffusion
@@ -146,6 +149,17 @@ class Trainer:
         self.pipe.vae.requires_grad_(False)
         loss = self._diffusion_loss(t.train_text_encoder)
         spec = self._spec("unet", loss, self._steps(), t.learning_rate)
+        self._run(spec, self._latent_batch(t.batch_size), t.sample_every).copy_to(loss)
+
+    def train_refine(self) -> None:
+        """The UNet stage again, from the weights the stages before left (the "unet" stage's EMA), at ``[refine]``'s
+        learning rate and warm-up and, given ``[refine] latent_std``, a refitted latent scale."""
+        t, r = self.config.train, self.config.refine
+        if r.latent_std:
+            self._fit_scaling_factor(r.latent_std)
+        self.pipe.vae.requires_grad_(False)
+        loss = self._diffusion_loss(t.train_text_encoder)
+        spec = self._spec("refine", loss, r.steps, r.learning_rate, r.warmup_steps)
         self._run(spec, self._latent_batch(t.batch_size), t.sample_every).copy_to(loss)
 
     def train_lora(self) -> None:
@@ -184,17 +198,17 @@ class Trainer:
         if self.dist.main:
             CLIPScorer(pair.eval(), tokenizer).save(self.out / c.output)
 
-    def _samples(self, step: int) -> None:
+    def _samples(self, prefix: str, step: int) -> None:
         prompts = self.config.train.sample_prompts
         if prompts:
             self.pipe.unet.eval()
-            sample_grid(self.pipe, prompts, self.out / "samples" / f"step-{step:06d}.png")
+            sample_grid(self.pipe, prompts, self.out / "samples" / f"{prefix}step-{step:06d}.png")
 
     def run(self) -> Path:
         for stage in self.config.train.stages:
             getattr(self, f"train_{stage}")()
         model_path = self.out / "model.safetensors"
-        if self.dist.main and {"vae", "unet"} & set(self.config.train.stages):
+        if self.dist.main and {"vae", "unet", "refine"} & set(self.config.train.stages):
             self.pipe.save(model_path, dtype=self.config.train.export_dtype)
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
         return model_path
