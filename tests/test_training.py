@@ -198,9 +198,14 @@ def test_refine_stage_trains_on_at_its_own_rate_and_latent_scale_and_resumes_exa
     monkeypatch.setattr("stable_diffusion.training.train.make_batch", crash_at_refine_step_3)
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False)
+    assert (tmp_path / "b" / "run" / "refine-state.pt").exists()  # the crash came inside the refine stage
     monkeypatch.setattr("stable_diffusion.training.train.make_batch", real)
-    a, b = _weights(straight), _weights(train(config, resume=True, progress=False))
+    resumed = train(config, resume=True, progress=False)
+    a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (resumed.parent / "loss.jsonl").read_text().splitlines()
+             if json.loads(line)["stage"] == "refine"]
+    assert steps == [1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"\[refine\] needs steps >= 1"):
         parse_config({"refine": {"latent_std": -1.0}})
 
