@@ -173,7 +173,7 @@ def test_refine_stage_trains_on_at_its_own_rate_and_latent_scale_and_resumes_exa
     def refine_config(folder: str):
         config = smoke_config(tmp_path / folder, stages=["vae", "unet", "refine"])
         config.refine.steps, config.refine.learning_rate, config.refine.latent_std = 4, 1e-4, 3.0
-        config.refine.warmup_steps = 1
+        config.refine.warmup_steps, config.refine.batch_size = 1, 3  # the unet stage's is 4
         return config
 
     unet_only = load_pipeline(train(smoke_config(tmp_path / "plain"), progress=False))
@@ -190,7 +190,7 @@ def test_refine_stage_trains_on_at_its_own_rate_and_latent_scale_and_resumes_exa
     real, calls = data_module.make_batch, []
 
     def crash_at_refine_step_3(data, folder, step, batch_size, rank=0, world=1, caption_dropout=None):
-        if caption_dropout is None and len(calls.append(step) or calls) == 4 + 3:
+        if caption_dropout is None and len(calls.append(batch_size) or calls) == 4 + 3:
             raise KeyboardInterrupt  # the unet stage's 4 batches, then the refine stage's third
         return real(data, folder, step, batch_size, rank, world, caption_dropout)
 
@@ -199,6 +199,7 @@ def test_refine_stage_trains_on_at_its_own_rate_and_latent_scale_and_resumes_exa
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False)
     assert (tmp_path / "b" / "run" / "refine-state.pt").exists()  # the crash came inside the refine stage
+    assert calls == [4] * 4 + [3] * 3  # [refine] batch_size
     monkeypatch.setattr("stable_diffusion.training.train.make_batch", real)
     resumed = train(config, resume=True, progress=False)
     a, b = _weights(straight), _weights(resumed)
@@ -208,6 +209,8 @@ def test_refine_stage_trains_on_at_its_own_rate_and_latent_scale_and_resumes_exa
     assert steps == [1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"\[refine\] needs steps >= 1"):
         parse_config({"refine": {"latent_std": -1.0}})
+    with pytest.raises(ValueError, match=r"\[refine\] batch_size"):
+        parse_config({"refine": {"batch_size": -2}})
 
 
 def test_kill_9_never_leaves_a_corrupt_checkpoint(tmp_path):

@@ -102,6 +102,7 @@ class RefineSection:
     learning_rate: float = 2e-4
     warmup_steps: int = 100
     latent_std: float = 0.0  # > 0: refit the scaling factor to this std first; 0: keep the factor
+    batch_size: int = 0  # 0: [train] batch_size
 
 
 @dataclass
@@ -199,6 +200,8 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
     if not config.refine.latent_std >= 0 or config.refine.steps < 1:
         raise ValueError(f"[refine] needs steps >= 1 and latent_std >= 0 (0 = keep the scale), not "
                          f"{config.refine.steps} and {config.refine.latent_std}")
+    if config.refine.batch_size < 0:
+        raise ValueError(f"[refine] batch_size must be >= 0 (0 = [train] batch_size), not {config.refine.batch_size}")
     if config.data.kind not in ("shapes", "folder"):
         raise ValueError(f"unknown [data] kind {config.data.kind!r} (shapes or folder)")
     if config.diffusion.loss_weighting not in ("none", "min_snr", "truncated_snr"):

@@ -144,24 +144,24 @@ class Trainer:
             return max(1, -(-t.epochs * len(self.folder) // per_step))
         return t.steps
 
-    def _train_denoiser(self, name: str, steps: int, lr: float, warmup: int | None = None) -> None:
+    def _train_denoiser(self, name: str, steps: int, lr: float, warmup: int | None = None, batch: int = 0) -> None:
         """Algorithm 1 on the UNet (and the text encoder if so configured); the EMA weights are kept."""
         t = self.config.train
         self.pipe.vae.requires_grad_(False)
         loss = self._diffusion_loss(t.train_text_encoder)
         spec = self._spec(name, loss, steps, lr, warmup)
-        self._run(spec, self._latent_batch(t.batch_size), t.sample_every).copy_to(loss)
+        self._run(spec, self._latent_batch(batch or t.batch_size), t.sample_every).copy_to(loss)
 
     def train_unet(self) -> None:
         self._train_denoiser("unet", self._steps(), self.config.train.learning_rate)
 
     def train_refine(self) -> None:
         """The UNet stage again, from the weights the stages before left (the "unet" stage's EMA), at ``[refine]``'s
-        learning rate and warm-up and, given ``[refine] latent_std``, a refitted latent scale."""
+        learning rate, warm-up and batch size and, given ``[refine] latent_std``, a refitted latent scale."""
         r = self.config.refine
         if r.latent_std:
             self._fit_scaling_factor(r.latent_std)
-        self._train_denoiser("refine", r.steps, r.learning_rate, r.warmup_steps)
+        self._train_denoiser("refine", r.steps, r.learning_rate, r.warmup_steps, r.batch_size)
 
     def train_lora(self) -> None:
         t, lo = self.config.train, self.config.lora
