@@ -2,7 +2,9 @@
 read from the noisy latent, so the model must take it from the caption. With Stable Diffusion's scaled-linear
 schedule (terminal SNR 0.005) the ideal detector still reads it from x_T alone on a 16x16 latent; the model
 learns to copy it from the noise, and at sampling time, when x_T is pure noise, puts objects anywhere (two
-runs measured place at chance, 10-15 %, after 3000-4000 steps; Lin et al. 2024 describe the flaw)."""
+runs measured place at chance, 10-15 %, after 3000-4000 steps; Lin et al. 2024 describe the flaw). The built-in's
+latents have standard deviation 3, not LDM's 1 (its refine stage), which leaks more than unit variance would, and
+the linear schedule still hides the place (near the 11 % chance level)."""
 from __future__ import annotations
 
 import random
@@ -28,7 +30,7 @@ def _clean_latents(scenes: int = 16) -> list[torch.Tensor]:
         variants = [Scene((Thing(obj.colour, obj.shape, obj.size, p),), scene.background) for p in PLACES]
         with torch.no_grad():
             latents = pipe.vae.encode(torch.stack([image_tensor(render(v, 64)) for v in variants])).mean
-        out.append(latents * pipe.config.vae.scaling_factor)  # (9, 4, 16, 16), unit variance
+        out.append(latents * pipe.config.vae.scaling_factor)  # (9, 4, 16, 16), std 3 (the refine stage's latent_std)
     return out
 
 
