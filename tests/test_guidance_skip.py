@@ -11,10 +11,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from stable_diffusion import load_pipeline
+from stable_diffusion import GenerationRequest, generate
 from stable_diffusion.cli import main
 from stable_diffusion.diffusion.denoiser import CFGDenoiser, GuidanceSkip
-from stable_diffusion.infotext import parse_infotext, read_png_infotext
+from stable_diffusion.images import read_infotext
+from stable_diffusion.infotext import parse_infotext
+
+from .helpers import pixels
 
 
 class Recorder(torch.nn.Module):
@@ -61,38 +64,27 @@ def test_a_skipped_call_is_the_conditional_prediction_alone_in_one_half_batch():
     assert batches == [2, 1]
 
 
-@pytest.fixture(scope="module")
-def sd1():
-    return load_pipeline("tiny-sd1")
-
-
-def pixels(image):
-    return np.asarray(image).astype(int)
-
-
 def test_guidance_off_everywhere_is_cfg_1_and_the_infotext_says_so(sd1):
-    from stable_diffusion.generate import GenerationRequest, txt2img
-
     common = {"prompt": "a cat", "steps": 4, "seed": 3, "sampler": "Euler"}
-    guided = txt2img(sd1, GenerationRequest(**common)).images[0]
-    plain = txt2img(sd1, GenerationRequest(**common, cfg_scale=1.0)).images[0]
+    guided = generate(sd1, GenerationRequest(**common)).images[0]
+    plain = generate(sd1, GenerationRequest(**common, cfg_scale=1.0)).images[0]
     batch_sizes = []
     hook = sd1.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
     try:
-        off = txt2img(sd1, GenerationRequest(**common, s_min_uncond=1e4, s_min_uncond_all=True))
+        off = generate(sd1, GenerationRequest(**common, s_min_uncond=1e4, s_min_uncond_all=True))
     finally:
         hook.remove()
     assert np.array_equal(pixels(off.images[0]), pixels(plain)) and batch_sizes == [1] * 4
     assert not np.array_equal(pixels(guided), pixels(plain))
     params = parse_infotext(off.infotexts[0])
     assert params["NGMS"] == "10000.0" and params["NGMS all steps"] == "True"
-    half = txt2img(sd1, GenerationRequest(**common, s_min_uncond=1e4))  # every other step guided
+    half = generate(sd1, GenerationRequest(**common, s_min_uncond=1e4))  # every other step guided
     assert not np.array_equal(pixels(half.images[0]), pixels(plain))
     assert "NGMS all steps" not in parse_infotext(half.infotexts[0])
-    early = txt2img(sd1, GenerationRequest(**common, skip_early_cond=1.0))
+    early = generate(sd1, GenerationRequest(**common, skip_early_cond=1.0))
     assert np.array_equal(pixels(early.images[0]), pixels(plain))
     assert parse_infotext(early.infotexts[0])["Skip Early CFG"] == "1.0"
-    assert "NGMS" not in parse_infotext(txt2img(sd1, GenerationRequest(**common)).infotexts[0])
+    assert "NGMS" not in parse_infotext(generate(sd1, GenerationRequest(**common)).infotexts[0])
 
 
 def test_bad_values_fail_before_work(sd1):
@@ -106,7 +98,7 @@ def test_cli_flags(tmp_path):
     out = tmp_path / "out"
     assert main(["txt2img", "a cat", "--model", "tiny-sd1", "--steps", "2", "--seed", "1", "--ngms", "2.5",
                  "--ngms-all-steps", "--skip-early-cfg", "0.25", "--out", str(out)]) == 0
-    params = parse_infotext(read_png_infotext(out / "00000-1.png"))
+    params = parse_infotext(read_infotext(out / "00000-1.png"))
     assert (params["NGMS"], params["NGMS all steps"], params["Skip Early CFG"]) == ("2.5", "True", "0.25")
 
 
@@ -129,10 +121,11 @@ def test_api_field_and_override_settings(tmp_path):
         assert info["extra_generation_params"] == {"NGMS": 1.5, "NGMS all steps": True}
         r = client.post("/sdapi/v1/txt2img", json={**base, "override_settings": {"skip_early_cond": 0.5}})
         assert "Skip Early CFG: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
-        for bad in ({"s_min_uncond": -2}, {"override_settings": {"skip_early_cond": "lots"}},
-                    {"override_settings": {"s_min_uncond_all": None}}):
+        for bad, name in (({"s_min_uncond": -2}, "s_min_uncond"),
+                          ({"override_settings": {"skip_early_cond": "lots"}}, "skip_early_cond must be a number"),
+                          ({"override_settings": {"s_min_uncond_all": None}}, "s_min_uncond_all must be a number")):
             r = client.post("/sdapi/v1/txt2img", json={**base, **bad})
-            assert r.status_code == 422 and "must be a number" in r.json()["detail"], r.text
+            assert r.status_code == 422 and name in r.json()["detail"], r.text
         # server-wide, as A1111's options: listed, settable, checked
         assert client.get("/sdapi/v1/options").json()["s_min_uncond"] == 0.0
         assert client.post("/sdapi/v1/options", json={"s_min_uncond": "high"}).status_code == 422
@@ -145,20 +138,17 @@ def test_api_field_and_override_settings(tmp_path):
 def test_prompt_editing_inpainting_and_second_order_samplers_honour_it(sd1, sampler):
     from PIL import Image
 
-    from stable_diffusion.generate import GenerationRequest, inpaint, txt2img
-    from stable_diffusion.inpaint import InpaintSpec
-
     edit = {"prompt": "a [cat:dog:2]", "steps": 3, "seed": 4, "sampler": sampler}
-    off = txt2img(sd1, GenerationRequest(**edit, s_min_uncond=1e4, s_min_uncond_all=True)).images[0]
-    plain = txt2img(sd1, GenerationRequest(**edit, cfg_scale=1.0)).images[0]
+    off = generate(sd1, GenerationRequest(**edit, s_min_uncond=1e4, s_min_uncond_all=True)).images[0]
+    plain = generate(sd1, GenerationRequest(**edit, cfg_scale=1.0)).images[0]
     assert np.array_equal(pixels(off), pixels(plain))
     init, mask = Image.new("RGB", (64, 64), (20, 120, 200)), Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
-    spec = InpaintSpec(mask, 0, 1, False, False, 0)
+    inpainting = {"init_image": init, "mask": mask, "mask_blur": 0, "inpainting_fill": 1, "denoising_strength": 1.0}
     request = GenerationRequest(prompt="a cat", steps=3, seed=4, sampler=sampler, s_min_uncond=1e4,
-                                s_min_uncond_all=True)
-    out = pixels(inpaint(sd1, request, init, spec, 1.0).images[0])
+                                s_min_uncond_all=True, **inpainting)
+    out = pixels(generate(sd1, request).images[0])
     assert np.array_equal(out[:, 40:], pixels(init)[:, 40:])  # outside the mask: kept
-    plain = pixels(inpaint(sd1, GenerationRequest(prompt="a cat", steps=3, seed=4, sampler=sampler, cfg_scale=1.0),
-                           init, spec, 1.0).images[0])
+    plain = pixels(generate(sd1, GenerationRequest(prompt="a cat", steps=3, seed=4, sampler=sampler, cfg_scale=1.0,
+                                                   **inpainting)).images[0])
     assert np.array_equal(out, plain)

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 from stable_diffusion.checkpoints.io import write_safetensors
-from stable_diffusion.metrics.adherence import judge, read_image
-from stable_diffusion.metrics.clip_score import CLIPScorer, pil_to_unit
+from stable_diffusion.images import to_unit
+from stable_diffusion.metrics.clip_score import CLIPScorer
 from stable_diffusion.metrics.fid import FeatureStatistics, fid, frechet_distance
 from stable_diffusion.models.tokenizer import CLIPTokenizer
-from stable_diffusion.training.shapes import Scene, ShapesDataset, Thing, render
+from stable_diffusion.shapes.adherence import judge, read_image
+from stable_diffusion.shapes.scenes import Scene, ShapesDataset, Thing, render
 
 
 @pytest.mark.parametrize("two", [0.0, 1.0])
@@ -70,7 +71,7 @@ def test_fid_matches_torchmetrics_with_the_same_features():
     net = _features()
     rng = random.Random(0)
     stream = ShapesDataset(size=32).scenes(rng)
-    real = torch.stack([pil_to_unit([render(next(stream), 32)])[0] for _ in range(96)])
+    real = torch.stack([to_unit([render(next(stream), 32)])[0] for _ in range(96)])
     fake = (real + 0.3 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     ours = fid(net, real.split(32), fake.split(32))
     metric = FrechetInceptionDistance(feature=net, normalize=True, input_img_size=(3, 32, 32))
@@ -127,7 +128,7 @@ def test_clip_score_matches_torchmetrics(tiny_hf_clip):
         return Features.from_pretrained(tiny_hf_clip), transformers.CLIPProcessor.from_pretrained(tiny_hf_clip)
 
     metric = CLIPScore(model_name_or_path=load)
-    pixels = (pil_to_unit(images) * 255).round().to(torch.uint8)
+    pixels = (to_unit(images) * 255).round().to(torch.uint8)
     theirs = [float(metric(pixels[i:i + 1], texts[i])) for i in range(len(texts))]
     assert ours.tolist() == pytest.approx(theirs, abs=0.05)
 
@@ -191,8 +192,8 @@ def test_vae_ceiling_is_the_adherence_of_reconstructions():
     """A lossless VAE gives back the renders (every attribute right); one that keeps 4x4 blocks loses shapes."""
     from types import SimpleNamespace
 
-    from stable_diffusion.metrics.evaluate import adherence, vae_reconstruct
-    from stable_diffusion.training.shapes import heldout_scenes, render
+    from stable_diffusion.shapes.evaluate import adherence, vae_reconstruct
+    from stable_diffusion.shapes.scenes import heldout_scenes, render
 
     scenes = heldout_scenes(20, seed=1)
     renders = [render(s, 64) for s in scenes]

@@ -11,6 +11,7 @@ import torch
 
 from stable_diffusion.diffusion.denoiser import CFGDenoiser, Denoiser
 from stable_diffusion.diffusion.samplers import (
+    SAMPLERS,
     default_noise,
     resolve_sampler,
     sample_ddim,
@@ -29,7 +30,7 @@ from stable_diffusion.diffusion.samplers import (
     sample_plms,
     sample_unipc,
 )
-from stable_diffusion.diffusion.schedules import DiscreteSigmas, add_noise, alphas_cumprod, make_betas, make_sigmas
+from stable_diffusion.diffusion.schedules import DiscreteSigmas, alphas_cumprod, make_betas, make_sigmas
 
 MU, S = 0.3, 0.6  # data ~ N(MU, S^2) per element
 
@@ -49,14 +50,30 @@ def schedule():
     return DiscreteSigmas(alphas_cumprod(make_betas("scaled_linear")))
 
 
-def test_add_noise_is_the_forward_process():
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_the_denoiser_loss_is_algorithm_1_on_the_forward_process(prediction):
+    """Denoiser.loss feeds the network x_t = sqrt(abar) x0 + sqrt(1 - abar) noise at integer t (Ho et al. 2020,
+    eq. 4) and scores it against the noise (eps) or v = sqrt(abar) noise - sqrt(1 - abar) x0; a network that
+    predicts its target exactly has zero loss, and its x0 through the sampling forward() is x0."""
     abar = alphas_cumprod(make_betas("linear", 1000, 1e-4, 0.02))
     generator = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 2, 2, generator=generator), torch.randn(3, 4, 2, 2, generator=generator)
     t = torch.tensor([0, 500, 999])
-    expected = torch.stack([abar[i].sqrt() * x0[j] + (1 - abar[i]).sqrt() * noise[j]
-                            for j, i in enumerate(t.tolist())]).float()
-    assert torch.allclose(add_noise(x0, noise, t, abar), expected, atol=1e-5)  # float32 vs float64 rounding
+    a = abar[t].reshape(-1, 1, 1, 1)
+    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).float()
+    target = (noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0).float()
+    seen = {}
+
+    def oracle(x, timesteps, context=None, y=None):  # the exact target, looked up by the input it is given
+        seen["x"], seen["t"] = x, timesteps
+        return target
+
+    denoiser = Denoiser(oracle, abar, prediction)
+    loss = denoiser.loss(x0, noise, t)
+    assert torch.allclose(seen["x"], x_t, atol=1e-5) and torch.equal(seen["t"], t)  # float32 vs float64 rounding
+    assert loss.shape == (3,) and loss.max() < 1e-9
+    sigma = ((1 - a) / a).sqrt().float().flatten()
+    assert torch.allclose(denoiser(x0 + noise * sigma.reshape(-1, 1, 1, 1), sigma), x0, atol=1e-4)
 
 
 def test_sigma_t_round_trip_and_uniform_hits_training_sigmas(schedule):
@@ -172,8 +189,12 @@ def test_denoiser_eps_and_v_and_cfg():
 
 
 def test_sampler_names():
-    assert resolve_sampler("DPM++ 2M Karras") == (sample_dpmpp_2m, "karras")
-    assert resolve_sampler("Euler a")[0] is sample_euler_ancestral
+    assert resolve_sampler("DPM++ 2M Karras") == ("DPM++ 2M", "karras")
+    assert resolve_sampler("DPM++ 2M Karras", "Exponential") == ("DPM++ 2M", "exponential")
+    assert resolve_sampler("Euler a") == ("Euler a", "uniform") and SAMPLERS["Euler a"][0] is sample_euler_ancestral
+    assert resolve_sampler("DDIM", "") == ("DDIM", "ddim_uniform")
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        resolve_sampler("Euler", "nope")
     with pytest.raises(ValueError, match="unknown sampler"):
         resolve_sampler("Magic")
 

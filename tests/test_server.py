@@ -93,7 +93,7 @@ def test_img2img_inpaints_inside_the_mask_only(client):
 
 
 @pytest.mark.parametrize("path,body,status,words", [
-    ("txt2img", {"width": 65}, 422, "multiples of 8"),
+    ("txt2img", {"width": 65}, 422, "multiple of 8"),
     ("txt2img", {"width": 1024, "height": 64}, 422, "beyond this server's limit"),
     ("txt2img", {"steps": 500}, 422, "steps must be"),
     ("txt2img", {"batch_size": 8, "n_iter": 4}, 422, "at most 8"),

@@ -1,6 +1,9 @@
 """stable_diffusion: Stable Diffusion (SD1.x, SD2.x, SDXL) written from the papers in PyTorch."""
 
-from .pipeline import Pipeline, load_pipeline
+__version__ = "0.1.0"  # the one version: pyproject.toml, the server and the infotext read it from here
 
-__all__ = ["Pipeline", "load_pipeline"]
-__version__ = "0.1.0"
+from .generate import GenerationResult, generate  # noqa: E402
+from .pipeline import Pipeline, load_pipeline  # noqa: E402
+from .request import GenerationRequest  # noqa: E402
+
+__all__ = ["GenerationRequest", "GenerationResult", "Pipeline", "__version__", "generate", "load_pipeline"]

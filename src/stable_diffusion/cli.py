@@ -6,14 +6,16 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoints.errors import CheckpointError
 
-
-def _describe(pipe: object, source: str) -> str:
+if TYPE_CHECKING:
     from .pipeline import Pipeline
+    from .request import GenerationRequest
 
-    assert isinstance(pipe, Pipeline)
+
+def _describe(pipe: Pipeline, source: str) -> str:
     c = pipe.config
     counts = pipe.parameter_counts()
     lines = [
@@ -67,17 +69,6 @@ def _next_index(out: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _open_image(path: str) -> object:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
-
-
 def _lora_arg(text: str) -> tuple[str, float]:
     name, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
     try:
@@ -86,67 +77,65 @@ def _lora_arg(text: str) -> tuple[str, float]:
         raise ValueError(f"--lora expects NAME_OR_PATH[:WEIGHT], got {text!r}") from None
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    """txt2img, or img2img when --init is given; both go through generate.generate."""
-    from tqdm import tqdm
+def generation_request(args: argparse.Namespace) -> GenerationRequest:
+    """The GenerationRequest the flags of txt2img / img2img / inpaint ask for."""
+    from .images import open_image
+    from .request import GenerationRequest
 
-    from .checkpoints.io import atomic_write
-    from .generate import GenerationRequest, generate, inpaint
-    from .infotext import save_png
-    from .pipeline import load_pipeline
-
-    init = _open_image(args.init) if getattr(args, "init", None) else None
-    strength = getattr(args, "strength", 1.0)
-    spec = None
-    if getattr(args, "mask", None):
-        from .inpaint import InpaintSpec
-
-        spec = InpaintSpec(_open_image(args.mask), args.mask_blur, args.fill, args.invert, args.only_masked,
-                           args.padding)
-    request = GenerationRequest(
+    inpainting = getattr(args, "mask", None) is not None
+    return GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg,
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch, n_iter=args.n_iter,
         width=args.width, height=args.height, clip_skip=args.clip_skip, lora_dir=args.lora_dir,
-        embeddings_dir=args.embeddings_dir,
-        loras=[_lora_arg(text) for text in args.lora], **_guidance_skip(args),
-    )
+        embeddings_dir=args.embeddings_dir, loras=[_lora_arg(text) for text in args.lora], **_guidance_skip(args),
+        init_image=open_image(args.init) if getattr(args, "init", None) else None,
+        denoising_strength=getattr(args, "strength", 0.75),
+        mask=open_image(args.mask) if inpainting else None,
+        **({"mask_blur": args.mask_blur, "inpainting_fill": args.fill, "inpainting_mask_invert": args.invert,
+            "inpaint_full_res": args.only_masked, "inpaint_full_res_padding": args.padding} if inpainting else {}))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """txt2img, img2img (--init) and inpaint (--init, --mask): one request through generate.generate."""
+    import torch
+    from tqdm import tqdm
+
+    from .generate import decode_latents, generate
+    from .images import film_strip, save_png
+    from .pipeline import load_pipeline
+
+    request = generation_request(args)
     pipe = load_pipeline(args.model, device=args.device)
-    steps = int(min(strength, 0.999) * request.steps) + 1 if init is not None else request.steps
+    steps = request.sampling_steps()
     x0s = []
 
     def on_step(info: dict) -> None:
         bar.update(1)
         if args.preview and len(x0s) < steps:  # the first image's x0 predictions of the first iteration
-            x0s.append(info["denoised"].detach().clone())
+            x0s.append(info["denoised"][:1].detach().clone())
 
     with tqdm(total=steps * request.n_iter, desc="sampling", unit="step") as bar:
-        if spec is not None:
-            result = inpaint(pipe, request, init, spec, strength, on_step)
-        else:
-            result = generate(pipe, request, init, strength, on_step)  # validates before any work
+        result = generate(pipe, request, on_step)  # checks the request before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index = _next_index(out)
     for image, seed, info in zip(result.images, result.seeds, result.infotexts, strict=True):
         path = out / f"{index:05d}-{seed}.png"
-        atomic_write(path, lambda tmp, image=image, info=info: save_png(image, tmp, info))
+        save_png(image, path, info)
         print(path)
         index += 1
     if args.preview:
-        from .generate import film_strip
-
+        with torch.inference_mode():
+            frames = [decode_latents(pipe, x0)[0] for x0 in x0s]
         path = out / f"{index - len(result.images):05d}-{result.seeds[0]}-preview.png"
-        atomic_write(path, lambda tmp: film_strip(pipe, x0s).save(tmp, format="PNG"))
+        save_png(film_strip(frames), path)
         print(path)
 
 
 def cmd_pnginfo(args: argparse.Namespace) -> None:
-    from .infotext import read_png_infotext
+    from .images import read_infotext
 
-    try:
-        text = read_png_infotext(args.image)
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{args.image}: not a readable image ({e})") from None
+    text = read_infotext(args.image)
     if text is None:
         raise ValueError(f"{args.image}: no generation parameters in this PNG")
     print(text)
@@ -225,9 +214,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .metrics.clip_score import DOMAIN_CLIP
-    from .metrics.evaluate import evaluate, table, write_report
     from .pipeline import load_pipeline
+    from .shapes import DOMAIN_CLIP
+    from .shapes.evaluate import evaluate, table, write_report
 
     pipe = load_pipeline(args.model, device=args.device)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image, PngImagePlugin
+from . import __version__
+
+if TYPE_CHECKING:
+    from .request import GenerationRequest
 
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -45,12 +47,23 @@ def parse_infotext(text: str) -> dict[str, Any]:
     return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **params}
 
 
-def save_png(image: Image.Image, path: str | Path, infotext: str) -> None:
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", infotext)
-    image.save(path, format="PNG", pnginfo=meta)
+def guidance_skip_params(request: GenerationRequest) -> dict[str, Any]:
+    """The keys A1111 writes for its guidance-skipping options (only those in use)."""
+    params = {"NGMS": request.s_min_uncond or None,
+              "NGMS all steps": True if request.s_min_uncond and request.s_min_uncond_all else None,
+              "Skip Early CFG": request.skip_early_cond or None}
+    return {k: v for k, v in params.items() if v is not None}
 
 
-def read_png_infotext(path: str | Path) -> str | None:
-    with Image.open(path) as image:
-        return image.info.get("parameters")
+def generation_parameters(request: GenerationRequest, seed: int, model: str | None) -> dict[str, Any]:
+    """The ``k: v`` pairs A1111 writes for one image of a resolved request (None values are left out)."""
+    return {
+        "Steps": request.steps, "Sampler": request.sampler, "Schedule type": request.scheduler.capitalize(),
+        "CFG scale": request.cfg_scale, "Seed": seed, "Size": f"{request.width}x{request.height}",
+        "Model": model or None,
+        "Denoising strength": request.denoising_strength if request.init_image is not None else None,
+        "Mask blur": request.mask_blur if request.mask is not None else None,
+        "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+        **guidance_skip_params(request),
+        "Version": f"stable_diffusion {__version__}",
+    }

@@ -1,45 +1,45 @@
 """Inpainting: blended latent diffusion for any model (Avrahami et al. 2023: the known region is re-imposed
 on every x0 prediction) and the 9-channel inpainting UNets (mask + masked-image latent concatenated to the
-input). Outside the mask the final image keeps the original pixels."""
+input). Outside the mask the final image keeps the original pixels. The mask and its options are fields of the
+GenerationRequest (A1111's names: mask_blur, inpainting_fill, inpainting_mask_invert, inpaint_full_res)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+if TYPE_CHECKING:
+    from .request import GenerationRequest
+
 FILL_MODES = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
 
-@dataclass
-class InpaintSpec:
-    mask: Image.Image  # white = repaint, black = keep (A1111)
-    mask_blur: int = 4
-    inpainting_fill: int = 1
-    invert: bool = False
-    only_masked: bool = False  # A1111 "inpaint at full resolution": work on a crop around the mask
-    padding: int = 32  # pixels of context around the mask's bounding box in that mode
+def check_mask(mask: Image.Image, image: Image.Image, fill: int) -> None:
+    """The one check of an inpainting request: the mask is the image's size and the fill mode exists."""
+    if mask.size != image.size:
+        raise ValueError(f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
+    if fill not in FILL_MODES:
+        raise ValueError(f"inpainting_fill must be one of {sorted(FILL_MODES)} ({', '.join(FILL_MODES.values())})")
 
-    def effective_mask(self) -> Image.Image:
-        mask = self.mask.convert("L")
-        return Image.eval(mask, lambda v: 255 - v) if self.invert else mask
 
-    def pixel_mask(self, init: Image.Image, width: int, height: int) -> torch.Tensor:
-        """(1, 1, H, W) in [0, 1], 1 where the image is repainted; blurred by ``mask_blur`` pixels."""
-        if self.mask.size != init.size:
-            raise ValueError(f"mask is {self.mask.width}x{self.mask.height} but the image is {init.width}x{init.height}")
-        if self.inpainting_fill not in FILL_MODES:
-            raise ValueError(f"inpainting_fill must be one of {sorted(FILL_MODES)} ({', '.join(FILL_MODES.values())})")
-        mask = self.mask.convert("L")
-        if self.invert:
-            mask = Image.eval(mask, lambda v: 255 - v)
-        if self.mask_blur > 0:
-            mask = mask.filter(ImageFilter.GaussianBlur(self.mask_blur))
-        mask = mask.resize((width, height), Image.LANCZOS)
-        return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+def effective_mask(request: GenerationRequest) -> Image.Image:
+    """The request's mask as 8-bit grey, white = repaint (inverted first with ``inpainting_mask_invert``)."""
+    mask = request.mask.convert("L")
+    return Image.eval(mask, lambda v: 255 - v) if request.inpainting_mask_invert else mask
+
+
+def pixel_mask(request: GenerationRequest, width: int, height: int) -> torch.Tensor:
+    """(1, 1, H, W) in [0, 1], 1 where the image is repainted; blurred by ``mask_blur`` pixels."""
+    mask = effective_mask(request)
+    if request.mask_blur > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
+    mask = mask.resize((width, height), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
 
 
 def fill_masked_pixels(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,29 @@ def composite(original: Image.Image, generated: Image.Image, mask: torch.Tensor)
     out = np.asarray(original.convert("RGB").resize(generated.size), np.float32) * (1 - m) + \
         np.asarray(generated, np.float32) * m
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+
+
+def only_masked_crop(request: GenerationRequest, native_size: int) -> tuple[GenerationRequest, tuple[int, int, int, int]]:
+    """A1111's "inpaint at full resolution": the request for a crop around the mask (plus padding), resized to
+    width x height (the native size when unset), and the crop's box in the original image."""
+    check_mask(request.mask, request.init_image, request.inpainting_fill)
+    size = (request.width or native_size, request.height or native_size)
+    box = crop_box(effective_mask(request), request.inpaint_full_res_padding, *size)
+    return replace(request, init_image=request.init_image.crop(box).resize(size, Image.LANCZOS),
+                   mask=request.mask.crop(box).resize(size, Image.LANCZOS), inpaint_full_res=False,
+                   width=size[0], height=size[1]), box
+
+
+def paste_back(request: GenerationRequest, images: list[Image.Image], box: tuple[int, int, int, int]) -> list[Image.Image]:
+    """Each crop's result scaled back into its box of the original image, blended in through the whole mask."""
+    init = request.init_image
+    full_mask = pixel_mask(request, init.width, init.height)
+    pasted = []
+    for image in images:
+        canvas = init.convert("RGB").copy()
+        canvas.paste(image.resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS), box[:2])
+        pasted.append(composite(init, canvas, full_mask))
+    return pasted
 
 
 def crop_box(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int]:

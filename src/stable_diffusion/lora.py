@@ -1,15 +1,19 @@
-"""LoRA (Hu et al. 2021) files merged into the weights: W += strength * (alpha / rank) * up @ down.
+"""LoRA (Hu et al. 2021), for generation and for training, with the kohya file rule written once.
 
-Reads the kohya / A1111 format (``lora_unet_*``, ``lora_te_*``, SDXL ``lora_te1_*`` / ``lora_te2_*``; UNet
-modules named the diffusers way or the LDM way; 1x1 and 3x3 convolutions too, i.e. LoCon) and the diffusers
-/ PEFT format (``unet.<module>.lora_A.weight`` / ``lora_B``). ``applied_loras`` undoes the merge on exit."""
+Generation merges files into the weights for one request: W += strength * (alpha / rank) * up @ down. It reads
+the kohya / A1111 format (``lora_unet_*``, ``lora_te_*``, SDXL ``lora_te1_*`` / ``lora_te2_*``; UNet modules named
+the diffusers way or the LDM way; 1x1 and 3x3 convolutions too, i.e. LoCon) and the diffusers / PEFT format
+(``unet.<module>.lora_A.weight`` / ``lora_B``); ``applied_loras`` undoes the merge on exit. Training wraps Linear
+layers in ``LoRALinear`` adapters (``add_lora``) and saves them in the kohya layout (``lora_state_dict``)."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,10 +22,20 @@ from .checkpoints.errors import CheckpointError
 from .checkpoints.io import read_state_dict
 from .checkpoints.keymap import unet_module_map
 
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([+-]?[\d.]+))?>")
 
 
-def _targets(pipe) -> dict[str, nn.Module]:
+def kohya_key(prefix: str, module_name: str) -> str:
+    """The kohya / A1111 name of a module's LoRA: ``lora_unet_`` + the module path with dots as underscores."""
+    return f"{prefix}_{module_name.replace('.', '_')}"
+
+
+# ---- generation: merge LoRA files into the weights -------------------------------------------------------------
+
+def _targets(pipe: Pipeline) -> dict[str, nn.Module]:
     """Every name a LoRA file may use for one of our Linear/Conv2d modules -> that module."""
     out: dict[str, nn.Module] = {}
     to_diffusers = unet_module_map(pipe.config.unet) if not pipe.config.unet.resblock_updown else {}
@@ -29,19 +43,18 @@ def _targets(pipe) -> dict[str, nn.Module]:
     for name, module in pipe.unet.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        out["lora_unet_" + name.replace(".", "_")] = module  # LDM names (kohya SDXL)
+        out[kohya_key("lora_unet", name)] = module  # LDM names (kohya SDXL)
         for p in prefixes:
             if name == p or name.startswith(p + "."):
                 diffusers = to_diffusers[p] + name[len(p):]
-                out["lora_unet_" + diffusers.replace(".", "_")] = module  # diffusers names (kohya SD1/SD2)
+                out[kohya_key("lora_unet", diffusers)] = module  # diffusers names (kohya SD1/SD2)
                 out["unet." + diffusers] = module  # PEFT
                 break
     several = len(pipe.text_encoders) > 1
     for i, encoder in enumerate(pipe.text_encoders):
         for name, module in encoder.named_modules():
             if isinstance(module, nn.Linear) and name.startswith("text_model."):
-                kohya = f"lora_te{i + 1 if several else ''}_" + name.replace(".", "_")
-                out[kohya] = module
+                out[kohya_key(f"lora_te{i + 1 if several else ''}", name)] = module
                 out[("text_encoder_2." if i else "text_encoder.") + name] = module
     return out
 
@@ -60,7 +73,7 @@ def _pairs(sd: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.T
     return out
 
 
-def lora_deltas(pipe, path: str | Path, strength: float) -> list[tuple[nn.Module, torch.Tensor]]:
+def lora_deltas(pipe: Pipeline, path: str | Path, strength: float) -> list[tuple[nn.Module, torch.Tensor]]:
     """(module, weight delta) for every layer the file changes; unknown layers are an error."""
     sd, _ = read_state_dict(path)
     pairs = _pairs(sd)
@@ -85,7 +98,7 @@ def lora_deltas(pipe, path: str | Path, strength: float) -> list[tuple[nn.Module
 
 
 @contextmanager
-def applied_loras(pipe, loras: list[tuple[str | Path, float]]) -> Iterator[None]:
+def applied_loras(pipe: Pipeline, loras: list[tuple[str | Path, float]]) -> Iterator[None]:
     """Merge the LoRAs into the weights for the duration of the block, then restore the originals."""
     saved: dict[nn.Module, torch.Tensor] = {}
     try:
@@ -121,3 +134,59 @@ def resolve_lora(name: str, lora_dir: str | Path | None, allow_path: bool = True
         if path.is_file():
             return path
     raise CheckpointError(f"LoRA {name!r} not found in {lora_dir}")
+
+
+# ---- training: adapters on Linear layers, saved in the kohya layout ---------------------------------------------
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / rank) * up(down(x))`` with ``base`` frozen and ``up`` starting at zero."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.alpha = alpha
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.to(base.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_up(self.lora_down(x)) * self.scale
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float, targets: list[str]) -> dict[str, LoRALinear]:
+    """Wrap every Linear of the UNet whose name contains one of ``targets`` (e.g. "attn2"); freeze the rest."""
+    unet.requires_grad_(False)
+    wrapped: dict[str, LoRALinear] = {}
+    for name, module in list(unet.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and any(t in full for t in targets):
+                lora = LoRALinear(child, rank, alpha)
+                setattr(module, child_name, lora)
+                wrapped[full] = lora
+    if not wrapped:
+        raise ValueError(f"no UNet Linear layer matches the LoRA targets {targets}")
+    return wrapped
+
+
+def lora_state_dict(wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    """The kohya / A1111 file layout (LDM module names): lora_unet_<name>.lora_down/lora_up/alpha, which
+    ``applied_loras`` reads back."""
+    out = {}
+    for name, lora in wrapped.items():
+        key = kohya_key("lora_unet", name)
+        out[f"{key}.lora_down.weight"] = lora.lora_down.weight.detach().cpu()
+        out[f"{key}.lora_up.weight"] = lora.lora_up.weight.detach().cpu()
+        out[f"{key}.alpha"] = torch.tensor(float(lora.alpha))
+    return out
+
+
+def remove_lora(unet: nn.Module, wrapped: dict[str, LoRALinear]) -> None:
+    """Put the original Linear layers back (the adapters live on in the saved file)."""
+    for name, lora in wrapped.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, child, lora.base)
+    unet.requires_grad_(True)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from .checkpoints import diffusers_folder
@@ -16,11 +18,13 @@ from .checkpoints.detect import VAE_PREFIX, detect_config, detect_vae
 from .checkpoints.errors import CheckpointError
 from .checkpoints.io import read_state_dict, write_safetensors
 from .checkpoints.single_file import CONFIG_METADATA_KEY, join_components, split_components
+from .generate import StepCallback, generate
 from .models.clip import CLIPTextModel
 from .models.configs import PRESETS, ModelConfig, preset
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNetModel
 from .models.vae import AutoencoderKL
+from .request import GenerationRequest
 
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "builtin.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -92,35 +96,27 @@ class Pipeline:
         else:
             raise ValueError(f"unknown format {format!r} (single-file or diffusers)")
 
-    def txt2img(self, prompt: str | list[str] = "", **kwargs: object) -> list:
-        """Generate images from a prompt (a list: one image per prompt, in one batch); keywords are
-        GenerationRequest's (A1111 names). Returns PIL images."""
-        from .generate import GenerationRequest, txt2img
+    def txt2img(self, prompt: str | list[str] = "", callback: StepCallback | None = None,
+                **fields: Any) -> list[Image.Image]:
+        """Images from a prompt (a list: one image per prompt, in one batch); ``fields`` are GenerationRequest's
+        (A1111 names: negative_prompt, steps, cfg_scale, sampler, seed, ...)."""
+        return generate(self, GenerationRequest(prompt=prompt, **fields), callback).images
 
-        callback = kwargs.pop("callback", None)
-        return txt2img(self, GenerationRequest(prompt=prompt, **kwargs), callback).images  # type: ignore[arg-type]
+    def img2img(self, init_image: Image.Image, prompt: str | list[str] = "", denoising_strength: float = 0.75,
+                callback: StepCallback | None = None, **fields: Any) -> list[Image.Image]:
+        """SDEdit from ``init_image``; the same fields as txt2img."""
+        request = GenerationRequest(prompt=prompt, init_image=init_image, denoising_strength=denoising_strength,
+                                    **fields)
+        return generate(self, request, callback).images
 
-    def img2img(self, init_image: object, prompt: str = "", denoising_strength: float = 0.75,
-                **kwargs: object) -> list:
-        """SDEdit from ``init_image`` (PIL); the same keywords as txt2img. Returns PIL images."""
-        from .generate import GenerationRequest, img2img
-
-        callback = kwargs.pop("callback", None)
-        request = GenerationRequest(prompt=prompt, **kwargs)  # type: ignore[arg-type]
-        return img2img(self, request, init_image, denoising_strength, callback).images  # type: ignore[arg-type]
-
-    def inpaint(self, init_image: object, mask: object, prompt: str = "", denoising_strength: float = 0.75,
-                mask_blur: int = 4, inpainting_fill: int = 1, inpainting_mask_invert: bool = False,
-                inpaint_full_res: bool = False, inpaint_full_res_padding: int = 32, **kwargs: object) -> list:
-        """Repaint the white part of ``mask`` (blended latent diffusion, or the 9-channel model's own input)."""
-        from .generate import GenerationRequest, inpaint
-        from .inpaint import InpaintSpec
-
-        callback = kwargs.pop("callback", None)
-        spec = InpaintSpec(mask, mask_blur, inpainting_fill, inpainting_mask_invert,  # type: ignore[arg-type]
-                           inpaint_full_res, inpaint_full_res_padding)
-        request = GenerationRequest(prompt=prompt, **kwargs)  # type: ignore[arg-type]
-        return inpaint(self, request, init_image, spec, denoising_strength, callback).images  # type: ignore[arg-type]
+    def inpaint(self, init_image: Image.Image, mask: Image.Image, prompt: str | list[str] = "",
+                denoising_strength: float = 0.75, callback: StepCallback | None = None,
+                **fields: Any) -> list[Image.Image]:
+        """Repaint the white part of ``mask`` (blended latent diffusion, or the 9-channel model's own input);
+        fields as txt2img plus mask_blur, inpainting_fill, inpainting_mask_invert, inpaint_full_res, ..."""
+        request = GenerationRequest(prompt=prompt, init_image=init_image, mask=mask,
+                                    denoising_strength=denoising_strength, **fields)
+        return generate(self, request, callback).images
 
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0) -> Pipeline:

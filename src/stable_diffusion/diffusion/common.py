@@ -30,6 +30,13 @@ def report(callback: Callback, i: int, x: torch.Tensor, sigma: torch.Tensor, x0:
         callback({"i": i, "x": x, "sigma": sigma, "denoised": x0})
 
 
+def denoise(model: Model, x: torch.Tensor, sigmas: torch.Tensor, i: int, callback: Callback) -> torch.Tensor:
+    """Step i's x0 prediction ``model(x, sigmas[i])``, reported to the callback (which may stop sampling)."""
+    x0 = model(x, sigmas[i])
+    report(callback, i, x, sigmas[i], x0)
+    return x0
+
+
 def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma_down, sigma_up): the deterministic target and the noise to add back for an ancestral step."""
     if not eta or sigma_next == 0:

@@ -8,14 +8,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .schedules import DiscreteSigmas
+from .schedules import DiscreteSigmas, model_alphas_cumprod
 
 
 class Denoiser(nn.Module):
-    """Wraps ``unet(x, t, context, y)`` trained on discrete timesteps as ``x0 = D(x, sigma, context, y)``.
+    """Wraps ``unet(x, t, context, y)`` trained on discrete timesteps as the denoiser of Karras et al. 2022
+    (eq. 7): ``D(x, sigma) = c_skip x + c_out F(c_in x, t(sigma))``, and gives training its objective from the same
+    scalings (k-diffusion's ``Denoiser.loss``), so sampling and training cannot drift apart.
 
-    eps-prediction: x0 = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma)).
-    v-prediction (Salimans & Ho 2022): x0 = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * v(...)."""
+    eps-prediction: c_skip = 1, c_out = -sigma; v-prediction (Salimans & Ho 2022): c_skip = 1 / (sigma^2 + 1),
+    c_out = -sigma / sqrt(sigma^2 + 1); both c_in = 1 / sqrt(sigma^2 + 1), which turns the variance-exploding
+    x = x0 + sigma * noise into the network's x_t = sqrt(abar) x0 + sqrt(1 - abar) noise."""
 
     def __init__(self, unet: Callable[..., torch.Tensor], abar: torch.Tensor, prediction: str = "eps") -> None:
         super().__init__()
@@ -25,15 +28,37 @@ class Denoiser(nn.Module):
         self.schedule = DiscreteSigmas(abar)
         self.prediction = prediction
 
+    @classmethod
+    def from_config(cls, unet: Callable[..., torch.Tensor], config) -> Denoiser:
+        """The denoiser of a model (a ModelConfig): its noise schedule and prediction type."""
+        return cls(unet, model_alphas_cumprod(config), config.prediction)
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(1 / c_skip, c_out, c_in) for ``sigma`` (any shape, float32). c_skip comes as its reciprocal so that
+        ``x / (sigma^2 + 1)`` rounds exactly as LDM's and A1111's v-prediction arithmetic does."""
+        c_in = (sigma**2 + 1).rsqrt()
+        if self.prediction == "eps":
+            return torch.ones_like(sigma), -sigma, c_in
+        return sigma**2 + 1, -sigma * c_in, c_in
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         sigma = sigma.reshape(-1).expand(x.shape[0]).to(x.device, torch.float32)
-        s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
-        c_in = (s**2 + 1).rsqrt()
+        skip_div, c_out, c_in = self.scalings(sigma.reshape(-1, *([1] * (x.dim() - 1))))  # (B, 1, 1, 1)
         out = self.unet((x * c_in).to(x.dtype), self.schedule.sigma_to_t(sigma), context, y).float()
-        if self.prediction == "eps":
-            return x.float() - s * out
-        return x.float() / (s**2 + 1) - s * c_in * out
+        return x.float() / skip_div + c_out * out
+
+    def loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
+             y: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample mean squared error (B,) of the network's output at integer timesteps ``t`` against the
+        target the scalings imply, ``(x0 - c_skip x) / c_out`` with x = x0 + sigma * noise: the noise for eps,
+        ``sqrt(abar) noise - sqrt(1 - abar) x0`` for v (Ho et al. 2020, Algorithm 1; Salimans & Ho 2022)."""
+        sigma = self.schedule.sigmas.to(t.device)[t].reshape(-1, *([1] * (x0.dim() - 1)))
+        skip_div, c_out, c_in = self.scalings(sigma)
+        noised = x0 + noise * sigma
+        target = (x0 - noised / skip_div) / c_out
+        output = self.unet((noised * c_in).to(x0.dtype), t, context, y)
+        return (output.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 class CFGDenoiser(nn.Module):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from .common import Callback, Model, Noise, default_noise, report, to_d
+from .common import Callback, Model, Noise, default_noise, denoise, to_d
 
 
 @torch.no_grad()
@@ -17,8 +17,7 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, call
     """DPM-Solver++(2M) (Lu et al. 2022): multistep second order in log-SNR time, data prediction."""
     old_x0 = None
     for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        report(callback, i, x, sigmas[i], x0)
+        x0 = denoise(model, x, sigmas, i, callback)
         if sigmas[i + 1] == 0:
             x = x0
             continue
@@ -42,8 +41,7 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, 
     noise = noise or default_noise()
     old_x0 = h_last = None
     for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        report(callback, i, x, sigmas[i], x0)
+        x0 = denoise(model, x, sigmas, i, callback)
         if sigmas[i + 1] == 0:
             x = x0
             continue
@@ -77,8 +75,7 @@ def sample_lms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback:
     s = sigmas.double().cpu().tolist()
     ds: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        report(callback, i, x, sigmas[i], x0)
+        x0 = denoise(model, x, sigmas, i, callback)
         ds.append(to_d(x, sigmas[i], x0))
         ds = ds[-order:]
         current = min(i + 1, order)
@@ -102,8 +99,7 @@ def sample_plms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
     history: list[torch.Tensor] = []  # noise predictions of earlier steps, oldest first
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = model(x, sigma)
-        report(callback, i, x, sigma, x0)
+        x0 = denoise(model, x, sigmas, i, callback)
         eps = to_d(x, sigma, x0)
         if history:
             recent = [eps, *reversed(history)]
@@ -161,8 +157,7 @@ def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callbac
     x0s: list[torch.Tensor] = []
     last_x, last_order = None, 0
     for i in range(steps):
-        x0 = model(x, sigmas[i])
-        report(callback, i, x, sigmas[i], x0)
+        x0 = denoise(model, x, sigmas, i, callback)
         if last_x is not None:
             x = _unipc_update(last_x, x0s, lambdas, i - 1, last_order, variant, x0_next=x0)
         x0s = [*x0s, x0][-order:]

@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import torch
 
-from .common import Callback, Model, Noise, ancestral_step, default_noise, report, to_d
+from .common import Callback, Model, Noise, ancestral_step, default_noise, denoise, to_d
 from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_lms, sample_plms, sample_unipc
+from .schedules import SCHEDULERS
 
 __all__ = ["SAMPLERS", "default_noise", "resolve_sampler", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_lms",
            "sample_plms", "sample_unipc"]
@@ -23,8 +24,7 @@ def _ancestral(step: Step, model: Model, x: torch.Tensor, sigmas: torch.Tensor, 
     sigma_next (eta = 0: no noise, sigma_down = sigma_next, the plain ODE solver)."""
     noise = noise or default_noise()
     for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        report(callback, i, x, sigmas[i], x0)
+        x0 = denoise(model, x, sigmas, i, callback)
         down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = step(model, x, sigmas[i], down, x0)
         if up > 0:
@@ -89,8 +89,7 @@ def sample_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
                 noise: Noise | None = None) -> torch.Tensor:
     """Heun's second-order method (Karras et al. 2022, Algorithm 1); Euler on the last step to sigma 0."""
     for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        report(callback, i, x, sigmas[i], x0)
+        x0 = denoise(model, x, sigmas, i, callback)
         d = to_d(x, sigmas[i], x0)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
@@ -111,8 +110,7 @@ def sample_dpmpp_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, cal
     noise = noise or default_noise()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = model(x, sigma)
-        report(callback, i, x, sigma, x0)
+        x0 = denoise(model, x, sigmas, i, callback)
         if sigma_next == 0:
             x = x0
             continue
@@ -145,8 +143,7 @@ def sample_ddpm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
     noise = noise or default_noise()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = model(x, sigma)
-        report(callback, i, x, sigma, x0)
+        x0 = denoise(model, x, sigmas, i, callback)
         abar, abar_prev = 1 / (sigma**2 + 1), 1 / (sigma_next**2 + 1)
         alpha = abar / abar_prev
         x_vp = x * abar.sqrt()
@@ -172,8 +169,7 @@ def sample_lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback:
     next sigma with fresh noise. Meant for LCM-distilled models and LCM LoRAs, in 2-8 steps."""
     noise = noise or default_noise()
     for i in range(len(sigmas) - 1):
-        x0 = model(x, sigmas[i])
-        report(callback, i, x, sigmas[i], x0)
+        x0 = denoise(model, x, sigmas, i, callback)
         x = x0
         if sigmas[i + 1] > 0:
             x = x + noise(x) * sigmas[i + 1]
@@ -200,11 +196,19 @@ SAMPLERS = {
 }
 
 
-def resolve_sampler(name: str) -> tuple[Callable[..., torch.Tensor], str]:
-    """Sampler function and scheduler for an A1111 name; legacy "DPM++ 2M Karras" splits into both."""
-    if name in SAMPLERS:
-        return SAMPLERS[name]
-    for suffix, scheduler in ((" Karras", "karras"), (" Exponential", "exponential")):
-        if name.endswith(suffix) and name[: -len(suffix)] in SAMPLERS:
-            return SAMPLERS[name[: -len(suffix)]][0], scheduler
-    raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+def resolve_sampler(name: str, scheduler: str = "automatic") -> tuple[str, str]:
+    """(A1111 sampler label, schedule name) for the names a request gives: "automatic" (or "") picks the
+    sampler's own schedule, and a legacy name such as "DPM++ 2M Karras" names both. A ValueError for unknown
+    names."""
+    label, implied = name, None
+    for suffix, schedule in ((" Karras", "karras"), (" Exponential", "exponential")):
+        if name not in SAMPLERS and name.endswith(suffix) and name[: -len(suffix)] in SAMPLERS:
+            label, implied = name[: -len(suffix)], schedule
+    if label not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    wanted = (scheduler or "automatic").lower()
+    if wanted == "automatic":
+        return label, implied or SAMPLERS[label][1]
+    if wanted not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; known: automatic, {', '.join(SCHEDULERS)}")
+    return label, wanted

@@ -27,14 +27,14 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def model_alphas_cumprod(config) -> torch.Tensor:
+    """The noise schedule a model was trained with, from its config's ``beta_schedule``, ``timesteps``,
+    ``beta_start`` and ``beta_end`` (a ModelConfig): float64 alphas_cumprod, one per training timestep."""
+    return alphas_cumprod(make_betas(config.beta_schedule, config.timesteps, config.beta_start, config.beta_end))
+
+
 def sigmas_from_alphas_cumprod(abar: torch.Tensor) -> torch.Tensor:
     return ((1 - abar) / abar).sqrt()
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """The forward process q(x_t | x_0): ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (Ho et al. 2020, eq. 4)."""
-    a = abar.to(x0.device)[t].to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 class DiscreteSigmas:

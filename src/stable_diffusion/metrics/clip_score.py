@@ -12,18 +12,10 @@ import torch
 from PIL import Image
 
 from ..checkpoints.io import read_state_dict, write_json, write_safetensors
+from ..images import to_unit
 from ..models.clip_vision import CLIPPair, VisionConfig
 from ..models.configs import TextEncoderConfig
 from ..models.tokenizer import CLIPTokenizer
-
-DOMAIN_CLIP = Path(__file__).resolve().parents[1] / "assets" / "domain_clip"
-
-
-def pil_to_unit(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images (same size) -> (B, 3, H, W) floats in [0, 1]."""
-    from ..training.shapes import image_tensor
-
-    return (torch.stack([image_tensor(im.convert("RGB")) for im in images]) + 1) / 2
 
 
 class CLIPScorer:
@@ -31,7 +23,7 @@ class CLIPScorer:
         self.model, self.tokenizer = model.eval(), tokenizer
 
     @classmethod
-    def from_folder(cls, path: str | Path = DOMAIN_CLIP) -> CLIPScorer:
+    def from_folder(cls, path: str | Path) -> CLIPScorer:
         folder = Path(path)
         try:
             config = json.loads((folder / "config.json").read_text())
@@ -79,7 +71,7 @@ class CLIPScorer:
     @torch.no_grad()
     def scores(self, images: list[Image.Image] | torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Per-pair scores ``100 * max(cos, 0)``; images as PIL or (B, 3, H, W) in [0, 1]."""
-        pixels = pil_to_unit(images) if isinstance(images, list) else images
+        pixels = to_unit(images) if isinstance(images, list) else images
         param = next(self.model.parameters())
         image_emb = self.model.embed_images(pixels.to(param.device, param.dtype))
         text_emb = self.model.embed_texts(self.tokenizer(texts).to(param.device))

@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedules import SCHEDULERS
+from ..generate import decode_latents
 from ..infotext import parse_infotext
 from .generation import (
     VERSION,
@@ -29,7 +30,6 @@ from .generation import (
     check_limits,
     decode_image,
     guidance_skip,
-    img2img_inputs,
     respond,
     run_generation,
 )
@@ -94,11 +94,7 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
     outputs_dir = Path(outputs) if outputs else None
     users = dict(pair.split(":", 1) for pair in api_auth.split(",")) if api_auth else {}
 
-    def decode_preview(z: torch.Tensor) -> torch.Tensor:
-        pipe = registry.pipe
-        return pipe.vae.decode(z / pipe.config.vae.scaling_factor)
-
-    jobs = JobQueue(max_queue, decode_preview=decode_preview)
+    jobs = JobQueue(max_queue, decode_preview=lambda z: decode_latents(registry.pipe, z))
     options: dict = {"sd_model_checkpoint": registry.current_entry.title, "sd_vae": "Automatic",
                      "CLIP_stop_at_last_layers": 1, "samples_save": True, "samples_format": "png",
                      "outdir_samples": str(outputs_dir or ""), "live_previews_enable": True, "eta_ddim": 0.0,
@@ -128,35 +124,27 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
             raise ApiError(503, str(error), {"Retry-After": "5"}) from None
         return await asyncio.wrap_future(future)
 
-    def dirs():
-        return registry.folder("Lora"), registry.folder("embeddings")
+    async def generation(body: Txt2ImgRequest | Img2ImgRequest, kind: str) -> dict:
+        """txt2img and img2img: check, resolve, queue, run on the worker, answer."""
+        check_limits(body, limits)
+        request = build_request(body, options, registry.folder("Lora"), registry.folder("embeddings"),
+                                registry.pipe.config.image_size)
+
+        def run(callback):
+            entry, pipe = registry.current_entry, registry.pipe
+            return entry, pipe, run_generation(pipe, request, callback)
+
+        entry, pipe, result = await queued(run, request.sampling_steps(), request.n_iter, kind)
+        inpainting = kind == "img2img" and pipe.config.is_inpainting
+        return respond(body, result, (entry.name, entry.sha), inpainting, outputs_dir, kind)
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest):
-        check_limits(body, limits)
-        request = build_request(body, options, *dirs())
-
-        def run(callback):
-            entry, pipe = registry.current_entry, registry.pipe
-            return entry, pipe, run_generation(pipe, request, None, 1.0, None, callback)
-
-        entry, pipe, result = await queued(run, body.steps, body.n_iter, "txt2img")
-        return respond(body, request, result, (entry.name, entry.sha), None, False, outputs_dir, "txt2img")
+        return await generation(body, "txt2img")
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest):
-        check_limits(body, limits)
-        request = build_request(body, options, *dirs())
-        init, spec = img2img_inputs(body)
-
-        def run(callback):
-            entry, pipe = registry.current_entry, registry.pipe
-            return entry, pipe, run_generation(pipe, request, init, body.denoising_strength, spec, callback)
-
-        steps = max(1, int(min(body.denoising_strength, 0.999) * body.steps))
-        entry, pipe, result = await queued(run, steps, body.n_iter, "img2img")
-        return respond(body, request, result, (entry.name, entry.sha), body.denoising_strength,
-                       pipe.config.is_inpainting, outputs_dir, "img2img")
+        return await generation(body, "img2img")
 
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False):

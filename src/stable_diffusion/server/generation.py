@@ -9,18 +9,22 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..diffusion.samplers import resolve_sampler
-from ..diffusion.schedules import SCHEDULERS
-from ..generate import GenerationRequest, GenerationResult, generate, guidance_skip_params
-from ..infotext import save_png
-from ..inpaint import InpaintSpec
+from .. import __version__
+from ..generate import GenerationResult, StepCallback, generate
+from ..images import png_bytes, save_png
+from ..infotext import guidance_skip_params
+from ..inpaint import check_mask
+from ..request import GenerationRequest
 from .schemas import GenerationFields, Img2ImgRequest, Limits
 
-VERSION = "stable_diffusion 0.1.0"
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+
+VERSION = f"stable_diffusion {__version__}"
 
 
 class ApiError(Exception):
@@ -49,32 +53,17 @@ def decode_image(data: str, what: str) -> Image.Image:
         raise ApiError(422, f"{what}: not a readable image ({type(error).__name__})") from None
 
 
-def encode_png(image: Image.Image, infotext: str) -> str:
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def check_limits(body: GenerationFields, limits: Limits) -> None:
-    if body.width % 8 or body.height % 8 or body.width < 8 or body.height < 8:
-        raise ApiError(422, f"width and height must be positive multiples of 8, got {body.width}x{body.height}")
+    """This server's limits (``sd serve --max-size`` etc.); the schema has checked everything else."""
     if body.width > limits.max_width or body.height > limits.max_height:
         raise ApiError(422, f"size {body.width}x{body.height} is beyond this server's limit "
                             f"{limits.max_width}x{limits.max_height}")
-    if not 1 <= body.steps <= limits.max_steps:
+    if body.steps > limits.max_steps:
         raise ApiError(422, f"steps must be in 1..{limits.max_steps}, got {body.steps}")
-    if not 1 <= body.batch_size <= limits.max_batch_size or body.n_iter < 1:
-        raise ApiError(422, f"batch_size must be in 1..{limits.max_batch_size} and n_iter at least 1")
+    if body.batch_size > limits.max_batch_size:
+        raise ApiError(422, f"batch_size must be in 1..{limits.max_batch_size}")
     if body.batch_size * body.n_iter > limits.max_images:
         raise ApiError(422, f"batch_size * n_iter must be at most {limits.max_images}")
-    if not 0 <= body.denoising_strength <= 1:
-        raise ApiError(422, f"denoising_strength must be in [0, 1], got {body.denoising_strength}")
-    if not 0 <= body.cfg_scale <= 100:
-        raise ApiError(422, f"cfg_scale must be in [0, 100], got {body.cfg_scale}")
 
 
 def _setting(settings: dict, key: str, default: float, low: float, high: float) -> float:
@@ -94,27 +83,6 @@ def guidance_skip(settings: dict, body: GenerationFields | None = None) -> dict:
             "skip_early_cond": _setting(settings, "skip_early_cond", 0.0, 0.0, 1.0)}
 
 
-def build_request(body: GenerationFields, options: dict, lora_dir: Path | None,
-                  embeddings_dir: Path | None) -> GenerationRequest:
-    """The request a body asks for; options are the server's, with the body's ``override_settings`` on top."""
-    settings = {**options, **(body.override_settings or {})}
-    sampler = body.sampler_name or body.sampler_index or "Euler"
-    try:
-        resolve_sampler(sampler)
-    except ValueError as error:
-        raise ApiError(422, str(error)) from None
-    scheduler = (body.scheduler or "automatic").lower()
-    if scheduler not in SCHEDULERS and scheduler not in ("automatic", "karras", "exponential"):
-        raise ApiError(422, f"unknown scheduler {body.scheduler!r}; known: automatic, {', '.join(SCHEDULERS)}")
-    return GenerationRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=body.cfg_scale,
-        sampler=sampler, scheduler=scheduler, seed=body.seed, batch_size=body.batch_size, n_iter=body.n_iter,
-        width=body.width, height=body.height, eta=body.eta,
-        clip_skip=body.clip_skip or int(_setting(settings, "CLIP_stop_at_last_layers", 1, 1, 12)),
-        lora_dir=str(lora_dir) if lora_dir else None, embeddings_dir=str(embeddings_dir) if embeddings_dir else None,
-        **guidance_skip(settings, body))
-
-
 def fit_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
     """A1111's resize modes: 0 stretch, 1 crop to fill, 2 fit inside and pad with the stretched edges."""
     if image.size == (width, height):
@@ -129,36 +97,57 @@ def fit_image(image: Image.Image, width: int, height: int, mode: int) -> Image.I
     return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
-def img2img_inputs(body: Img2ImgRequest) -> tuple[Image.Image, InpaintSpec | None]:
+def img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
+    """The init image and the inpainting fields of an img2img body, decoded and fitted to width x height."""
     if not body.init_images:
         raise ApiError(422, "init_images: at least one image is required")
     init = decode_image(body.init_images[0], "init_images[0]")
-    spec = None
+    fields: dict[str, Any] = {"denoising_strength": body.denoising_strength}
     if body.mask:
         mask = decode_image(body.mask, "mask")
-        if mask.size != init.size:
-            raise ApiError(422, f"mask is {mask.width}x{mask.height} but the init image is {init.width}x{init.height}")
-        if not 0 <= body.inpainting_fill <= 3:
-            raise ApiError(422, "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (nothing)")
+        try:
+            check_mask(mask, init, body.inpainting_fill)
+        except ValueError as error:
+            raise ApiError(422, str(error)) from None
         alpha = mask.getchannel("A") if mask.mode == "RGBA" else None
         mask = mask.convert("L") if alpha is None else Image.composite(mask.convert("L"), alpha, alpha)
-        mask = fit_image(mask, body.width, body.height, body.resize_mode)
-        blur = body.mask_blur_x if body.mask_blur_x is not None else body.mask_blur
-        spec = InpaintSpec(mask, blur, body.inpainting_fill, bool(body.inpainting_mask_invert),
-                           body.inpaint_full_res, body.inpaint_full_res_padding)
-    return fit_image(init.convert("RGB"), body.width, body.height, body.resize_mode), spec
+        fields.update(mask=fit_image(mask, body.width, body.height, body.resize_mode),
+                      mask_blur=body.mask_blur_x if body.mask_blur_x is not None else body.mask_blur,
+                      inpainting_fill=body.inpainting_fill, inpainting_mask_invert=bool(body.inpainting_mask_invert),
+                      inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding)
+    fields["init_image"] = fit_image(init.convert("RGB"), body.width, body.height, body.resize_mode)
+    return fields
 
 
-def run_generation(pipe, request: GenerationRequest, init: Image.Image | None, strength: float,
-                   spec: InpaintSpec | None, callback) -> GenerationResult:
+def build_request(body: GenerationFields, options: dict, lora_dir: Path | None, embeddings_dir: Path | None,
+                  native_size: int) -> GenerationRequest:
+    """The resolved request a body asks for (a 422 for anything wrong, before it is queued); options are the
+    server's, with the body's ``override_settings`` on top."""
+    settings = {**options, **(body.override_settings or {})}
+    images = img2img_fields(body) if isinstance(body, Img2ImgRequest) else {}
+    request = GenerationRequest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=body.cfg_scale,
+        sampler=body.sampler_name or body.sampler_index or "Euler", scheduler=body.scheduler or "automatic",
+        seed=body.seed, batch_size=body.batch_size, n_iter=body.n_iter, width=body.width, height=body.height,
+        eta=body.eta, clip_skip=body.clip_skip or int(_setting(settings, "CLIP_stop_at_last_layers", 1, 1, 12)),
+        lora_dir=str(lora_dir) if lora_dir else None, embeddings_dir=str(embeddings_dir) if embeddings_dir else None,
+        **guidance_skip(settings, body), **images)
     try:
-        return generate(pipe, request, init, strength if init is not None else 1.0, callback, spec)
+        return request.resolved(native_size)
     except ValueError as error:
         raise ApiError(422, str(error)) from None
 
 
-def info_dict(body: GenerationFields, request: GenerationRequest, result: GenerationResult, model: tuple[str, str],
-              strength: float | None, inpainting: bool, timestamp: str) -> dict[str, Any]:
+def run_generation(pipe: Pipeline, request: GenerationRequest, callback: StepCallback) -> GenerationResult:
+    try:
+        return generate(pipe, request, callback)
+    except ValueError as error:
+        raise ApiError(422, str(error)) from None
+
+
+def info_dict(body: GenerationFields, result: GenerationResult, model: tuple[str, str], inpainting: bool,
+              timestamp: str) -> dict[str, Any]:
+    request = result.request
     seeds = result.seeds or [request.seed]
     n = len(seeds)
     return {
@@ -169,14 +158,15 @@ def info_dict(body: GenerationFields, request: GenerationRequest, result: Genera
         "cfg_scale": request.cfg_scale, "steps": request.steps, "batch_size": request.batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": model[0], "sd_model_hash": model[1],
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": strength, "extra_generation_params": guidance_skip_params(request), "index_of_first_image": 0,
+        "denoising_strength": request.denoising_strength if request.init_image is not None else None,
+        "extra_generation_params": guidance_skip_params(request), "index_of_first_image": 0,
         "infotexts": result.infotexts, "styles": body.styles or [], "job_timestamp": timestamp,
         "clip_skip": request.clip_skip, "is_using_inpainting_conditioning": inpainting, "version": VERSION,
     }
 
 
-def respond(body: GenerationFields, request: GenerationRequest, result: GenerationResult, model: tuple[str, str],
-            strength: float | None, inpainting: bool, outputs: Path | None, kind: str) -> dict[str, Any]:
+def respond(body: GenerationFields, result: GenerationResult, model: tuple[str, str], inpainting: bool,
+            outputs: Path | None, kind: str) -> dict[str, Any]:
     timestamp = time.strftime("%Y%m%d%H%M%S")
     if body.save_images and outputs is not None:
         folder = outputs / f"{kind}-images"
@@ -184,7 +174,8 @@ def respond(body: GenerationFields, request: GenerationRequest, result: Generati
         start = len(list(folder.glob("*.png")))
         for i, (image, seed, text) in enumerate(zip(result.images, result.seeds, result.infotexts)):
             save_png(image, folder / f"{start + i:05d}-{seed}.png", text)
-    images = [encode_png(im, text) for im, text in zip(result.images, result.infotexts)] if body.send_images else []
-    info = info_dict(body, request, result, model, strength, inpainting, timestamp)
+    images = [base64.b64encode(png_bytes(im, text)).decode() for im, text in zip(result.images, result.infotexts)] \
+        if body.send_images else []
+    info = info_dict(body, result, model, inpainting, timestamp)
     parameters = body.model_dump(exclude={"init_images", "mask"})
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}

@@ -5,7 +5,6 @@ what exists (the step's x0 prediction, decoded)."""
 from __future__ import annotations
 
 import base64
-import io
 import queue
 import threading
 import time
@@ -15,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
-from ..generate import StopSampling, to_pil
+from ..generate import StopSampling
+from ..images import png_bytes
 
 
 class QueueFull(Exception):  # noqa: N818 - named for what the client is told
@@ -50,7 +51,7 @@ class _Task:
 
 class JobQueue:
     def __init__(self, max_queue: int = 16, preview_every: int = 5,
-                 decode_preview: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 decode_preview: Callable[[torch.Tensor], list[Image.Image]] | None = None) -> None:
         self.tasks: queue.Queue[_Task] = queue.Queue(maxsize=max_queue)
         self.progress = Progress()
         self.lock = threading.Lock()
@@ -86,10 +87,8 @@ class JobQueue:
             p.job_no += 1
         p.sampling_step = info["i"] + 1
         if self.decode_preview is not None and self.preview_every and p.sampling_step % self.preview_every == 0:
-            image = to_pil(self.decode_preview(info["denoised"][:1]))[0]
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            p.preview = base64.b64encode(buffer.getvalue()).decode()
+            image = self.decode_preview(info["denoised"][:1])[0]
+            p.preview = base64.b64encode(png_bytes(image)).decode()
         if p.interrupted or p.skipped:
             skip, p.skipped = p.skipped and not p.interrupted, False
             raise StopSampling(info["denoised"], skip=skip)

@@ -1,65 +1,67 @@
-"""Request bodies of the AUTOMATIC1111 API (/sdapi/v1), with its field names and defaults. Fields clients send
-that we do not use (restore_faces, tiling, script_args, ...) are accepted and ignored, as A1111 does."""
+"""Request bodies of the AUTOMATIC1111 API (/sdapi/v1), with its field names and defaults, and the ranges every
+value must lie in (a 422 otherwise; floats must be finite). The server's own limits (largest size, steps, images)
+are checked in generation.check_limits. Fields clients send that we do not use (restore_faces, tiling,
+script_args, ...) are accepted and ignored, as A1111 does."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class GenerationFields(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str = ""
     styles: list[str] | None = None
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0.0
+    seed: int = Field(-1, ge=-1, lt=2**63)  # -1: random
+    subseed: int = Field(-1, ge=-1, lt=2**63)
+    subseed_strength: float = Field(0.0, ge=0, le=1)
     sampler_name: str | None = None
     sampler_index: str | None = None  # the old name of sampler_name
     scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    eta: float | None = None
-    s_churn: float | None = None
-    s_tmax: float | None = None
-    s_tmin: float | None = None
-    s_noise: float | None = None
-    s_min_uncond: float | None = None  # NGMS; None: the "s_min_uncond" option
-    clip_skip: int | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int = Field(50, ge=1)
+    cfg_scale: float = Field(7.0, ge=0, le=100)
+    width: int = Field(512, ge=8, multiple_of=8)
+    height: int = Field(512, ge=8, multiple_of=8)
+    eta: float | None = Field(None, ge=0)
+    s_churn: float | None = Field(None, ge=0)
+    s_tmax: float | None = Field(None, ge=0)
+    s_tmin: float | None = Field(None, ge=0)
+    s_noise: float | None = Field(None, ge=0)
+    s_min_uncond: float | None = Field(None, ge=0)  # NGMS; None: the "s_min_uncond" option
+    clip_skip: int | None = Field(None, ge=1, le=12)
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     force_task_id: str | None = None
-    denoising_strength: float = 0.75
+    denoising_strength: float = Field(0.75, ge=0, le=1)
 
 
 class Txt2ImgRequest(GenerationFields):
     enable_hr: bool = False
-    hr_scale: float = 2.0
+    hr_scale: float = Field(2.0, gt=0)
     hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
+    hr_second_pass_steps: int = Field(0, ge=0)
 
 
 class Img2ImgRequest(GenerationFields):
     init_images: list[str] | None = None
     mask: str | None = None
-    resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill
-    mask_blur: int = 4
-    mask_blur_x: int | None = None
-    mask_blur_y: int | None = None
-    inpainting_fill: int = 0
+    resize_mode: Literal[0, 1, 2, 3] = 0  # 0 just resize, 1 crop and resize, 2 resize and fill (3: as 0)
+    mask_blur: int = Field(4, ge=0, le=256)
+    mask_blur_x: int | None = Field(None, ge=0, le=256)
+    mask_blur_y: int | None = Field(None, ge=0, le=256)
+    inpainting_fill: Literal[0, 1, 2, 3] = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpaint_full_res: bool = True
-    inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
+    inpaint_full_res_padding: int = Field(0, ge=0)
+    inpainting_mask_invert: Literal[0, 1] = 0
     include_init_images: bool = False
 
 

@@ -1,172 +1,228 @@
-"""The training config: one TOML file for data, model sizes and optimisation. Sections mirror a classic
-from-scratch LDM config ([train], [unet], [diffusion], [vae], [text_encoder]) plus [data] and [lora].
-Unknown sections or keys are errors, so a typo never silently trains the wrong model."""
+"""The training config: one TOML file for data, model sizes and optimisation, validated as a whole by pydantic
+before anything runs. Sections mirror a classic from-scratch LDM config ([train], [unet], [diffusion], [vae],
+[text_encoder]) plus [data], [refine], [lora] and [clip]. Unknown sections or keys, wrong types and values out
+of range are one-line errors, so a typo never silently trains the wrong model.
+
+A config may start from another (nanoGPT's fine-tune configs): ``base = "builtin.toml"`` (a path relative to the
+file) takes that config's keys, and the file states only what it changes; sections merge key by key."""
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..models.configs import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
+Stage = Literal["vae", "unet", "refine", "lora", "clip"]
+Fraction = Field(ge=0.0, le=1.0)
 
-@dataclass
-class TrainSection:
-    stages: list[str] = field(default_factory=lambda: ["vae", "unet"])  # vae | unet | refine | lora | clip, in order
-    steps: int = 1000  # optimiser steps of the UNet (or LoRA) stage; 0 with epochs > 0: derived from epochs
-    epochs: int = 0  # folder datasets: passes over the data (overrides steps when > 0)
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2), every stage
-    warmup_steps: int = 100
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 on CUDA only)
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
+
+
+class TrainSection(_Section):
+    stages: list[Stage] = Field(default_factory=lambda: ["vae", "unet"], min_length=1)  # run in this order
+    steps: int = Field(1000, ge=0)  # optimiser steps of the UNet (or LoRA) stage; 0 with epochs > 0: from epochs
+    epochs: int = Field(0, ge=0)  # folder datasets: passes over the data (overrides steps when > 0)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    # AdamW's (beta1, beta2), every stage
+    adam_betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
+    warmup_steps: int = Field(100, ge=0)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0: no clipping
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16 on CUDA only
     train_text_encoder: bool = True  # jointly with the UNet
-    save_path: str = "runs/model"
-    save_every: int = 500
-    sample_every: int = 0  # 0: never
-    sample_prompts: list[str] = field(default_factory=list)
-    log_every: int = 10
-    seed: int = 0
-    threads: int = 0  # torch threads per process; 0 = torch's default
-    device: str = "auto"  # auto | cpu | cuda
+    save_path: str = Field("runs/model", min_length=1)
+    save_every: int = Field(500, ge=1)
+    sample_every: int = Field(0, ge=0)  # 0: never
+    sample_prompts: list[str] = Field(default_factory=list)
+    log_every: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0)  # torch threads per process; 0 = torch's default
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     base_model: str = ""  # fine-tune: a checkpoint path or preset; "" = train from scratch
-    export_dtype: str = "fp16"
+    export_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, betas: list[float]) -> list[float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError("must be two numbers in [0, 1)")
+        return betas
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSection:
+        if self.steps == 0 and self.epochs == 0:
+            raise ValueError("steps must be at least 1 (or give epochs for a folder dataset)")
+        return self
 
 
-@dataclass
-class DataSection:
-    kind: str = "shapes"  # shapes | folder
+class DataSection(_Section):
+    kind: Literal["shapes", "folder"] = "shapes"
     path: str = ""  # folder datasets: images with same-name .txt captions
-    size: int = 64
-    two_object_fraction: float = 0.4
-    small_fraction: float = 0.5  # the share of single objects drawn small
-    caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
+    size: int = Field(64, ge=8, multiple_of=8)
+    two_object_fraction: float = Field(0.4, ge=0, le=1)
+    small_fraction: float = Field(0.5, ge=0, le=1)  # the share of single objects drawn small
+    caption_dropout: float = Field(0.1, ge=0, le=1)  # empty captions, for classifier-free guidance
     random_crop: bool = False
     flip: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
-@dataclass
-class DiffusionSection:
-    timesteps: int = 1000
-    beta_schedule: str = "linear"  # linear | scaled_linear | cosine
-    beta_range: list[float] = field(default_factory=lambda: [1e-4, 0.02])
-    prediction: str = "eps"  # eps | v
-    loss_weighting: str = "none"  # none | min_snr | truncated_snr (see training/objectives.py)
-    snr_gamma: float = 5.0  # min_snr: Hang et al.'s gamma
-    snr_floor: float = 1.0  # truncated_snr: the x0 error's weight is max(SNR, snr_floor)
-    snr_weight_cap: float = 0.0  # truncated_snr: > 0 caps the noise error's weight (the clean end's is 1)
+class DiffusionSection(_Section):
+    timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
+    beta_range: list[float] = Field(default_factory=lambda: [1e-4, 0.02], min_length=2, max_length=2)
+    prediction: Literal["eps", "v"] = "eps"
+    loss_weighting: Literal["none", "min_snr", "truncated_snr"] = "none"  # see training/objectives.py
+    snr_gamma: float = Field(5.0, gt=0)  # min_snr: Hang et al.'s gamma
+    snr_floor: float = Field(1.0, gt=0)  # truncated_snr: the x0 error's weight is max(SNR, snr_floor)
+    snr_weight_cap: float = Field(0.0, ge=0)  # truncated_snr: > 0 caps the noise error's weight
     # a sample whose caption contains the word or phrase KEY weighs VALUE in the batch's mean loss (the largest
     # match; others 1), e.g. {small = 2.0}: kohya's dataset repeats, chosen by caption
-    caption_weights: dict[str, float] = field(default_factory=dict)
+    caption_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("beta_range")
+    @classmethod
+    def _range(cls, betas: list[float]) -> list[float]:
+        if not 0 < betas[0] < betas[1] < 1:
+            raise ValueError("must be two numbers 0 < low < high < 1")
+        return betas
+
+    @field_validator("caption_weights")
+    @classmethod
+    def _weights(cls, weights: dict[str, float]) -> dict[str, float]:
+        for key, weight in weights.items():
+            if not weight > 0 or not key.strip():
+                raise ValueError(f"{key!r} = {weight!r}; need a word and a number > 0")
+        return weights
 
 
-@dataclass
-class VAESection:
-    ch: int = 32
-    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = 1
-    z_channels: int = 4
-    norm_groups: int = 32
-    dropout: float = 0.0
-    steps: int = 2000  # the VAE stage's own optimisation
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    kl_weight: float = 1e-6
-    object_weight: float = 1.0  # > 1: reconstruction weight of pixels unlike the background (top-left) colour
-    object_contrast: float = 0.0  # > 0: object pixels closer than this to the background count up to 4x more
-    object_margin: int = 0  # > 0: background pixels this close (in pixels) to an object get object_weight too
-    disc_weight: float = 0.0  # > 0: a PatchGAN discriminator's hinge loss, at this weight (0 = off)
-    disc_start: int = 0  # VAE step from which the discriminator plays
-    disc_channels: int = 64
-    disc_layers: int = 3
+class VAESection(_Section):
+    ch: int = Field(32, ge=1)
+    ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 2], min_length=1)
+    num_res_blocks: int = Field(1, ge=1)
+    z_channels: int = Field(4, ge=1)
+    norm_groups: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    steps: int = Field(2000, ge=1)  # the VAE stage's own optimisation
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    object_weight: float = Field(1.0, ge=1)  # > 1: weight of pixels unlike the background (top-left) colour
+    object_contrast: float = Field(0.0, ge=0)  # > 0: object pixels this close to the background count up to 4x
+    object_margin: int = Field(0, ge=0)  # > 0: background pixels this close to an object get object_weight too
+    disc_weight: float = Field(0.0, ge=0)  # > 0: a PatchGAN discriminator's hinge loss, at this weight
+    disc_start: int = Field(0, ge=0)  # VAE step from which the discriminator plays
+    disc_channels: int = Field(64, ge=1)
+    disc_layers: int = Field(3, ge=1)
     checkpoint: str = ""  # reuse a trained VAE (a model file) instead of the VAE stage
     # > 0: fit the scaling factor so the scaled latents have this std (larger: every noise level is cleaner
     # for the image); 0: 1 (LDM's) for a VAE trained here, a base model's or reused VAE's own factor kept
-    latent_std: float = 0.0
+    latent_std: float = Field(0.0, ge=0)
 
 
-@dataclass
-class RefineSection:
+class RefineSection(_Section):
     """The "refine" stage: after "unet", Algorithm 1 again from its EMA weights with a fresh optimiser, a lower
     learning rate and optionally a refitted latent scale: a curriculum in one run (train at LDM's unit latent
     variance, then refine at a larger one, where every noise level shows the image more clearly)."""
-    steps: int = 1000
-    learning_rate: float = 2e-4
-    warmup_steps: int = 100
-    latent_std: float = 0.0  # > 0: refit the scaling factor to this std first; 0: keep the factor
-    batch_size: int = 0  # 0: [train] batch_size
+    steps: int = Field(1000, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    latent_std: float = Field(0.0, ge=0)  # > 0: refit the scaling factor to this std first; 0: keep the factor
+    batch_size: int = Field(0, ge=0)  # 0: [train] batch_size
 
 
-@dataclass
-class TextEncoderSection:
-    width: int = 128
-    layers: int = 4
-    heads: int = 4
-    intermediate: int = 512
+class TextEncoderSection(_Section):
+    width: int = Field(128, ge=1)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate: int = Field(512, ge=1)
 
 
-@dataclass
-class LoraSection:
-    rank: int = 8
-    alpha: float = 8.0
-    targets: list[str] = field(default_factory=lambda: ["attn1", "attn2"])  # module-name fragments in the UNet
-    output: str = "lora.safetensors"
+class UNetSection(_Section):
+    """Overrides of ``UNetConfig`` (LDM names); unset keys keep its defaults."""
+    model_channels: int | None = Field(None, ge=1)
+    channel_mult: list[int] | None = Field(None, min_length=1)
+    num_res_blocks: int | None = Field(None, ge=1)
+    attention_resolutions: list[int] | None = None
+    num_heads: int | None = Field(None, ge=1)
+    num_head_channels: int | None = None
+    transformer_depth: int | list[int] | None = None
+    transformer_depth_middle: int | None = Field(None, ge=0)
+    context_dim: int | None = Field(None, ge=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    use_scale_shift_norm: bool | None = None
+    resblock_updown: bool | None = None
+    use_linear_in_transformer: bool | None = None
 
 
-@dataclass
-class ClipSection:
+class LoraSection(_Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: ["attn1", "attn2"], min_length=1)  # UNet name fragments
+    output: str = Field("lora.safetensors", min_length=1)
+
+
+class ClipSection(_Section):
     """The "clip" stage: a small CLIP (ViT image tower + text tower) trained contrastively on the data; the
     domain model behind the CLIP score and the FID features of the shapes domain."""
-    image_size: int = 64
-    patch_size: int = 8
-    vision_width: int = 64
-    vision_layers: int = 2
-    text_width: int = 64
-    text_layers: int = 2
-    heads: int = 4
-    projection_dim: int = 64
-    steps: int = 1000
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    output: str = "clip"  # folder under save_path (transformers' CLIPModel layout)
+    image_size: int = Field(64, ge=8)
+    patch_size: int = Field(8, ge=1)
+    vision_width: int = Field(64, ge=1)
+    vision_layers: int = Field(2, ge=1)
+    text_width: int = Field(64, ge=1)
+    text_layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    projection_dim: int = Field(64, ge=1)
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    output: str = Field("clip", min_length=1)  # folder under save_path (transformers' CLIPModel layout)
 
 
-UNET_KEYS = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
-             "num_head_channels", "transformer_depth", "transformer_depth_middle", "context_dim", "dropout",
-             "use_scale_shift_norm", "resblock_updown", "use_linear_in_transformer")
+class TrainConfig(_Section):
+    train: TrainSection = Field(default_factory=TrainSection)
+    data: DataSection = Field(default_factory=DataSection)
+    diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
+    vae: VAESection = Field(default_factory=VAESection)
+    text_encoder: TextEncoderSection = Field(default_factory=TextEncoderSection)
+    unet: UNetSection = Field(default_factory=UNetSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    clip: ClipSection = Field(default_factory=ClipSection)
+    refine: RefineSection = Field(default_factory=RefineSection)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.data.kind == "folder" and not self.data.path:
+            raise ValueError("[data] kind = \"folder\" needs [data] path")
+        if "refine" in self.train.stages and "unet" not in self.train.stages[:self.train.stages.index("refine")]:
+            raise ValueError("[train] stages: \"refine\" continues the \"unet\" stage, so it must come after it")
+        if not self.train.base_model and ({"unet", "refine"} & set(self.train.stages)):
+            self.new_model_config()  # a from-scratch model must be buildable: sizes that fit together
+        return self
 
-@dataclass
-class TrainConfig:
-    train: TrainSection = field(default_factory=TrainSection)
-    data: DataSection = field(default_factory=DataSection)
-    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
-    vae: VAESection = field(default_factory=VAESection)
-    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
-    unet: dict[str, Any] = field(default_factory=dict)
-    lora: LoraSection = field(default_factory=LoraSection)
-    clip: ClipSection = field(default_factory=ClipSection)
-    refine: RefineSection = field(default_factory=RefineSection)
-
-    def model_config(self) -> ModelConfig:
+    def new_model_config(self) -> ModelConfig:
         """The ModelConfig of a from-scratch model: a single CLIP-style text encoder (the SD1 layout)."""
         text = TextEncoderConfig(width=self.text_encoder.width, layers=self.text_encoder.layers,
                                  heads=self.text_encoder.heads, intermediate=self.text_encoder.intermediate)
-        unet = UNetConfig(**{"context_dim": text.width, **self.unet})
+        unet = UNetConfig(**{"context_dim": text.width, **self.unet.model_dump(exclude_none=True)})
         if unet.context_dim != text.width:
             raise ValueError(f"[unet] context_dim {unet.context_dim} must equal [text_encoder] width {text.width}")
         vae = VAEConfig(ch=self.vae.ch, ch_mult=tuple(self.vae.ch_mult), num_res_blocks=self.vae.num_res_blocks,
                         z_channels=self.vae.z_channels, embed_dim=self.vae.z_channels, dropout=self.vae.dropout,
-                        norm_groups=self.vae.norm_groups,
-                        scaling_factor=1.0)
+                        norm_groups=self.vae.norm_groups, scaling_factor=1.0)
+        down = 2 ** (len(vae.ch_mult) - 1) * 2 ** (len(unet.channel_mult) - 1)
+        if self.data.size % down:
+            raise ValueError(f"[data] size {self.data.size} must be a multiple of {down} (the VAE's and the UNet's "
+                             f"downsampling together)")
         low, high = self.diffusion.beta_range
         return ModelConfig(family="sd1", unet=unet, vae=vae, text_encoders=[text],
                            prediction=self.diffusion.prediction, image_size=self.data.size,
@@ -174,69 +230,61 @@ class TrainConfig:
                            beta_start=low, beta_end=high, name=Path(self.train.save_path).name)
 
 
-def _section(cls: type, name: str, data: dict[str, Any]) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) in [{name}]: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**data)
+def _one_line(error: ValidationError) -> str:
+    """pydantic's report as one line: ``[section] key: what is wrong (got value)``."""
+    parts = []
+    for e in error.errors():
+        loc = [str(p) for p in e["loc"]]
+        where = f"[{loc[0]}] {'.'.join(loc[1:])}".strip() if loc else ""
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown {'key' if len(loc) > 1 else 'section'}")
+            continue
+        message = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if len(loc) > 1 and e["type"] != "missing" else ""
+        parts.append(f"{where}: {message}{got}" if loc else message)
+    return "; ".join(parts)
 
 
 def parse_config(data: dict[str, Any]) -> TrainConfig:
-    """A TrainConfig from parsed TOML, refusing unknown sections and keys."""
-    sections = {"train": TrainSection, "data": DataSection, "diffusion": DiffusionSection, "vae": VAESection,
-                "text_encoder": TextEncoderSection, "lora": LoraSection, "clip": ClipSection, "refine": RefineSection}
-    unknown = sorted(set(data) - set(sections) - {"unet"})
-    if unknown:
-        raise ValueError(f"unknown section(s) {unknown}; known: {sorted([*sections, 'unet'])}")
-    unet = dict(data.get("unet", {}))
-    bad = sorted(set(unet) - set(UNET_KEYS))
-    if bad:
-        raise ValueError(f"unknown key(s) in [unet]: {', '.join(bad)}; known: {', '.join(UNET_KEYS)}")
-    config = TrainConfig(unet=unet, **{k: _section(cls, k, data.get(k, {})) for k, cls in sections.items()})
-    for stage in config.train.stages:
-        if stage not in ("vae", "unet", "refine", "lora", "clip"):
-            raise ValueError(f"unknown stage {stage!r} in [train] stages (vae, unet, refine, lora, clip)")
-    if not config.refine.latent_std >= 0 or config.refine.steps < 1:
-        raise ValueError(f"[refine] needs steps >= 1 and latent_std >= 0 (0 = keep the scale), not "
-                         f"{config.refine.steps} and {config.refine.latent_std}")
-    if config.refine.batch_size < 0:
-        raise ValueError(f"[refine] batch_size must be >= 0 (0 = [train] batch_size), not {config.refine.batch_size}")
-    if config.data.kind not in ("shapes", "folder"):
-        raise ValueError(f"unknown [data] kind {config.data.kind!r} (shapes or folder)")
-    if config.diffusion.loss_weighting not in ("none", "min_snr", "truncated_snr"):
-        raise ValueError(f"[diffusion] loss_weighting must be none, min_snr or truncated_snr, "
-                         f"not {config.diffusion.loss_weighting!r}")
-    for key, weight in config.diffusion.caption_weights.items():
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0 or not key.strip():
-            raise ValueError(f"[diffusion] caption_weights: {key!r} = {weight!r}; need a word and a number > 0")
-    for key in ("two_object_fraction", "small_fraction", "caption_dropout"):
-        if not 0 <= getattr(config.data, key) <= 1:
-            raise ValueError(f"[data] {key} must be between 0 and 1, not {getattr(config.data, key)}")
-    if config.vae.object_weight < 1:
-        raise ValueError(f"[vae] object_weight must be >= 1 (1 = every pixel alike), not {config.vae.object_weight}")
-    if config.vae.object_contrast < 0:
-        raise ValueError(f"[vae] object_contrast must be >= 0 (0 = off), not {config.vae.object_contrast}")
-    if config.vae.object_margin < 0:
-        raise ValueError(f"[vae] object_margin must be >= 0 pixels (0 = off), not {config.vae.object_margin}")
-    if not config.vae.latent_std >= 0:
-        raise ValueError(f"[vae] latent_std must be >= 0 (0 = LDM's unit variance, or a base model's own scale), "
-                         f"not {config.vae.latent_std}")
-    betas = config.train.adam_betas
-    numbers = isinstance(betas, list) and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
-    if not numbers or len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"[train] adam_betas must be two numbers in [0, 1), not {betas!r}")
-    if config.train.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"[train] mixed_precision must be no, bf16 or fp16, not {config.train.mixed_precision!r}")
-    return config
+    """A TrainConfig from parsed TOML (``base`` already merged), every key checked."""
+    if not data:
+        raise ValueError("the config is empty: it needs at least [train] stages")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(_one_line(error)) from None
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    path = Path(path)
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
+    return merged
+
+
+def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The TOML of ``path`` with its ``base`` chain merged in (the file's own keys win)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"config {path}: its base chain comes back to itself")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ValueError(f"cannot read config {path}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid TOML: {error}") from None
-    return parse_config(data)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"config {path}: base must be a path to another config, not {base!r}")
+    return _merge(read_toml(path.parent / base, (*_seen, path)), data)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    data = read_toml(path)
+    try:
+        return parse_config(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..images import to_tensor
+from ..shapes.scenes import ShapesDataset, render
 from .config import DataSection
-from .shapes import ShapesDataset, image_tensor, render
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -50,7 +51,7 @@ class FolderDataset:
         image = image.crop((left, top, left + self.size, top + self.size))
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return image_tensor(image)
+        return to_tensor(image)
 
 
 def make_batch(data: DataSection, folder: FolderDataset | None, step: int, batch_size: int, rank: int = 0,
@@ -64,7 +65,7 @@ def make_batch(data: DataSection, folder: FolderDataset | None, step: int, batch
                                small_fraction=data.small_fraction).scenes(rng)
         for _ in range(batch_size):
             scene = next(stream)
-            images.append(image_tensor(render(scene, data.size)))
+            images.append(to_tensor(render(scene, data.size)))
             captions.append(scene.caption)
     else:
         n = len(folder)

@@ -1,7 +1,7 @@
 """The losses of the three stages as modules (so DistributedDataParallel can wrap them):
 the VAE's reconstruction + KL and optional PatchGAN term (Rombach et al. 2022, sec. 3.1), the DDPM objective
-(Ho et al. 2020, Algorithm 1; v-prediction: Salimans & Ho 2022) with the text encoder trained jointly, and LoRA
-adapters (Hu et al. 2021)."""
+(Ho et al. 2020, Algorithm 1; v-prediction: Salimans & Ho 2022) with the text encoder trained jointly, and CLIP's
+contrastive loss. LoRA adapters live in ``stable_diffusion.lora``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion.schedules import add_noise
+from ..diffusion.denoiser import Denoiser
 from ..models.clip import CLIPTextModel
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
@@ -123,43 +123,33 @@ def caption_loss_weights(captions: list[str], weights: dict[str, float]) -> torc
 
 
 class DiffusionLoss(nn.Module):
-    """||target - unet(x_t, t, text)||^2 with x_t = sqrt(abar) x0 + sqrt(1 - abar) noise, t uniform;
-    target = noise (eps) or sqrt(abar) noise - sqrt(1 - abar) x0 (v). The text encoder learns through it.
-    With a ``weighting`` other than "none", each sample's error is measured on the noise (for v: abar times the
-    v error, which equals it) and weighted by :func:`snr_loss_weights`."""
+    """The DDPM objective (Ho et al. 2020, Algorithm 1): t uniform, noise ~ N(0, I), and the denoiser's own
+    ``loss`` (the target its scalings imply: the noise for eps, v for v-prediction). The text encoder learns
+    through it. With a ``weighting`` other than "none", each sample's error is measured on the noise (for v:
+    abar times the v error, which equals it) and weighted by :func:`snr_loss_weights`."""
 
     def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, abar: torch.Tensor, prediction: str,
                  train_text_encoder: bool, weighting: str = "none", snr_gamma: float = 5.0,
                  snr_weight_cap: float = math.inf, snr_floor: float = 1.0) -> None:
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
-        self.register_buffer("abar", abar.float(), persistent=False)
+        self.denoiser, self.text_encoder = Denoiser(unet, abar, prediction), text_encoder
         weights = None
         if weighting != "none":
             weights = snr_loss_weights(abar.float(), weighting, snr_gamma, snr_weight_cap, snr_floor)
             if prediction == "v":  # eps - eps_hat = sqrt(abar) (v - v_hat)
                 weights = weights * abar.float()
         self.register_buffer("weights", weights, persistent=False)
-        self.prediction = prediction
         text_encoder.requires_grad_(train_text_encoder)
 
     def forward(self, latents: torch.Tensor, ids: torch.Tensor, generator: torch.Generator,
                 sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``sample_weights`` (B,), e.g. from :func:`caption_loss_weights`: the loss is their weighted mean."""
         b = latents.shape[0]
-        t = torch.randint(0, len(self.abar), (b,), generator=generator, device=generator.device).to(latents.device)
+        timesteps = len(self.denoiser.schedule.sigmas)
+        t = torch.randint(0, timesteps, (b,), generator=generator, device=generator.device).to(latents.device)
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
-        x_t = add_noise(latents, noise, t, self.abar)
         context, _ = self.text_encoder(ids)
-        prediction = self.unet(x_t, t, context)
-        if self.prediction == "v":
-            a = self.abar[t].reshape(-1, 1, 1, 1)
-            target = a.sqrt() * noise - (1 - a).sqrt() * latents
-        else:
-            target = noise
-        if self.weights is None and sample_weights is None:
-            return F.mse_loss(prediction.float(), target.float())
-        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        per_sample = self.denoiser.loss(latents, noise, t, context)  # (B,)
         if self.weights is not None:
             per_sample = self.weights[t] * per_sample
         if sample_weights is None:
@@ -181,56 +171,3 @@ class ContrastiveLoss(nn.Module):
         logits = self.pair.logit_scale.clamp(max=math.log(100)).exp() * image_emb @ text_emb.T  # (B, B)
         labels = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
-class LoRALinear(nn.Module):
-    """``base(x) + (alpha / rank) * up(down(x))`` with ``base`` frozen and ``up`` starting at zero."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.base, self.scale = base, alpha / rank
-        self.alpha = alpha
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        self.to(base.weight.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_up(self.lora_down(x)) * self.scale
-
-
-def add_lora(unet: UNetModel, rank: int, alpha: float, targets: list[str]) -> dict[str, LoRALinear]:
-    """Wrap every Linear of the UNet whose name contains one of ``targets`` (e.g. "attn2"); freeze the rest."""
-    unet.requires_grad_(False)
-    wrapped: dict[str, LoRALinear] = {}
-    for name, module in list(unet.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and any(t in full for t in targets):
-                lora = LoRALinear(child, rank, alpha)
-                setattr(module, child_name, lora)
-                wrapped[full] = lora
-    if not wrapped:
-        raise ValueError(f"no UNet Linear layer matches the LoRA targets {targets}")
-    return wrapped
-
-
-def lora_state_dict(wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
-    """The kohya / A1111 file layout (LDM module names): lora_unet_<name>.lora_down/lora_up/alpha."""
-    out = {}
-    for name, lora in wrapped.items():
-        key = "lora_unet_" + name.replace(".", "_")
-        out[f"{key}.lora_down.weight"] = lora.lora_down.weight.detach().cpu()
-        out[f"{key}.lora_up.weight"] = lora.lora_up.weight.detach().cpu()
-        out[f"{key}.alpha"] = torch.tensor(float(lora.alpha))
-    return out
-
-
-def remove_lora(unet: UNetModel, wrapped: dict[str, LoRALinear]) -> None:
-    """Put the original Linear layers back (the adapters live on in the saved file)."""
-    for name, lora in wrapped.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child, lora.base)
-    unet.requires_grad_(True)

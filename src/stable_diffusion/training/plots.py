@@ -1,54 +1,50 @@
-"""Pictures of a training run, drawn with PIL (no plotting library needed): the loss curve per stage and
-sample grids of fixed prompts."""
+"""Pictures of a training run: the loss curves (matplotlib, one panel per stage) and sample grids of fixed
+prompts drawn with the run's current (EMA) weights."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-
-from PIL import Image, ImageDraw
+from typing import TYPE_CHECKING
 
 from ..checkpoints.io import atomic_write
+from ..images import grid, save_png
 
-STAGE_COLOURS = {"vae": (200, 60, 40), "unet": (40, 90, 200), "refine": (120, 60, 180), "lora": (40, 160, 80)}
-
-
-def loss_curve(records: list[dict], path: Path, width: int = 640, height: int = 360) -> None:
-    """Log10 of the loss against the step, one panel per stage, smoothed over a sliding window."""
-    stages = list(dict.fromkeys(r["stage"] for r in records))
-    if not stages:
-        return
-    image = Image.new("RGB", (width, height * len(stages)), "white")
-    draw = ImageDraw.Draw(image)
-    for k, stage in enumerate(stages):
-        rows = [(r["step"], math.log10(max(r["loss"], 1e-12))) for r in records if r["stage"] == stage]
-        window = max(1, len(rows) // 50)
-        smooth = []
-        for i in range(len(rows)):
-            recent = [v for _, v in rows[max(0, i - window + 1): i + 1]]
-            smooth.append((rows[i][0], sum(recent) / len(recent)))
-        top, left, w, h = k * height + 30, 60, width - 80, height - 60
-        lo, hi = min(v for _, v in smooth), max(v for _, v in smooth)
-        hi = hi if hi > lo else lo + 1
-        last = max(s for s, _ in smooth) or 1
-        draw.rectangle((left, top, left + w, top + h), outline=(160, 160, 160))
-        draw.text((left, top - 20), f"{stage}: log10 loss {10**hi:.3g} .. {10**lo:.3g}, steps 0 .. {last}", fill="black")
-        points = [(left + w * s / last, top + h * (hi - v) / (hi - lo)) for s, v in smooth]
-        if len(points) > 1:
-            draw.line(points, fill=STAGE_COLOURS.get(stage, (0, 0, 0)), width=2)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 
-def grid(images: list[Image.Image], columns: int) -> Image.Image:
-    w, h = images[0].size
-    rows = -(-len(images) // columns)
-    out = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, im in enumerate(images):
-        out.paste(im, ((i % columns) * w, (i // columns) * h))
+def smoothed(values: list[float], window: int) -> list[float]:
+    """The running mean over the last ``window`` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
     return out
 
 
-def sample_grid(pipe, prompts: list[str], path: Path, steps: int = 20, seed: int = 0) -> None:
+def loss_curve(records: list[dict], path: Path) -> None:
+    """The loss against the step on a log scale, one panel per stage: each logged value faint, and its
+    running mean over 2 % of the stage's records."""
+    from matplotlib.figure import Figure
+
+    stages = list(dict.fromkeys(r["stage"] for r in records))
+    if not stages:
+        return
+    figure = Figure(figsize=(7, 2.6 * len(stages)), layout="constrained")
+    for axes, stage in zip(figure.subplots(len(stages), 1, squeeze=False)[:, 0], stages):
+        rows = [(r["step"], r["loss"]) for r in records if r["stage"] == stage]
+        steps, losses = [s for s, _ in rows], [max(v, 1e-12) for _, v in rows]
+        axes.plot(steps, losses, color="C0", alpha=0.25, linewidth=0.8, label="logged")
+        axes.plot(steps, smoothed(losses, max(1, len(losses) // 50)), color="C0", label="running mean")
+        axes.set(yscale="log", xlabel="step", ylabel="loss", title=f"stage {stage}")
+        axes.grid(alpha=0.3)
+        axes.legend(loc="upper right")
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+
+
+def sample_grid(pipe: Pipeline, prompts: list[str], path: Path, steps: int = 20, seed: int = 0) -> None:
     """One image per prompt (default sampler, fixed seeds), in a row-major grid."""
     images = [pipe.txt2img(p, steps=steps, seed=seed + i)[0] for i, p in enumerate(prompts)]
-    atomic_write(path, lambda tmp: grid(images, min(len(images), 8)).save(tmp, format="PNG"))
+    save_png(grid(images, min(len(images), 8)), path)

@@ -5,7 +5,6 @@ existing model), written to ``[train] save_path``: ``model.safetensors`` (a sing
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,21 +12,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.io import write_safetensors
-from ..diffusion.schedules import alphas_cumprod, make_betas
+from ..diffusion.schedules import model_alphas_cumprod
+from ..lora import add_lora, lora_state_dict, remove_lora
 from ..pipeline import Pipeline, load_pipeline
 from .config import TrainConfig
 from .data import FolderDataset, make_batch
 from .loop import Dist, LossLog, StageRunner, StageSpec, init_distributed
-from .objectives import (
-    ContrastiveLoss,
-    DiffusionLoss,
-    VAELoss,
-    add_lora,
-    caption_loss_weights,
-    lora_state_dict,
-    remove_lora,
-    step_generator,
-)
+from .objectives import ContrastiveLoss, DiffusionLoss, VAELoss, caption_loss_weights, step_generator
 from .plots import loss_curve, sample_grid
 
 
@@ -56,7 +47,7 @@ class Trainer:
         if t.base_model:
             self.pipe = load_pipeline(t.base_model, device=self.device, dtype=torch.float32)
         else:
-            self.pipe = Pipeline.from_config(config.model_config(), seed=t.seed).to(self.device)
+            self.pipe = Pipeline.from_config(config.new_model_config(), seed=t.seed).to(self.device)
             if config.vae.checkpoint:
                 donor = load_pipeline(config.vae.checkpoint, dtype=torch.float32)
                 self.pipe.vae.load_state_dict(donor.vae.state_dict())
@@ -118,8 +109,8 @@ class Trainer:
 
     def _diffusion_loss(self, train_text: bool) -> DiffusionLoss:
         c, d = self.pipe.config, self.config.diffusion
-        abar = alphas_cumprod(make_betas(c.beta_schedule, c.timesteps, c.beta_start, c.beta_end))
-        return DiffusionLoss(self.pipe.unet, self.pipe.text_encoder, abar.to(self.device), c.prediction, train_text,
+        abar = model_alphas_cumprod(c).to(self.device)
+        return DiffusionLoss(self.pipe.unet, self.pipe.text_encoder, abar, c.prediction, train_text,
                              d.loss_weighting, d.snr_gamma, d.snr_weight_cap or math.inf, d.snr_floor)
 
     def _latent_batch(self, batch_size: int):
@@ -211,7 +202,7 @@ class Trainer:
         model_path = self.out / "model.safetensors"
         if self.dist.main and {"vae", "unet", "refine"} & set(self.config.train.stages):
             self.pipe.save(model_path, dtype=self.config.train.export_dtype)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
+            (self.out / "config.json").write_text(json.dumps(self.config.model_dump(), indent=1))
         return model_path
 
 

@@ -4,7 +4,9 @@ schedule (terminal SNR 0.005) the ideal detector still reads it from x_T alone o
 learns to copy it from the noise, and at sampling time, when x_T is pure noise, puts objects anywhere (two
 runs measured place at chance, 10-15 %, after 3000-4000 steps; Lin et al. 2024 describe the flaw). The built-in's
 latents have standard deviation 3, not LDM's 1 (its refine stage), which leaks more than unit variance would, and
-the linear schedule still hides the place (near the 11 % chance level)."""
+the linear schedule still hides the place (near the 11 % chance level).
+
+    python experiments/scripts/terminal_snr.py   (2026-12-04: built-in schedule 17.6 %, scaled-linear > 30 %)"""
 from __future__ import annotations
 
 import random
@@ -14,10 +16,11 @@ import torch
 
 from stable_diffusion import load_pipeline
 from stable_diffusion.diffusion.schedules import alphas_cumprod, make_betas
+from stable_diffusion.images import to_tensor
+from stable_diffusion.shapes.scenes import PLACES, Scene, Thing, random_scene, render
 from stable_diffusion.training.config import load_config
-from stable_diffusion.training.shapes import PLACES, Scene, Thing, image_tensor, random_scene, render
 
-BUILTIN = Path(__file__).resolve().parents[1] / "configs" / "builtin.toml"
+BUILTIN = Path(__file__).resolve().parents[2] / "configs" / "builtin.toml"
 
 
 def _clean_latents(scenes: int = 16) -> list[torch.Tensor]:
@@ -29,7 +32,7 @@ def _clean_latents(scenes: int = 16) -> list[torch.Tensor]:
         obj = scene.objects[0]
         variants = [Scene((Thing(obj.colour, obj.shape, obj.size, p),), scene.background) for p in PLACES]
         with torch.no_grad():
-            latents = pipe.vae.encode(torch.stack([image_tensor(render(v, 64)) for v in variants])).mean
+            latents = pipe.vae.encode(torch.stack([to_tensor(render(v, 64)) for v in variants])).mean
         out.append(latents * pipe.config.vae.scaling_factor)  # (9, 4, 16, 16), std 3 (the refine stage's latent_std)
     return out
 
@@ -49,11 +52,15 @@ def _place_read_from_noise(clean: list[torch.Tensor], abar_last: float, draws: i
     return right / total
 
 
-def test_the_builtin_schedule_hides_the_place_at_the_last_step_and_scaled_linear_does_not():
+def main() -> None:
     config = load_config(BUILTIN).diffusion
     builtin = alphas_cumprod(make_betas(config.beta_schedule, config.timesteps, *config.beta_range))
     scaled = alphas_cumprod(make_betas("scaled_linear", 1000, 0.00085, 0.012))
     clean = _clean_latents()
     hidden, leaked = _place_read_from_noise(clean, float(builtin[-1])), _place_read_from_noise(clean, float(scaled[-1]))
-    assert hidden < 0.2, f"the built-in schedule lets x_T show the place {hidden:.0%} of the time (chance 11 %)"
-    assert leaked > 0.3, leaked
+    print(f"the ideal detector reads an object's place from x_T: built-in schedule {hidden:.1%}, "
+          f"scaled-linear {leaked:.1%} (chance 11.1 %)")
+
+
+if __name__ == "__main__":
+    main()

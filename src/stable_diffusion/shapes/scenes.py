@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image, ImageDraw
 
+from ..images import to_tensor
+
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230), "yellow": (245, 220, 30),
     "purple": (140, 40, 190), "orange": (250, 140, 20), "pink": (250, 130, 200), "cyan": (40, 210, 220),
@@ -73,7 +75,7 @@ def is_held_out(scene: Scene, fraction: float = 0.1) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
-def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+def star_points(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     points = []
     for k in range(10):
         radius = r if k % 2 == 0 else r * 0.45
@@ -95,7 +97,7 @@ def _draw(draw: ImageDraw.ImageDraw, thing: Thing, cx: float, cy: float, r: floa
         h = r * math.sqrt(3) / 2
         draw.polygon([(cx, cy - r), (cx - h, cy + r / 2), (cx + h, cy + r / 2)], fill=fill)
     elif thing.shape == "star":
-        draw.polygon(_star(cx, cy, r), fill=fill)
+        draw.polygon(star_points(cx, cy, r), fill=fill)
     elif thing.shape == "ring":
         draw.ellipse(box, fill=fill)
         inner = r * 0.55
@@ -206,13 +208,7 @@ class ShapesDataset(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
         for scene in self.scenes(rng):
-            yield image_tensor(render(scene, self.size)), scene.caption
-
-
-def image_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float in [-1, 1]."""
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return data.reshape(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1
+            yield to_tensor(render(scene, self.size)), scene.caption
 
 
 def heldout_scenes(n: int, seed: int = 1234, two_object: bool = False) -> list[Scene]:

@@ -13,15 +13,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..checkpoints.io import atomic_write
-from ..generate import to_pil
-from ..training.shapes import Scene, heldout_scenes, render
+from ..images import to_pil, to_unit
+from ..metrics.clip_score import CLIPScorer
+from ..metrics.fid import Features, FeatureStatistics, frechet_distance
+from ..metrics.inception import InceptionV3Features
+from . import DOMAIN_CLIP
 from .adherence import judge, read_image
-from .clip_score import DOMAIN_CLIP, CLIPScorer, pil_to_unit
-from .fid import Features, FeatureStatistics, frechet_distance
-from .inception import InceptionV3Features
+from .scenes import Scene, heldout_scenes, render
 
 
 @dataclass
@@ -53,7 +54,7 @@ def _stats(features: Features, images: list[Image.Image], batch: int = 64) -> Fe
     stats = FeatureStatistics()
     with torch.no_grad():
         for k in range(0, len(images), batch):
-            stats.update(features(pil_to_unit(images[k:k + batch])))
+            stats.update(features(to_unit(images[k:k + batch])))
     return stats
 
 
@@ -63,7 +64,7 @@ def vae_reconstruct(pipe, images: list[Image.Image], batch: int = 64) -> tuple[f
     the reconstructions: what the decoder can draw at best, so their adherence caps the generator's."""
     psnrs, out_images = [], []
     for k in range(0, len(images), batch):
-        x = (pil_to_unit(images[k:k + batch]) * 2 - 1).to(pipe.device, pipe.dtype)
+        x = (to_unit(images[k:k + batch]) * 2 - 1).to(pipe.device, pipe.dtype)
         out = pipe.vae.decode(pipe.vae.encode(x).mean).float().clamp(-1, 1)
         mse = ((out - x.float()) / 2).pow(2).mean(dim=(1, 2, 3))
         psnrs.append(10 * torch.log10(1 / mse.clamp(min=1e-10)))
@@ -150,35 +151,29 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path, width: int = 720, height: int = 300) -> None:
-    """Adherence (one-object, solid; two-object, thin) and FID against steps, a line per sampler."""
+def plot(result: dict, path: Path) -> None:
+    """Adherence (one-object solid, two-object dashed) and FID against steps, a line per sampler."""
+    from matplotlib.figure import Figure
+
     rows = result["rows"]
-    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
-    steps = sorted({r["steps"] for r in rows})
-    palette = [(200, 50, 40), (40, 90, 200), (40, 150, 70), (150, 60, 170), (220, 140, 20), (30, 160, 170)]
-    image = Image.new("RGB", (width, 2 * height), "white")
-    draw = ImageDraw.Draw(image)
-    fid_max = max(r["fid"] for r in rows) or 1.0
-    panels = [("adherence (thick: one object, thin: two objects), 0..100%", lambda r: r["one_object"], 1.0),
-              (f"FID (domain features), 0..{fid_max:.1f}", lambda r: r["fid"], fid_max)]
-    for p, (title, value, top) in enumerate(panels):
-        y0, left, w, h = p * height + 30, 50, width - 200, height - 70
-        draw.rectangle((left, y0, left + w, y0 + h), outline=(160, 160, 160))
-        draw.text((left, y0 - 20), title, fill="black")
-        for k, s in enumerate(steps):
-            x = left + w * (k / max(1, len(steps) - 1))
-            draw.text((x - 6, y0 + h + 5), str(s), fill="black")
-        for i, sampler in enumerate(samplers):
-            colour = palette[i % len(palette)]
-            mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["steps"])
-            series = [value] if p else [value, lambda r: r["two_object"]]
-            for j, fn in enumerate(series):
-                points = [(left + w * (steps.index(r["steps"]) / max(1, len(steps) - 1)), y0 + h * (1 - fn(r) / top))
-                          for r in mine]
-                if len(points) > 1:
-                    draw.line(points, fill=colour, width=3 if j == 0 else 1)
-            draw.text((left + w + 15, y0 + 15 * i), sampler, fill=colour)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    adherence_axes, fid_axes = figure.subplots(1, 2)
+    for i, sampler in enumerate(dict.fromkeys(r["sampler"] for r in rows)):
+        mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["steps"])
+        steps = [r["steps"] for r in mine]
+        colour = f"C{i}"
+        adherence_axes.plot(steps, [100 * r["one_object"] for r in mine], "o-", color=colour, label=sampler)
+        adherence_axes.plot(steps, [100 * r["two_object"] for r in mine], "s--", color=colour)
+        fid_axes.plot(steps, [r["fid"] for r in mine], "o-", color=colour, label=sampler)
+    adherence_axes.set(xlabel="sampling steps", ylabel="prompts drawn right (%)", ylim=(0, 100),
+                       title="adherence: one object (solid), two objects (dashed)")
+    fid_axes.set(xlabel="sampling steps", ylabel="FID (domain CLIP features)", title="FID", ylim=(0, None))
+    for axes in (adherence_axes, fid_axes):
+        axes.set_xscale("log")
+        axes.set_xticks(sorted({r["steps"] for r in rows}), labels=[str(s) for s in sorted({r["steps"] for r in rows})])
+        axes.grid(alpha=0.3)
+        axes.legend()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
 def write_report(result: dict, out: Path) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..training.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, _star
+from .scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, star_points
 
 PURE = 60.0  # an object pixel within this RGB distance of a palette colour counts as that colour
 FOREGROUND = 70.0  # a pixel this far from the background colour is foreground
@@ -72,7 +72,7 @@ def _template(shape: str, cx: float, cy: float, r: float, size: int, supersample
         h = r * math.sqrt(3) / 2
         draw.polygon([(cx, cy - r), (cx - h, cy + r / 2), (cx + h, cy + r / 2)], fill=255)
     else:
-        draw.polygon(_star(cx, cy, r), fill=255)
+        draw.polygon(star_points(cx, cy, r), fill=255)
     return np.asarray(image.resize((size, size), Image.Resampling.BOX)) >= 128
 
 

@@ -1,0 +1,102 @@
+"""The one parameter struct every front end fills (the CLI's flags, the HTTP API's fields, Python keywords):
+``GenerationRequest``, with AUTOMATIC1111's names and defaults. txt2img leaves ``init_image`` unset; img2img
+sets it; inpainting sets ``mask`` too. ``resolved()`` checks a request and returns a completed copy."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, replace
+
+from PIL import Image
+
+from .diffusion.samplers import resolve_sampler
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate. Names and defaults as in A1111's /sdapi/v1/txt2img and img2img."""
+
+    prompt: str | list[str] = ""  # a list: one prompt per image of each batch (batch_size = its length)
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "Euler a"
+    scheduler: str = "automatic"
+    seed: int = -1  # -1: a random seed, chosen by resolved()
+    batch_size: int = 1
+    n_iter: int = 1
+    width: int | None = None  # None: the model's native size, or the init image's size rounded down to 8
+    height: int | None = None
+    clip_skip: int = 1
+    eta: float | None = None
+    # guidance switched off for part of sampling, as A1111's options of these names (diffusion/denoiser.py)
+    s_min_uncond: float = 0.0  # "NGMS": no guidance below this sigma, on every other step
+    s_min_uncond_all: bool = False  # "NGMS all steps": ... on every step
+    skip_early_cond: float = 0.0  # "Skip Early CFG": no guidance on this fraction of the first steps
+    loras: list[tuple[str, float]] = field(default_factory=list)  # besides <lora:name:w> in the prompt
+    lora_dir: str | None = None
+    embeddings_dir: str | None = None  # textual-inversion files, used in prompts by file name
+    # img2img (SDEdit): start from this image, noised to the sigma at denoising_strength
+    init_image: Image.Image | None = None
+    denoising_strength: float = 0.75
+    # inpainting: repaint the white part of the mask (inpaint.py)
+    mask: Image.Image | None = None
+    mask_blur: int = 4
+    inpainting_fill: int = 1  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpainting_mask_invert: bool = False
+    inpaint_full_res: bool = False  # A1111's "only masked": work on a crop around the mask
+    inpaint_full_res_padding: int = 32
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.prompt) if isinstance(self.prompt, list) else [self.prompt]
+
+    @property
+    def strength(self) -> float:
+        """The denoising strength that applies: 1 for txt2img (sampling starts from pure noise)."""
+        return self.denoising_strength if self.init_image is not None else 1.0
+
+    def sampling_steps(self) -> int:
+        """Steps the sampler runs. img2img runs the last ``int(min(strength, 0.999) * steps) + 1`` steps of a
+        ``steps``-step schedule, as A1111 does; txt2img all of them."""
+        if self.init_image is None:
+            return self.steps
+        return int(min(self.denoising_strength, 0.999) * self.steps) + 1
+
+    def resolved(self, native_size: int) -> GenerationRequest:
+        """A checked copy with width, height, seed and (for a prompt list) batch_size filled in, the sampler's
+        A1111 label and the schedule it walks ("automatic" resolved); the request itself is left as it is. A
+        ValueError names the first bad field."""
+        width, height = self.width, self.height
+        if self.init_image is not None:
+            width = width or self.init_image.width // 8 * 8
+            height = height or self.init_image.height // 8 * 8
+            if not 0.0 <= self.denoising_strength <= 1.0:
+                raise ValueError(f"denoising strength must be in [0, 1], got {self.denoising_strength}")
+        elif self.mask is not None:
+            raise ValueError("inpainting needs an init image")
+        width, height = width or native_size, height or native_size
+        if width % 8 or height % 8 or width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
+        batch_size = self.batch_size
+        if isinstance(self.prompt, list):
+            if not self.prompt or not all(isinstance(p, str) for p in self.prompt):
+                raise ValueError("a prompt list must hold at least one string")
+            batch_size = len(self.prompt)
+        if self.steps < 1 or batch_size < 1 or self.n_iter < 1:
+            raise ValueError("steps, batch_size and n_iter must be at least 1")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
+        sampler, scheduler = resolve_sampler(self.sampler, self.scheduler)
+        if not 0 <= self.s_min_uncond < math.inf:
+            raise ValueError(f"s_min_uncond (NGMS) must be a sigma >= 0, got {self.s_min_uncond}")
+        if not 0 <= self.skip_early_cond <= 1:
+            raise ValueError(f"skip_early_cond must be a fraction of the steps in [0, 1], got {self.skip_early_cond}")
+        if self.mask is not None:
+            from .inpaint import check_mask
+
+            check_mask(self.mask, self.init_image, self.inpainting_fill)
+        seed = random.randrange(2**32) if self.seed == -1 else self.seed
+        return replace(self, width=width, height=height, seed=seed, batch_size=batch_size, sampler=sampler,
+                       scheduler=scheduler)
