@@ -42,3 +42,15 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing.ckpt"), str(tmp_path / "out.safetensors")]) == 1
     assert "no such checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        assert main(["txt2img", "x", "--model", "tiny-sd1", "--steps", "1", "--seed", "1",
+                     "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out" / "00000-1.png").stat().st_mode & 0o777 == 0o640

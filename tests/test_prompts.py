@@ -62,6 +62,13 @@ def test_weighted_encoding_matches_plain_for_plain_prompts_and_restores_the_mean
     assert padded.shape[1] == 231
 
 
-def test_long_prompt_and_short_negative_generate():
-    pipe = load_pipeline("tiny-sd1")
-    assert pipe.txt2img("word " * 100 + "(cat:1.3) BREAK [dog]", negative_prompt="blurry", steps=2, seed=0)
+def test_long_prompt_and_short_negative_share_one_guided_unet_call(sd1):
+    """100 words + a weighted word fill two 75-token chunks, BREAK starts a third; the one-chunk negative prompt
+    is padded to three chunks so both halves of CFG go through the UNet together: (2, 3 * 77, width)."""
+    contexts = []
+    hook = sd1.unet.register_forward_pre_hook(lambda module, args: contexts.append(tuple(args[2].shape)))
+    try:
+        images = sd1.txt2img("word " * 100 + "(cat:1.3) BREAK [dog]", negative_prompt="blurry", steps=2, seed=0)
+    finally:
+        hook.remove()
+    assert contexts == [(2, 3 * 77, sd1.text_encoder.config.width)] * 2 and images[0].size == (64, 64)

@@ -271,6 +271,42 @@ def test_bf16_autocast_and_gradient_accumulation_train(tmp_path):
     assert losses and all(loss == loss and loss < 100 for loss in losses)  # finite
 
 
+def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(tmp_path):
+    """grad_accum micro-batches of B/k make the same gradient as one batch of B (each micro-loss divided by k)."""
+    from stable_diffusion.training.loop import Dist, StageRunner, StageSpec
+
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randn(8, 5, generator=generator), torch.randn(8, 3, generator=generator)
+
+    class Regression(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(1)
+            self.layer = torch.nn.Linear(5, 3)
+
+        def forward(self, x, y):
+            return (self.layer(x) - y).pow(2).mean()
+
+    gradients = []
+    for accum in (1, 2, 4):
+        module = Regression()
+        spec = StageSpec("test", module, steps=1, learning_rate=1e-3, grad_accum=accum, grad_clip=0.0,
+                         save_every=10, log_every=1)
+        share = len(inputs) // accum
+        runner = StageRunner(spec, tmp_path / str(accum), torch.device("cpu"), Dist())
+        runner.out.mkdir()
+
+        def batch(step: int, micro: int, share: int = share) -> tuple[torch.Tensor, torch.Tensor]:
+            return inputs[micro * share:(micro + 1) * share], targets[micro * share:(micro + 1) * share]
+
+        runner.run(batch, lambda record: None, False)
+        gradients.append([p.grad.clone() for p in module.parameters()])
+    for accumulated in gradients[1:]:
+        for whole, part in zip(gradients[0], accumulated):
+            torch.testing.assert_close(part, whole, rtol=1e-5, atol=1e-7)
+    assert gradients[0][0].abs().sum() > 0
+
+
 def test_vae_patch_gan_each_player_learns_only_from_its_own_term():
     from stable_diffusion.models.configs import VAEConfig
     from stable_diffusion.models.vae import AutoencoderKL

@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -23,6 +24,9 @@ from ..metrics.inception import InceptionV3Features
 from . import DOMAIN_CLIP
 from .adherence import judge, read_image
 from .scenes import Scene, heldout_scenes, render
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 
 @dataclass
@@ -38,7 +42,7 @@ class Row:
     fid_inception: float | None = None  # with InceptionV3 features, when a weights file was given
 
 
-def _generate(pipe, scenes: list[Scene], sampler: str, steps: int, cfg: float, seed: int, batch: int = 8,
+def _generate(pipe: Pipeline, scenes: list[Scene], sampler: str, steps: int, cfg: float, seed: int, batch: int = 8,
               prompt_override: str | None = None, guidance: dict | None = None) -> tuple[list[Image.Image], float]:
     """Scene i's image with seed ``seed + i``, ``batch`` prompts per call (the same images as one at a time,
     up to float rounding); returns the images and the wall seconds per image. ``guidance``: GenerationRequest's
@@ -59,7 +63,7 @@ def _stats(features: Features, images: list[Image.Image], batch: int = 64) -> Fe
 
 
 @torch.no_grad()
-def vae_reconstruct(pipe, images: list[Image.Image], batch: int = 64) -> tuple[float, float, list[Image.Image]]:
+def vae_reconstruct(pipe: Pipeline, images: list[Image.Image], batch: int = 64) -> tuple[float, float, list[Image.Image]]:
     """Mean and worst PSNR (dB, pixels in [0, 1]) of the VAE's reconstruction (encode -> mean -> decode), and
     the reconstructions: what the decoder can draw at best, so their adherence caps the generator's."""
     psnrs, out_images = [], []
@@ -80,7 +84,7 @@ def adherence(images: list[Image.Image], scenes: list[Scene]) -> tuple[float, di
     return per_key.get("all", 0.0), per_key
 
 
-def evaluate(pipe, samplers: list[str], step_counts: list[int], n: int = 50, cfg: float = 7.0, seed: int = 0,
+def evaluate(pipe: Pipeline, samplers: list[str], step_counts: list[int], n: int = 50, cfg: float = 7.0, seed: int = 0,
              clip_path: str | Path = DOMAIN_CLIP, chance: bool = True, batch: int = 8,
              inception: str | Path | None = None, guidance: dict | None = None) -> dict:
     """``inception``: an InceptionV3 FID weights file; adds FID with its pool features beside the domain one.
@@ -154,23 +158,27 @@ def table(result: dict) -> str:
 def plot(result: dict, path: Path) -> None:
     """Adherence (one-object solid, two-object dashed) and FID against steps, a line per sampler."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
     rows = result["rows"]
+    steps = sorted({r["steps"] for r in rows})
     figure = Figure(figsize=(10, 4), layout="constrained")
     adherence_axes, fid_axes = figure.subplots(1, 2)
     for i, sampler in enumerate(dict.fromkeys(r["sampler"] for r in rows)):
         mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["steps"])
-        steps = [r["steps"] for r in mine]
-        colour = f"C{i}"
-        adherence_axes.plot(steps, [100 * r["one_object"] for r in mine], "o-", color=colour, label=sampler)
-        adherence_axes.plot(steps, [100 * r["two_object"] for r in mine], "s--", color=colour)
-        fid_axes.plot(steps, [r["fid"] for r in mine], "o-", color=colour, label=sampler)
-    adherence_axes.set(xlabel="sampling steps", ylabel="prompts drawn right (%)", ylim=(0, 100),
+        x, style = [r["steps"] for r in mine], {"color": f"C{i}", "marker": "osD^vP"[i % 6], "alpha": 0.85}
+        adherence_axes.plot(x, [100 * r["one_object"] for r in mine], "-", label=sampler, **style)
+        adherence_axes.plot(x, [100 * r["two_object"] for r in mine], "--", **style)
+        fid_axes.plot(x, [r["fid"] for r in mine], "-", label=sampler, **style)
+    adherence_axes.set(ylabel="prompts drawn right (%)", ylim=(0, 101),
                        title="adherence: one object (solid), two objects (dashed)")
-    fid_axes.set(xlabel="sampling steps", ylabel="FID (domain CLIP features)", title="FID", ylim=(0, None))
+    fid_axes.set(ylabel="FID (domain CLIP features)", title="FID against renders of the same scenes",
+                 ylim=(0, None))
     for axes in (adherence_axes, fid_axes):
         axes.set_xscale("log")
-        axes.set_xticks(sorted({r["steps"] for r in rows}), labels=[str(s) for s in sorted({r["steps"] for r in rows})])
+        axes.xaxis.set_minor_locator(NullLocator())
+        axes.set_xticks(steps, labels=[str(s) for s in steps])
+        axes.set_xlabel("sampling steps")
         axes.grid(alpha=0.3)
         axes.legend()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))

@@ -28,6 +28,7 @@ def loss_curve(records: list[dict], path: Path) -> None:
     """The loss against the step on a log scale, one panel per stage: each logged value faint, and its
     running mean over 2 % of the stage's records."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
 
     stages = list(dict.fromkeys(r["stage"] for r in records))
     if not stages:
@@ -38,7 +39,10 @@ def loss_curve(records: list[dict], path: Path) -> None:
         steps, losses = [s for s, _ in rows], [max(v, 1e-12) for _, v in rows]
         axes.plot(steps, losses, color="C0", alpha=0.25, linewidth=0.8, label="logged")
         axes.plot(steps, smoothed(losses, max(1, len(losses) // 50)), color="C0", label="running mean")
-        axes.set(yscale="log", xlabel="step", ylabel="loss", title=f"stage {stage}")
+        axes.set(yscale="log", xlabel="step", ylabel="loss (log scale)", title=f"stage {stage}")
+        axes.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        if max(losses) < 10 * min(losses):  # within a decade: label the minor ticks too, else they crowd
+            axes.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
         axes.grid(alpha=0.3)
         axes.legend(loc="upper right")
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
