@@ -77,11 +77,20 @@ def sample_dpmpp_2s_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tenso
     return _ancestral(_dpmpp_2s_step, model, x, sigmas, callback, noise, eta)
 
 
-@torch.no_grad()
-def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
-                 noise: Noise | None = None) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE: the ancestral sampler with no noise put back."""
-    return sample_euler_ancestral(model, x, sigmas, callback=callback, eta=0.0)
+def _without_noise(ancestral: Callable[..., torch.Tensor], doc: str) -> Callable[..., torch.Tensor]:
+    """The deterministic solver inside an ancestral sampler: eta = 0, so no noise is put back."""
+
+    @torch.no_grad()
+    def sample(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+               noise: Noise | None = None) -> torch.Tensor:
+        return ancestral(model, x, sigmas, callback=callback, eta=0.0)
+
+    sample.__doc__ = doc
+    return sample
+
+
+sample_euler = _without_noise(sample_euler_ancestral, "Euler's method on the probability-flow ODE.")
+sample_dpm_2 = _without_noise(sample_dpm_2_ancestral, "DPM2: DPM-Solver-2's midpoint steps, no noise put back.")
 
 
 @torch.no_grad()
@@ -153,13 +162,6 @@ def sample_ddpm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
             mean = mean + ((1 - alpha) * (1 - abar_prev) / (1 - abar)).sqrt() * noise(x)
         x = mean / abar_prev.sqrt()
     return x
-
-
-@torch.no_grad()
-def sample_dpm_2(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
-                 noise: Noise | None = None) -> torch.Tensor:
-    """DPM2: the midpoint solver of DPM2 a with no noise put back."""
-    return sample_dpm_2_ancestral(model, x, sigmas, callback=callback, eta=0.0)
 
 
 @torch.no_grad()
