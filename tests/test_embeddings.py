@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import save_file
 
 from stable_diffusion import load_pipeline
-from stable_diffusion.checkpoints.errors import CheckpointError
 from stable_diffusion.embeddings import EmbeddingLibrary
 from stable_diffusion.prompts import chunk_tokens, encode_weighted
 
@@ -43,8 +41,16 @@ def test_sdxl_safetensors_embedding_and_generation(tmp_path):
     assert not np.array_equal(plain, styled)
 
 
-def test_wrong_width_embedding_is_a_clear_error(tmp_path):
+def test_an_embedding_that_does_not_fit_is_skipped_with_a_warning(tmp_path, caplog):
+    """As A1111: an embedding of another width than the model's encoder, or an unreadable one, is skipped (its
+    name stays plain text) with a warning, instead of blocking every prompt that names it."""
     pipe = load_pipeline("tiny-sd1")
     save_file({"emb_params": torch.randn(1, 768)}, tmp_path / "big.safetensors")
-    with pytest.raises(CheckpointError, match="width 32"):
-        pipe.txt2img("a big cat", steps=1, embeddings_dir=str(tmp_path))
+    torch.save({"string_to_param": {}}, tmp_path / "empty.pt")
+    torch.save({"emb": torch.tensor(3.0)}, tmp_path / "scalar.pt")
+    plain = np.asarray(pipe.txt2img("a big empty scalar cat", steps=1, seed=0)[0])
+    with caplog.at_level("WARNING"):
+        skipped = np.asarray(pipe.txt2img("a big empty scalar cat", steps=1, seed=0, embeddings_dir=str(tmp_path))[0])
+    assert np.array_equal(plain, skipped)
+    assert "embedding big skipped" in caplog.text and "width [768]" in caplog.text
+    assert "embedding empty skipped" in caplog.text and "embedding scalar skipped" in caplog.text

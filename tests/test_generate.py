@@ -151,7 +151,7 @@ def test_cli_img2img_and_bad_images(tmp_path, capsys):
     assert main(["img2img", "a blue square", "--init", str(tmp_path / "in.png"), "--model", "tiny-sd1", "--steps",
                  "4", "--seed", "1", "--out", str(tmp_path / "out")]) == 0
     params = parse_infotext(read_infotext(tmp_path / "out" / "00000-1.png"))
-    assert params["Denoising strength"] == "0.75" and params["Size"] == "72x64"
+    assert params["Denoising strength"] == "0.75" and (params["Size-1"], params["Size-2"]) == ("72", "64")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     assert main(["img2img", "x", "--init", str(tmp_path / "broken.png"), "--model", "tiny-sd1"]) == 1
     assert "not a readable image" in capsys.readouterr().err

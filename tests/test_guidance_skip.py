@@ -122,8 +122,8 @@ def test_api_field_and_override_settings(tmp_path):
         r = client.post("/sdapi/v1/txt2img", json={**base, "override_settings": {"skip_early_cond": 0.5}})
         assert "Skip Early CFG: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
         for bad, name in (({"s_min_uncond": -2}, "s_min_uncond"),
-                          ({"override_settings": {"skip_early_cond": "lots"}}, "skip_early_cond must be a number"),
-                          ({"override_settings": {"s_min_uncond_all": None}}, "s_min_uncond_all must be a number")):
+                          ({"override_settings": {"skip_early_cond": "lots"}}, "skip_early_cond: Input should be"),
+                          ({"override_settings": {"s_min_uncond_all": None}}, "s_min_uncond_all: Input should be")):
             r = client.post("/sdapi/v1/txt2img", json={**base, **bad})
             assert r.status_code == 422 and name in r.json()["detail"], r.text
         # server-wide, as A1111's options: listed, settable, checked

@@ -93,7 +93,7 @@ def test_img2img_inpaints_inside_the_mask_only(client):
 
 
 @pytest.mark.parametrize("path,body,status,words", [
-    ("txt2img", {"width": 65}, 422, "multiple of 8"),
+    ("txt2img", {"width": 8}, 422, "greater than or equal to 64"),
     ("txt2img", {"width": 1024, "height": 64}, 422, "beyond this server's limit"),
     ("txt2img", {"steps": 500}, 422, "steps must be"),
     ("txt2img", {"batch_size": 8, "n_iter": 4}, 422, "at most 8"),
@@ -102,7 +102,8 @@ def test_img2img_inpaints_inside_the_mask_only(client):
     ("txt2img", {"steps": "many"}, 422, "steps"),
     ("img2img", {"init_images": ["%%%not base64"]}, 422, "invalid base64"),
     ("img2img", {"init_images": [base64.b64encode(b"hello").decode()]}, 422, "not a readable image"),
-    ("img2img", {}, 422, "init_images"),
+    ("img2img", {}, 404, "Init image not found"),
+    ("img2img", {"init_images": []}, 422, "init_images"),
     ("png-info", {"image": "AAAA"}, 422, "not a readable image"),
 ])
 def test_bad_requests_get_a1111_error_bodies(client, path, body, status, words):

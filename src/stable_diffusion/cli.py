@@ -104,8 +104,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .images import film_strip, save_png
     from .pipeline import load_pipeline
 
-    request = generation_request(args)
     pipe = load_pipeline(args.model, device=args.device)
+    request = generation_request(args).resolved(pipe.config.image_size)  # a bad value: one line, before any work
     steps = request.sampling_steps()
     x0s = []
 
@@ -234,15 +234,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from .pipeline import resolve_device
     from .server.app import create_app
     from .server.registry import ModelRegistry
     from .server.schemas import Limits
 
-    registry = ModelRegistry(args.models_dir, device=args.device, default=args.model)
+    resolve_device(args.device)
+    try:
+        registry = ModelRegistry(args.models_dir, device=args.device, default=args.model)
+    except KeyError as error:
+        raise ValueError(error.args[0]) from None
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_images=args.max_images)
     app = create_app(registry, limits, max_queue=args.queue, outputs=args.outputs, api_auth=args.api_auth,
-                     api_token=args.api_token, max_body=args.max_body_mb * 2**20)
+                     api_token=args.api_token, max_body=args.max_body_mb * 2**20,
+                     max_prompt_chars=args.max_prompt_chars, listen=args.listen)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     print(f"sd serve: {registry.current_entry.title} on http://{host}:{args.port}/ (API docs at /docs)")
     uvicorn.run(app, host=host, port=args.port, log_level="warning")
@@ -312,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-images", type=int, default=16, help="largest batch_size * n_iter")
     p.add_argument("--max-body-mb", type=int, default=50)
+    p.add_argument("--max-prompt-chars", type=int, default=20_000, help="longest prompt a request may send")
     p.add_argument("--device")
     p.set_defaults(func=cmd_serve)
 

@@ -76,7 +76,7 @@ def guided_denoiser(pipe: Pipeline, request: GenerationRequest, prompts: list[st
     schedules = {text: prompt_schedule(text, steps) for text in {*prompts, negative}}
     texts = {t for schedule in schedules.values() for _, t in schedule}
     # every text pads to the same number of 77-token chunks so cond and uncond share one batched UNet call
-    library = EmbeddingLibrary(request.embeddings_dir)
+    library = EmbeddingLibrary(request.embeddings_dir, [te.config.width for te in pipe.text_encoders])
     chunks = max(count_chunks(pipe.tokenizer, t, library) for t in texts)
     encoded = {t: condition(pipe, [t], request.width, request.height, request.clip_skip, chunks, library)
                for t in texts}

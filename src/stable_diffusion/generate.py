@@ -55,6 +55,11 @@ class StopSampling(Exception):  # noqa: N818 - a control-flow signal, not an err
         self.denoised, self.skip = denoised, skip
 
 
+class StopGeneration(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised from inside the text encoder or the VAE (a job's stop hook) to end the job where it is:
+    ``generate`` returns the images finished before it."""
+
+
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
@@ -146,46 +151,54 @@ def generate(pipe: Pipeline, request: GenerationRequest, callback: StepCallback 
 
 def _sample(pipe: Pipeline, request: GenerationRequest, prompts: list[str], negative: str,
             callback: StepCallback | None) -> GenerationResult:
-    c = pipe.config
-    start = _prepare_start(pipe, request)  # 4 (before 3: the 9-channel UNet wraps the concat input)
-    denoiser = Denoiser.from_config(start.unet, c)  # 3
-    sigmas = make_sigmas(request.scheduler, request.steps, denoiser.schedule).to(pipe.device)
-    sigmas = sigmas[len(sigmas) - 1 - request.sampling_steps():]  # img2img: the schedule's last steps
+    result = GenerationResult([], [], [], request)
+    try:
+        start = _prepare_start(pipe, request)  # 4 (before 3: the 9-channel UNet wraps the concat input)
+        denoiser = Denoiser.from_config(start.unet, pipe.config)  # 3
+        sigmas = make_sigmas(request.scheduler, request.steps, denoiser.schedule).to(pipe.device)
+        sigmas = sigmas[len(sigmas) - 1 - request.sampling_steps():]  # img2img: the schedule's last steps
+        for it in range(request.n_iter):  # 5, 6
+            stopped = _batch(pipe, request, it, prompts, negative, start, denoiser, sigmas, callback, result)
+            if stopped is not None and not stopped.skip:
+                break
+    except StopGeneration:  # stopped inside the text encoder or the VAE: what is finished is the result
+        pass
+    return result
+
+
+def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[str], negative: str, start: _Start,
+           denoiser: Denoiser, sigmas: torch.Tensor, callback: StepCallback | None,
+           result: GenerationResult) -> StopSampling | None:
+    """Batch ``it`` of the request, appended to ``result``; returns the StopSampling that ended it early."""
+    c, n, f = pipe.config, request.batch_size, pipe.vae.downscale
     sampler = SAMPLERS[request.sampler][0]
     takes_eta = "eta" in inspect.signature(sampler).parameters  # follows the no_grad wrapper
     options = {"eta": request.eta} if request.eta is not None and takes_eta else {}
-    f = pipe.vae.downscale
-    latent_shape = (c.vae.embed_dim, request.height // f, request.width // f)
-    result = GenerationResult([], [], [], request)
-    for it in range(request.n_iter):  # 5
-        n = request.batch_size
-        seeds = [request.seed + it * n + i for i in range(n)]
-        model = guided_denoiser(pipe, request, prompts * (n // len(prompts)), negative, denoiser, sigmas)
-        if request.s_min_uncond or request.skip_early_cond:
-            model = GuidanceSkip(model, len(sigmas) - 1, request.s_min_uncond, request.s_min_uncond_all,
-                                 request.skip_early_cond)
-        noise, generators = initial_noise(seeds, latent_shape)
-        x = noise.to(pipe.device) * sigmas[0]
-        if start.init_latent is not None:
-            first = start.init_latent
-            if request.mask is not None:
-                first = start_latent(first, start.latent_mask, request.inpainting_fill, generators[0])
-                model = BlendedDenoiser(model, start.init_latent, start.latent_mask)
-            x = x + first
-        stopped = None
-        try:
-            x = sampler(model, x, sigmas, callback=callback, noise=_per_image_noise(generators), **options)
-        except StopSampling as stop:
-            x, stopped = stop.denoised, stop
-        images = decode_latents(pipe, x)  # 6
+    seeds = [request.seed + it * n + i for i in range(n)]
+    model = guided_denoiser(pipe, request, prompts * (n // len(prompts)), negative, denoiser, sigmas)
+    if request.s_min_uncond or request.skip_early_cond:
+        model = GuidanceSkip(model, len(sigmas) - 1, request.s_min_uncond, request.s_min_uncond_all,
+                             request.skip_early_cond)
+    noise, generators = initial_noise(seeds, (c.vae.embed_dim, request.height // f, request.width // f))
+    x = noise.to(pipe.device) * sigmas[0]
+    if start.init_latent is not None:
+        first = start.init_latent
         if request.mask is not None:
-            images = [composite(request.init_image, image, start.pixel_mask) for image in images]
-        asked = request.prompt if isinstance(request.prompt, list) else [request.prompt] * n
-        for seed, image, text in zip(seeds, images, asked, strict=True):
-            result.images.append(image)
-            result.seeds.append(seed)
-            result.infotexts.append(format_infotext(text, request.negative_prompt,
-                                                    generation_parameters(request, seed, c.name)))
-        if stopped is not None and not stopped.skip:
-            break
-    return result
+            first = start_latent(first, start.latent_mask, request.inpainting_fill, generators[0])
+            model = BlendedDenoiser(model, start.init_latent, start.latent_mask)
+        x = x + first
+    stopped = None
+    try:
+        x = sampler(model, x, sigmas, callback=callback, noise=_per_image_noise(generators), **options)
+    except StopSampling as stop:
+        x, stopped = stop.denoised, stop
+    images = decode_latents(pipe, x)
+    if request.mask is not None:
+        images = [composite(request.init_image, image, start.pixel_mask) for image in images]
+    asked = request.prompt if isinstance(request.prompt, list) else [request.prompt] * n
+    for seed, image, text in zip(seeds, images, asked, strict=True):
+        result.images.append(image)
+        result.seeds.append(seed)
+        result.infotexts.append(format_infotext(text, request.negative_prompt,
+                                                generation_parameters(request, seed, c.name)))
+    return stopped

@@ -11,7 +11,8 @@ from . import __version__
 if TYPE_CHECKING:
     from .request import GenerationRequest
 
-_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_KEY = re.compile(r"\w[\w \-/]+")
+_IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 def _quote(value: Any) -> str:
@@ -28,16 +29,51 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -
     return "\n".join(lines)
 
 
+def _pairs(line: str) -> list[tuple[str, str]]:
+    """The ``key: value`` pairs of a parameters line (values JSON-quoted when they hold a comma), read in one
+    pass: A1111's regex for this backtracks quadratically on a long line without colons."""
+    pairs, i = [], 0
+    while i < len(line):
+        colon = line.find(":", i)
+        if colon < 0:
+            break
+        key = line[i:colon].strip()
+        value_start = colon + 1
+        while value_start < len(line) and line[value_start] == " ":
+            value_start += 1
+        if line.startswith('"', value_start):  # a quoted value runs to its closing quote
+            end = value_start + 1
+            while end < len(line) and line[end] != '"':
+                end += 2 if line[end] == "\\" else 1
+            end = min(end + 1, len(line))
+            try:
+                value = json.loads(line[value_start:end])
+            except ValueError:
+                value = line[value_start:end]
+            comma = line.find(",", end)
+        else:
+            comma = line.find(",", value_start)
+            value = line[value_start:comma if comma >= 0 else len(line)].strip()
+        if _KEY.fullmatch(key):
+            pairs.append((key, value))
+        i = len(line) if comma < 0 else comma + 1
+    return pairs
+
+
 def parse_infotext(text: str) -> dict[str, Any]:
-    """Inverse of ``format_infotext``: {"Prompt", "Negative prompt", and each parameter as a string}."""
+    """Inverse of ``format_infotext``, as A1111 reads it back: {"Prompt", "Negative prompt", each parameter as a
+    string; a WxH value such as Size as "Size-1" and "Size-2"}."""
     lines = text.strip().split("\n")
     params: dict[str, Any] = {}
-    if lines and len(_PAIR.findall(lines[-1])) >= 3:
-        for key, value in _PAIR.findall(lines.pop()):
-            value = value.strip()
-            if value.startswith('"') and value.endswith('"'):
-                value = json.loads(value)
-            params[key.strip()] = value
+    pairs = _pairs(lines[-1]) if lines else []
+    if len(pairs) >= 3:
+        lines.pop()
+        for key, value in pairs:
+            size = _IMAGE_SIZE.match(value)
+            if size:  # A1111 reads "Size: 512x768" as Size-1 = 512 and Size-2 = 768
+                params[f"{key.strip()}-1"], params[f"{key.strip()}-2"] = size.groups()
+            else:
+                params[key.strip()] = value
     prompt, negative, in_negative = [], [], False
     for line in lines:
         if line.startswith("Negative prompt:"):

@@ -87,13 +87,19 @@ def lora_deltas(pipe: Pipeline, path: str | Path, strength: float) -> list[tuple
     deltas = []
     for name, (up, down, alpha) in pairs.items():
         module = targets[name]
-        rank = down.shape[0]
-        scale = strength * (alpha / rank if alpha is not None else 1.0)
-        if down.dim() == 4:  # conv LoRA: down (r, in, k, k), up (out, r, 1, 1)
-            delta = (up.flatten(1).float() @ down.flatten(1).float()).reshape(module.weight.shape)
-        else:
-            delta = up.float() @ down.float()
-        deltas.append((module, delta * scale))
+        try:
+            rank = down.shape[0]
+            if down.dim() == 4:  # conv LoRA: down (r, in, k, k), up (out, r, 1, 1)
+                delta = (up.flatten(1).float() @ down.flatten(1).float()).reshape(module.weight.shape)
+            else:
+                delta = up.float() @ down.float()
+            if delta.shape != module.weight.shape or rank < 1:
+                raise ValueError
+        except (RuntimeError, IndexError, ValueError):
+            raise CheckpointError(f"{Path(path).name}: LoRA layer {name} has shapes {tuple(up.shape)} x "
+                                  f"{tuple(down.shape)}, which do not fit the model's {tuple(module.weight.shape)}")\
+                from None
+        deltas.append((module, delta * (strength * (alpha / rank if alpha is not None else 1.0))))
     return deltas
 
 
@@ -125,15 +131,19 @@ def extract_lora_tags(prompt: str, lora_dir: str | Path | None) -> tuple[str, li
 def resolve_lora(name: str, lora_dir: str | Path | None, allow_path: bool = True) -> Path:
     """A LoRA by path (when ``allow_path``), or by file name without extension in ``lora_dir``; names in
     prompts never reach outside ``lora_dir``."""
-    if allow_path and Path(name).is_file():
-        return Path(name)
-    if lora_dir is None or "/" in name or "\\" in name or name.startswith("."):
-        raise CheckpointError(f"LoRA {name!r} not found (give a file path, or a name with a LoRA folder)")
-    for suffix in (".safetensors", ".pt", ".ckpt"):
-        path = Path(lora_dir) / f"{name}{suffix}"
-        if path.is_file():
-            return path
-    raise CheckpointError(f"LoRA {name!r} not found in {lora_dir}")
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    try:
+        if allow_path and Path(name).is_file():
+            return Path(name)
+        if lora_dir is None or "/" in name or "\\" in name or name.startswith(".") or len(name) > 200:
+            raise CheckpointError(f"LoRA {shown!r} not found (give a file path, or a name with a LoRA folder)")
+        for suffix in (".safetensors", ".pt", ".ckpt"):
+            path = Path(lora_dir) / f"{name}{suffix}"
+            if path.is_file():
+                return path
+    except OSError as error:  # a name the file system refuses (too long, invalid)
+        raise CheckpointError(f"LoRA {shown!r}: {error.strerror or 'not a usable file name'}") from None
+    raise CheckpointError(f"LoRA {shown!r} not found in {lora_dir}")
 
 
 # ---- training: adapters on Linear layers, saved in the kohya layout ---------------------------------------------

@@ -15,7 +15,7 @@ from torch import nn
 
 from .checkpoints import diffusers_folder
 from .checkpoints.detect import VAE_PREFIX, detect_config, detect_vae
-from .checkpoints.errors import CheckpointError
+from .checkpoints.errors import CheckpointError, first_line
 from .checkpoints.io import read_state_dict, write_safetensors
 from .checkpoints.single_file import CONFIG_METADATA_KEY, join_components, split_components
 from .generate import StepCallback, generate
@@ -185,6 +185,25 @@ def read_vae(path: str | Path, scaling_factor: float) -> tuple[object, dict[str,
     return config, state
 
 
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """A torch device from a name ("cpu", "cuda", "cuda:1", "mps"; None: the CPU), checked to exist here."""
+    if name is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {str(name)!r} (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r}: this machine has no CUDA GPU (torch {torch.__version__})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(name)!r}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(name)!r}: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(name)!r} is not supported (cpu, cuda, cuda:N, mps)")
+    return device
+
+
 def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.device | None = None,
                   dtype: str | torch.dtype | None = None, *, prediction: str | None = None,
                   vae: str | Path | None = None) -> Pipeline:
@@ -205,8 +224,11 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
             config, parts, tokenizers = diffusers_folder.read_folder(path)
         else:
             sd, metadata = read_state_dict(path)
-            config = ModelConfig.from_json(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata \
-                else detect_config(sd)
+            try:
+                config = ModelConfig.from_json(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata \
+                    else detect_config(sd)
+            except (CheckpointError, KeyError, TypeError, ValueError) as error:
+                raise CheckpointError(f"{path}: {first_line(error)}") from None
             parts = split_components(sd, config)
             if not parts["vae"] and vae is None:
                 raise CheckpointError(f"{path}: has no VAE weights (first_stage_model.*); pass a VAE file")
@@ -226,6 +248,6 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
         pipe = Pipeline.from_parts(config, parts, tokenizers, source=str(path))
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = resolve_device(device)
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
     return pipe.to(device=device, dtype=dtype)

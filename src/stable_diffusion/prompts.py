@@ -15,11 +15,24 @@ import torch
 CHUNK = 75
 COMMA_BACKTRACK = 20
 _TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:")
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK = re.compile(r"\bBREAK\b")
+MAX_OPEN = 64  # brackets open at once beyond this are literal text, so a parse stays linear in the prompt
+
+
+def _split_break(text: str) -> list[str]:
+    """A1111's split on BREAK with the whitespace around it (its regex backtracks quadratically on long runs of
+    whitespace): split on the word, then strip the whitespace beside each BREAK."""
+    parts = _BREAK.split(text)
+    for i in range(1, len(parts)):
+        parts[i - 1], parts[i] = parts[i - 1].rstrip(), parts[i].lstrip()
+    return parts
 
 
 def parse_prompt_attention(text: str) -> list[list]:
-    """``"a (red:1.2) [cat]"`` -> ``[["a ", 1.0], ["red", 1.2], [" ", 1.0], ["cat", 1/1.1]]``; BREAK -> ``["BREAK", -1]``."""
+    """``"a (red:1.2) [cat]"`` -> ``[["a ", 1.0], ["red", 1.2], [" ", 1.0], ["cat", 1/1.1]]``; BREAK -> ``["BREAK", -1]``.
+
+    Time is linear in the prompt: a piece is scaled only by the brackets open when it was added (at most
+    ``MAX_OPEN`` of each kind)."""
     pieces: list[list] = []
     open_round: list[int] = []  # index into pieces where each unclosed bracket started
     open_square: list[int] = []
@@ -32,9 +45,9 @@ def parse_prompt_attention(text: str) -> list[list]:
         token, explicit = match.group(0), match.group(1)
         if token.startswith("\\") and len(token) == 2:
             pieces.append([token[1], 1.0])
-        elif token == "(":
+        elif token == "(" and len(open_round) < MAX_OPEN:
             open_round.append(len(pieces))
-        elif token == "[":
+        elif token == "[" and len(open_square) < MAX_OPEN:
             open_square.append(len(pieces))
         elif explicit is not None and open_round:
             scale(open_round.pop(), float(explicit))
@@ -43,7 +56,7 @@ def parse_prompt_attention(text: str) -> list[list]:
         elif token == "]" and open_square:
             scale(open_square.pop(), 1 / 1.1)
         else:
-            for i, part in enumerate(_BREAK.split(token)):
+            for i, part in enumerate(_split_break(token)):
                 if i:
                     pieces.append(["BREAK", -1])
                 pieces.append([part, 1.0])
@@ -51,13 +64,13 @@ def parse_prompt_attention(text: str) -> list[list]:
         scale(start, 1.1)
     for start in open_square:
         scale(start, 1 / 1.1)
-    merged: list[list] = []
-    for piece in pieces or [["", 1.0]]:
-        if merged and merged[-1][1] == piece[1]:
-            merged[-1][0] += piece[0]
+    merged: list[list] = []  # neighbours of equal weight joined (a list of texts each, joined once)
+    for text_part, weight in pieces or [["", 1.0]]:
+        if merged and merged[-1][1] == weight:
+            merged[-1][0].append(text_part)
         else:
-            merged.append(piece)
-    return merged
+            merged.append([[text_part], weight])
+    return [["".join(parts), weight] for parts, weight in merged]
 
 
 def _with_embeddings(tokenizer, ids: list[int], library) -> list:
@@ -69,7 +82,7 @@ def _with_embeddings(tokenizer, ids: list[int], library) -> list:
     i = 0
     while i < len(ids):
         for seq, name in names:
-            if seq and ids[i:i + len(seq)] == seq:
+            if seq and ids[i:i + len(seq)] == seq and library.usable(name):
                 out.extend((name, k) for k in range(library.count(name)))
                 i += len(seq)
                 break

@@ -70,15 +70,22 @@ class GenerationRequest:
         ValueError names the first bad field."""
         width, height = self.width, self.height
         if self.init_image is not None:
-            width = width or self.init_image.width // 8 * 8
-            height = height or self.init_image.height // 8 * 8
+            width = self.init_image.width // 8 * 8 if width is None else width
+            height = self.init_image.height // 8 * 8 if height is None else height
             if not 0.0 <= self.denoising_strength <= 1.0:
                 raise ValueError(f"denoising strength must be in [0, 1], got {self.denoising_strength}")
         elif self.mask is not None:
             raise ValueError("inpainting needs an init image")
-        width, height = width or native_size, height or native_size
+        width, height = native_size if width is None else width, native_size if height is None else height
         if width % 8 or height % 8 or width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
+        for text in [*self.prompts, self.negative_prompt]:
+            if not isinstance(text, str):
+                raise ValueError(f"a prompt must be text, not {type(text).__name__}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("prompt: not valid Unicode text (it holds a lone surrogate)") from None
         batch_size = self.batch_size
         if isinstance(self.prompt, list):
             if not self.prompt or not all(isinstance(p, str) for p in self.prompt):

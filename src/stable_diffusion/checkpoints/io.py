@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -62,14 +63,15 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type (expected .safetensors, .ckpt, .pt, .pth or .bin)")
     try:
-        with torch.serialization.safe_globals(_TOLERATED):
+        with torch.serialization.safe_globals(_TOLERATED), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on old pickle protocols say nothing to a user
             data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unpickling failed"
         raise CheckpointError(f"{path}: refused to load: the file holds pickled objects other than weights, which "
                               f"could run code ({first[:200]}); convert it to .safetensors from a trusted source") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first_line(e)})") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):

@@ -191,5 +191,8 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            skip = skips.pop()
+            if h.shape[-2:] != skip.shape[-2:]:  # a latent side not divisible by 2^levels: match the skip, as A1111
+                h = F.interpolate(h, skip.shape[-2:], mode="nearest")
+            h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h).contiguous()

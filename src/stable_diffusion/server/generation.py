@@ -7,40 +7,35 @@ import base64
 import binascii
 import io
 import json
+import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import ValidationError
 
 from .. import __version__
-from ..generate import GenerationResult, StepCallback, generate
+from ..generate import GenerationResult
 from ..images import png_bytes, save_png
 from ..infotext import guidance_skip_params
 from ..inpaint import check_mask
 from ..request import GenerationRequest
-from .schemas import GenerationFields, Img2ImgRequest, Limits
-
-if TYPE_CHECKING:
-    from ..pipeline import Pipeline
+from .protocol import ApiError
+from .schemas import GenerationFields, Img2ImgRequest, Limits, Options
 
 VERSION = f"stable_diffusion {__version__}"
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers
-
-
 def decode_image(data: str, what: str) -> Image.Image:
-    """Raw base64 or a ``data:image/...;base64,`` URL -> an RGB PIL image; anything else is a 422."""
-    if not isinstance(data, str) or not data:
+    """Raw base64 (line-wrapped too) or a ``data:image/...;base64,`` URL -> an RGB(A) PIL image with its PNG text
+    chunks; anything else is a 422."""
+    if not isinstance(data, str) or not data.strip():
         raise ApiError(422, f"{what}: expected a base64-encoded image")
     if data.startswith("data:"):
         data = data.split(",", 1)[-1]
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, f"{what}: invalid base64") from None
     try:
@@ -49,8 +44,8 @@ def decode_image(data: str, what: str) -> Image.Image:
             out = ImageOps.exif_transpose(image).convert("RGBA" if image.mode in ("RGBA", "LA") else "RGB")
             out.info = dict(image.info)  # keep the PNG text chunks (png-info reads "parameters")
             return out
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise ApiError(422, f"{what}: not a readable image ({type(error).__name__})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ApiError(422, f"{what}: not a readable image ({type(error).__name__}: {error})"[:300]) from None
 
 
 def check_limits(body: GenerationFields, limits: Limits) -> None:
@@ -66,21 +61,20 @@ def check_limits(body: GenerationFields, limits: Limits) -> None:
         raise ApiError(422, f"batch_size * n_iter must be at most {limits.max_images}")
 
 
-def _setting(settings: dict, key: str, default: float, low: float, high: float) -> float:
-    value = settings.get(key, default)
-    if not isinstance(value, int | float) or not low <= value <= high:  # bools are numbers, as A1111's toggles are
-        raise ApiError(422, f"{key} must be a number in [{low:g}, {high:g}], got {value!r}")
-    return float(value)
+def settings_for(options: dict, override: dict | None) -> Options:
+    """The server's options with a request's ``override_settings`` on top, checked (a 422 names the bad key)."""
+    try:
+        return Options.model_validate({**options, **(override or {})})
+    except ValidationError as error:
+        raise ApiError(422, "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                      for e in error.errors())) from None
 
 
-def guidance_skip(settings: dict, body: GenerationFields | None = None) -> dict:
-    """A1111's NGMS (``s_min_uncond``, a request field or option; ``s_min_uncond_all``) and ``skip_early_cond``,
-    checked (a 422 names the bad one)."""
-    if body is not None and body.s_min_uncond is not None:
-        settings = {**settings, "s_min_uncond": body.s_min_uncond}
-    return {"s_min_uncond": _setting(settings, "s_min_uncond", 0.0, 0.0, 1e4),
-            "s_min_uncond_all": bool(_setting(settings, "s_min_uncond_all", False, 0, 1)),
-            "skip_early_cond": _setting(settings, "skip_early_cond", 0.0, 0.0, 1.0)}
+def guidance_skip(settings: Options, body: GenerationFields | None = None) -> dict:
+    """A1111's NGMS (``s_min_uncond``, a request field or an option; ``s_min_uncond_all``) and Skip Early CFG."""
+    s_min_uncond = body.s_min_uncond if body is not None and body.s_min_uncond is not None else settings.s_min_uncond
+    return {"s_min_uncond": s_min_uncond, "s_min_uncond_all": settings.s_min_uncond_all,
+            "skip_early_cond": settings.skip_early_cond}
 
 
 def fit_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
@@ -99,6 +93,8 @@ def fit_image(image: Image.Image, width: int, height: int, mode: int) -> Image.I
 
 def img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
     """The init image and the inpainting fields of an img2img body, decoded and fitted to width x height."""
+    if body.init_images is None:
+        raise ApiError(404, "Init image not found")  # A1111's answer
     if not body.init_images:
         raise ApiError(422, "init_images: at least one image is required")
     init = decode_image(body.init_images[0], "init_images[0]")
@@ -123,24 +119,17 @@ def build_request(body: GenerationFields, options: dict, lora_dir: Path | None, 
                   native_size: int) -> GenerationRequest:
     """The resolved request a body asks for (a 422 for anything wrong, before it is queued); options are the
     server's, with the body's ``override_settings`` on top."""
-    settings = {**options, **(body.override_settings or {})}
+    settings = settings_for(options, body.override_settings)
     images = img2img_fields(body) if isinstance(body, Img2ImgRequest) else {}
     request = GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=body.cfg_scale,
         sampler=body.sampler_name or body.sampler_index or "Euler", scheduler=body.scheduler or "automatic",
         seed=body.seed, batch_size=body.batch_size, n_iter=body.n_iter, width=body.width, height=body.height,
-        eta=body.eta, clip_skip=body.clip_skip or int(_setting(settings, "CLIP_stop_at_last_layers", 1, 1, 12)),
+        eta=body.eta, clip_skip=body.clip_skip or settings.CLIP_stop_at_last_layers,
         lora_dir=str(lora_dir) if lora_dir else None, embeddings_dir=str(embeddings_dir) if embeddings_dir else None,
         **guidance_skip(settings, body), **images)
     try:
         return request.resolved(native_size)
-    except ValueError as error:
-        raise ApiError(422, str(error)) from None
-
-
-def run_generation(pipe: Pipeline, request: GenerationRequest, callback: StepCallback) -> GenerationResult:
-    try:
-        return generate(pipe, request, callback)
     except ValueError as error:
         raise ApiError(422, str(error)) from None
 
@@ -150,10 +139,11 @@ def info_dict(body: GenerationFields, result: GenerationResult, model: tuple[str
     request = result.request
     seeds = result.seeds or [request.seed]
     n = len(seeds)
+    subseed = body.subseed if body.subseed != -1 else random.randrange(2**32 - 1)  # A1111 draws one for -1
     return {
         "prompt": body.prompt, "all_prompts": [body.prompt] * n, "negative_prompt": body.negative_prompt,
         "all_negative_prompts": [body.negative_prompt] * n, "seed": seeds[0], "all_seeds": seeds,
-        "subseed": seeds[0], "all_subseeds": seeds, "subseed_strength": body.subseed_strength,
+        "subseed": subseed, "all_subseeds": [subseed + i for i in range(n)], "subseed_strength": body.subseed_strength,
         "width": request.width, "height": request.height, "sampler_name": request.sampler,
         "cfg_scale": request.cfg_scale, "steps": request.steps, "batch_size": request.batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": model[0], "sd_model_hash": model[1],

@@ -1,10 +1,10 @@
-"""One generation at a time per device, first come first served: a bounded queue in front of a single worker
-thread, the progress A1111 clients poll, and Interrupt / Skip that stop at the next sampling step and return
-what exists (the step's x0 prediction, decoded)."""
+"""One generation at a time per device, first come first served: a bounded queue in front of a single thread
+that hands each job to the worker process (server/worker.py) and waits for it, the progress A1111 clients poll,
+and Interrupt / Skip, passed on to the worker, which stops at the next sampling step and returns what exists
+(the step's x0 prediction, decoded)."""
 
 from __future__ import annotations
 
-import base64
 import queue
 import threading
 import time
@@ -12,12 +12,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-from PIL import Image
-
-from ..generate import StopSampling
-from ..images import png_bytes
 
 
 class QueueFull(Exception):  # noqa: N818 - named for what the client is told
@@ -50,12 +44,12 @@ class _Task:
 
 
 class JobQueue:
-    def __init__(self, max_queue: int = 16, preview_every: int = 5,
-                 decode_preview: Callable[[torch.Tensor], list[Image.Image]] | None = None) -> None:
+    def __init__(self, max_queue: int = 16, on_interrupt: Callable[[], None] | None = None,
+                 on_skip: Callable[[], None] | None = None) -> None:
         self.tasks: queue.Queue[_Task] = queue.Queue(maxsize=max_queue)
         self.progress = Progress()
         self.lock = threading.Lock()
-        self.preview_every, self.decode_preview = preview_every, decode_preview
+        self.on_interrupt, self.on_skip = on_interrupt, on_skip
         self.pending = 0
         self.thread = threading.Thread(target=self._work, name="sd-worker", daemon=True)
         self.thread.start()
@@ -75,23 +69,25 @@ class JobQueue:
         with self.lock:
             if self.progress.job:
                 self.progress.interrupted = True
+                if self.on_interrupt is not None:
+                    self.on_interrupt()
 
     def skip(self) -> None:
         with self.lock:
             if self.progress.job:
                 self.progress.skipped = True
+                if self.on_skip is not None:
+                    self.on_skip()
 
     def _callback(self, info: dict) -> None:
+        """A step of the running job: {"i": step index in its batch, "preview": base64 PNG or None}."""
         p = self.progress
         if info["i"] == 0 and p.sampling_step > 0:  # a new batch of this job began
             p.job_no += 1
+            p.skipped = False
         p.sampling_step = info["i"] + 1
-        if self.decode_preview is not None and self.preview_every and p.sampling_step % self.preview_every == 0:
-            image = self.decode_preview(info["denoised"][:1])[0]
-            p.preview = base64.b64encode(png_bytes(image)).decode()
-        if p.interrupted or p.skipped:
-            skip, p.skipped = p.skipped and not p.interrupted, False
-            raise StopSampling(info["denoised"], skip=skip)
+        if info.get("preview"):
+            p.preview = info["preview"]
 
     def _work(self) -> None:
         while True:

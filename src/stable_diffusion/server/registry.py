@@ -1,17 +1,15 @@
 """The models a server offers, found in an A1111-style models folder (``Stable-diffusion/``, ``VAE/``,
 ``Lora/``, ``embeddings/``) plus the built-in model. Clients name models only by the titles listed here, so a
-request can never make the server open an arbitrary path."""
+request can never make the server open an arbitrary path. The models themselves load in the worker process."""
 
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ..pipeline import BUILTIN_MODEL, Pipeline, load_pipeline
+from ..pipeline import BUILTIN_MODEL
+from .executor import ModelRef
 
 CHECKPOINT_SUFFIXES = {".safetensors", ".ckpt", ".pt"}
 BUILTIN_NAME = "builtin"
@@ -36,24 +34,24 @@ class ModelEntry:
     def title(self) -> str:
         return f"{self.path.name if self.name != BUILTIN_NAME else BUILTIN_NAME} [{self.sha}]"
 
+    def ref(self) -> ModelRef:
+        return ModelRef(self.path, self.name)
+
     def listing(self) -> dict:
         return {"title": self.title, "model_name": self.name, "hash": self.sha, "sha256": None,
                 "filename": str(self.path), "config": None}
 
 
 class ModelRegistry:
-    def __init__(self, models_dir: str | Path | None, device: str | torch.device | None = None,
-                 default: str | None = None) -> None:
+    def __init__(self, models_dir: str | Path | None, device: str | None = None, default: str | None = None) -> None:
         self.models_dir = Path(models_dir) if models_dir else None
         self.device = device
-        self.lock = threading.Lock()
         self._hashes: dict[tuple[str, float, int], str] = {}
         self.entries: list[ModelEntry] = []
         self.refresh()
         if not self.entries:
             raise ValueError("no models: the built-in model is missing and the models folder has no checkpoints")
         self.current_entry = self.find(default) if default else self.entries[0]
-        self.pipe: Pipeline = self._load(self.current_entry)
 
     def folder(self, kind: str) -> Path | None:
         """``Stable-diffusion``, ``VAE``, ``Lora`` or ``embeddings`` under the models folder."""
@@ -84,17 +82,6 @@ class ModelRegistry:
                 return entry
         raise KeyError(f"model {name!r} not found; GET /sdapi/v1/sd-models lists the available ones")
 
-    def _load(self, entry: ModelEntry) -> Pipeline:
-        pipe = load_pipeline(entry.path, device=self.device)
-        pipe.config.name = entry.name
-        return pipe
-
-    def select(self, name: str) -> None:
-        entry = self.find(name)
-        with self.lock:
-            if entry.path != self.current_entry.path:
-                self.pipe = self._load(entry)
-                self.current_entry = entry
 
     def files(self, kind: str, suffixes: set[str]) -> list[Path]:
         folder = self.folder(kind)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class GenerationFields(BaseModel):
@@ -26,8 +26,8 @@ class GenerationFields(BaseModel):
     n_iter: int = Field(1, ge=1)
     steps: int = Field(50, ge=1)
     cfg_scale: float = Field(7.0, ge=0, le=100)
-    width: int = Field(512, ge=8, multiple_of=8)
-    height: int = Field(512, ge=8, multiple_of=8)
+    width: int = Field(512, ge=64)  # rounded down to a multiple of 8, as A1111's latent size does
+    height: int = Field(512, ge=64)
     eta: float | None = Field(None, ge=0)
     s_churn: float | None = Field(None, ge=0)
     s_tmax: float | None = Field(None, ge=0)
@@ -42,6 +42,11 @@ class GenerationFields(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     force_task_id: str | None = None
     denoising_strength: float = Field(0.75, ge=0, le=1)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, size: int) -> int:
+        return size // 8 * 8
 
 
 class Txt2ImgRequest(GenerationFields):
@@ -76,3 +81,28 @@ class Limits(BaseModel):
     max_steps: int = 150
     max_images: int = 16  # batch_size * n_iter
     max_batch_size: int = 8
+
+
+class Options(BaseModel):
+    """The server-wide settings (GET / POST /options, and a body's ``override_settings``): those this server
+    reads are typed and ranged, so a bad value is a 422 and nothing is stored; other keys (UI settings of A1111
+    that clients set) are kept as given."""
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    sd_model_checkpoint: str | None = None
+    sd_vae: str = "Automatic"
+    CLIP_stop_at_last_layers: int = Field(1, ge=1, le=12)
+    samples_save: bool = True
+    samples_format: str = "png"
+    outdir_samples: str = ""
+    live_previews_enable: bool = True
+    eta_ddim: float = Field(0.0, ge=0)
+    s_min_uncond: float = Field(0.0, ge=0, le=1e4)  # NGMS: no guidance below this sigma
+    s_min_uncond_all: bool = False  # NGMS on every step, not every other
+    skip_early_cond: float = Field(0.0, ge=0, le=1)  # Skip Early CFG: no guidance on this fraction of steps
+
+
+class PngInfoResponse(BaseModel):
+    info: str = ""
+    items: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoints.errors import first_line
 from ..checkpoints.io import atomic_write
 
 Batch = Callable[[int, int], tuple]  # (step, micro-step) -> arguments of the loss module
@@ -150,10 +151,16 @@ class StageRunner:
     def load(self) -> bool:
         if not self.state_path.exists():
             return False
+        if self.state_path.stat().st_size == 0:
+            raise ValueError(f"cannot resume from {self.state_path}: the file is empty (it was never written "
+                             f"whole); delete it to start the {self.spec.name} stage over")
         try:
             state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+            keys = {"step", "model", "ema", "optimizer", "schedule", "torch_rng", "python_rng"}
+            if not isinstance(state, dict) or not keys <= set(state):
+                raise ValueError(f"not a stage checkpoint (it lacks {sorted(keys - set(state or {}))})")
         except Exception as error:  # a truncated or foreign file: say so, never unpickle code
-            raise ValueError(f"cannot resume from {self.state_path}: {error}") from None
+            raise ValueError(f"cannot resume from {self.state_path}: {first_line(error)}") from None
         self.spec.module.load_state_dict(state["model"])
         self.ema.shadow = {k: v.float() for k, v in state["ema"].items()}
         self.optimizer.load_state_dict(state["optimizer"])
@@ -219,21 +226,31 @@ class StageRunner:
 
 
 class LossLog:
-    """Appends JSON lines to ``loss.jsonl``; on resume, drops the lines of a stage past the resumed step."""
+    """Appends JSON lines to ``loss.jsonl``; on resume, drops the lines of a stage past the resumed step. A line
+    cut short by a crash is dropped too (the log is a record of the run, not its state)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def truncate(self, stage: str, step: int) -> None:
+    def records(self) -> list[dict]:
         if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line and not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > step)]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            return []
+        records = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and {"stage", "step"} <= set(record):
+                records.append(record)
+        return records
+
+    def truncate(self, stage: str, step: int) -> None:
+        """Keep the records of other stages and of ``stage`` up to ``step`` (0: none of it)."""
+        if self.path.exists():
+            kept = [r for r in self.records() if not (r["stage"] == stage and r["step"] > step)]
+            atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     def __call__(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line] if self.path.exists() else []

@@ -68,8 +68,8 @@ class Trainer:
         prefix = "" if spec.name == "unet" else f"{spec.name}-"  # refine's grids beside the unet stage's
         runner = StageRunner(spec, self.out, self.device, self.dist, lambda step: self._samples(prefix, step),
                              sample_every)
-        if self.resume and runner.load():
-            self.log.truncate(spec.name, runner.step)
+        if self.resume:  # from the stage's checkpoint, or from its start when it has none yet
+            self.log.truncate(spec.name, runner.step if runner.load() else 0)
         ema = runner.run(batch, self.log, self.progress)
         if self.dist.main:
             loss_curve(self.log.records(), self.out / "loss.png")

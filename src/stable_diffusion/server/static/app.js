@@ -207,7 +207,7 @@ function readParameters(file) {
       set("steps", p.Steps); set("cfg_scale", p["CFG scale"]); set("seed", p.Seed); set("sampler_name", p.Sampler);
       if (p["Schedule type"]) set("scheduler", p["Schedule type"].toLowerCase());
       set("s_min_uncond", p.NGMS || 0); $("s_min_uncond_all").checked = p["NGMS all steps"] === "True";
-      if (p.Size) { const [w, h] = p.Size.split("x"); set("width", w); set("height", h); }
+      set("width", p["Size-1"]); set("height", p["Size-2"]);
       status("parameters read from " + file.name);
     } catch (e) { status("error: " + e.message); }
   });

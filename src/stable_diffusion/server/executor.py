@@ -1,0 +1,109 @@
+"""What a generation worker does with a job, whatever carries the job to it: hold one pipeline (swapped when a
+job names another model), run ``generate`` with a step callback that reports progress and previews, and honour
+Interrupt and Skip at the next sampling step, or at the next block inside the text encoder or the VAE.
+
+The server runs an Executor in its worker process (server/worker.py), so the HTTP process never computes."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..generate import GenerationResult, StopGeneration, StopSampling, decode_latents, generate
+from ..images import png_bytes
+from ..models.clip import CLIPMLP, CLIPAttention
+from ..models.vae import AttnBlock, ResnetBlock
+from ..pipeline import Pipeline, load_pipeline
+from ..request import GenerationRequest
+
+Report = Callable[[dict[str, Any]], None]  # gets {"i": step index, "preview": base64 PNG or None}
+CHECKED_BLOCKS = (CLIPAttention, CLIPMLP, ResnetBlock, AttnBlock)  # where a stop is honoured outside sampling
+
+
+@dataclass
+class ModelRef:
+    """A model a job needs: the file, and the name its infotext carries."""
+    path: Path
+    name: str
+
+
+@dataclass
+class ModelInfo:
+    """What the server needs to know of the loaded model without holding it."""
+    name: str
+    native_size: int
+    inpainting: bool
+
+
+@dataclass
+class Job:
+    """``generate`` a request with a model, or ``load`` a model (a model switch)."""
+    kind: str
+    model: ModelRef
+    request: GenerationRequest | None = None
+    preview_every: int = 5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Controls:
+    """The two stop signals of the running job, as callables (a process Event's ``is_set`` in the worker)."""
+
+    def __init__(self, interrupted: Callable[[], bool], skipped: Callable[[], bool],
+                 clear_skip: Callable[[], None]) -> None:
+        self.interrupted, self.skipped, self.clear_skip = interrupted, skipped, clear_skip
+
+
+class Executor:
+    def __init__(self, device: str | None, controls: Controls) -> None:
+        self.device, self.controls = device, controls
+        self.model: ModelRef | None = None
+        self.pipe: Pipeline | None = None
+        self.stop_inside = True  # False once sampling was interrupted: the last x0 is still decoded
+
+    def _stop_inside(self, module: torch.nn.Module, args: tuple) -> None:
+        if self.stop_inside and self.controls.interrupted():
+            raise StopGeneration("interrupted")
+
+    def ensure(self, model: ModelRef) -> ModelInfo:
+        """Load ``model`` unless it is the one held; a stop is honoured inside its text encoders and VAE."""
+        if self.model is None or self.model.path != model.path:
+            self.pipe = None  # free the old weights before the new ones arrive
+            pipe = load_pipeline(model.path, device=self.device)
+            for module in [*pipe.text_encoders, pipe.vae]:
+                for block in module.modules():
+                    if isinstance(block, CHECKED_BLOCKS):
+                        block.register_forward_pre_hook(self._stop_inside)
+            self.pipe, self.model = pipe, model
+        self.pipe.config.name = model.name
+        return ModelInfo(model.name, self.pipe.config.image_size, self.pipe.config.is_inpainting)
+
+    def run(self, job: Job, report: Report) -> tuple[ModelInfo, GenerationResult | None]:
+        info = self.ensure(job.model)
+        if job.kind == "load":
+            return info, None
+        pipe = self.pipe
+        assert pipe is not None and job.request is not None
+        self.stop_inside = True
+
+        def on_step(step: dict) -> None:
+            if self.controls.interrupted():
+                self.stop_inside = False
+                report({"i": step["i"], "preview": None})
+                raise StopSampling(step["denoised"])
+            if self.controls.skipped():
+                self.controls.clear_skip()
+                report({"i": step["i"], "preview": None})
+                raise StopSampling(step["denoised"], skip=True)
+            preview = None
+            if job.preview_every and (step["i"] + 1) % job.preview_every == 0:
+                with torch.inference_mode():
+                    image = decode_latents(pipe, step["denoised"][:1])[0]
+                preview = base64.b64encode(png_bytes(image)).decode()
+            report({"i": step["i"], "preview": preview})
+
+        return info, generate(pipe, job.request, on_step)

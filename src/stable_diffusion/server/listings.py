@@ -1,0 +1,95 @@
+"""The read-only endpoints of /sdapi/v1: what models, samplers, schedules, LoRAs, embeddings and memory the
+server has, png-info and cmd-flags, in A1111's shapes. Paths are given relative to the models folder."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import torch
+from fastapi import APIRouter
+
+from ..diffusion.samplers import SAMPLERS
+from ..diffusion.schedules import SCHEDULERS
+from ..infotext import parse_infotext
+from .generation import decode_image
+from .registry import ModelRegistry
+from .schemas import PngInfoRequest, PngInfoResponse
+
+
+def listings_router(registry: ModelRegistry, flags: dict) -> APIRouter:
+    router = APIRouter(prefix="/sdapi/v1")
+
+    def shown(path: Path) -> str:
+        root = registry.models_dir
+        if root is not None and path.is_relative_to(root):
+            return str(path.relative_to(root))
+        return path.name
+
+    @router.get("/sd-models")
+    async def sd_models():
+        return [{**e.listing(), "filename": shown(e.path)} for e in registry.entries]
+
+    @router.post("/refresh-checkpoints")
+    async def refresh_checkpoints():
+        await asyncio.to_thread(registry.refresh)
+        return {}
+
+    @router.get("/samplers")
+    async def samplers():
+        return [{"name": name, "aliases": [f"k_{name.lower().replace(' ', '_').replace('+', 'p')}"], "options": {}}
+                for name in SAMPLERS]
+
+    @router.get("/schedulers")
+    async def schedulers():
+        names = ["automatic", *SCHEDULERS]
+        return [{"name": n, "label": n.replace("_", " ").title(), "aliases": None,
+                 "default_rho": 7.0 if n == "karras" else -1.0, "need_inner_model": False} for n in names]
+
+    @router.get("/upscalers")
+    async def upscalers():
+        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+                for n in ("None", "Lanczos", "Nearest")]
+
+    @router.get("/sd-vae")
+    async def sd_vae():
+        return [{"model_name": p.stem, "filename": shown(p)} for p in registry.files("VAE", {".safetensors", ".pt"})]
+
+    @router.get("/loras")
+    async def loras():
+        return [{"name": p.stem, "alias": p.stem, "path": shown(p), "metadata": {}}
+                for p in registry.files("Lora", {".safetensors", ".pt"})]
+
+    @router.get("/embeddings")
+    async def embeddings():
+        files = registry.files("embeddings", {".safetensors", ".pt", ".bin"})
+        return {"loaded": {p.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                                    "vectors": None} for p in files}, "skipped": {}}
+
+    @router.get("/memory")
+    async def memory():
+        page = os.sysconf("SC_PAGE_SIZE")
+        total, free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+        cuda = ({"system": {"free": torch.cuda.mem_get_info()[0], "total": torch.cuda.mem_get_info()[1]}}
+                if torch.cuda.is_available() else {"error": "unavailable"})
+        return {"ram": {"free": free, "used": total - free, "total": total}, "cuda": cuda}
+
+    @router.get("/scripts")
+    async def scripts():
+        return {"txt2img": [], "img2img": []}
+
+    @router.get("/cmd-flags")
+    async def cmd_flags():
+        return flags
+
+    @router.post("/png-info", response_model=PngInfoResponse)
+    async def png_info(body: PngInfoRequest):
+        if not body.image.strip():  # A1111 answers an empty image with an empty info
+            return PngInfoResponse()
+        image = decode_image(body.image, "image")
+        text = image.info.get("parameters")
+        items = {k: v for k, v in image.info.items() if k != "parameters" and isinstance(v, str | int | float)}
+        return PngInfoResponse(info=text or "", items=items, parameters=parse_infotext(text) if text else {})
+
+    return router

@@ -1,0 +1,98 @@
+"""The server's generation process. Models load and jobs run in a child process (multiprocessing, spawn), so the
+HTTP process holds no GIL-hungry work and answers ``progress`` and ``interrupt`` at once during any job.
+
+Parent and child talk over one Pipe: the parent sends a Job, the child answers with progress messages and then
+one ``done`` or ``error``. Interrupt and Skip are two process Events the child reads between sampling steps and
+inside the text encoder and VAE. If the child dies (out of memory, a crash in native code), the job fails with
+a clear error and a fresh child is started for the next one."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..checkpoints.errors import first_line
+from .executor import Controls, Executor, Job, ModelInfo, Report
+
+
+class WorkerError(Exception):
+    """A job failed in the worker: ``status`` is the HTTP status it deserves (4xx: the request's fault)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def _child(conn: Any, device: str | None, interrupt: Any, skip: Any) -> None:
+    """The worker process's main loop."""
+    executor = Executor(device, Controls(interrupt.is_set, skip.is_set, skip.clear))
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        try:
+            info, result = executor.run(job, lambda message: conn.send(("progress", message)))
+            conn.send(("done", (info, result)))
+        except ValueError as error:  # a bad request or model file (CheckpointError is one): the caller's fault
+            conn.send(("error", (422, first_line(error, 1000))))
+        except Exception as error:  # noqa: BLE001 - the worker never dies of a job; the caller hears why
+            conn.send(("error", (500, f"{type(error).__name__}: {first_line(error)}")))
+
+
+class WorkerProcess:
+    """The parent's handle on the child: ``run`` sends a job and blocks (in the job queue's thread) until the
+    child answers, passing progress messages to ``report`` on the way."""
+
+    def __init__(self, device: str | None = None) -> None:
+        self.device = device
+        self.context = multiprocessing.get_context("spawn")
+        self.interrupt, self.skip = self.context.Event(), self.context.Event()
+        self.lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        self.conn, child_conn = self.context.Pipe()
+        self.process = self.context.Process(target=_child, args=(child_conn, self.device, self.interrupt, self.skip),
+                                            name="sd-worker", daemon=True)
+        self.process.start()
+        child_conn.close()
+
+    def run(self, job: Job, report: Report | None = None) -> tuple[ModelInfo, Any]:
+        with self.lock:
+            self.interrupt.clear()
+            self.skip.clear()
+            try:
+                self.conn.send(job)
+                while True:
+                    kind, payload = self.conn.recv()
+                    if kind == "progress":
+                        if report is not None:
+                            report(payload)
+                    elif kind == "done":
+                        return payload
+                    else:
+                        raise WorkerError(*payload)
+            except (EOFError, OSError, BrokenPipeError):
+                code = self.process.exitcode
+                self.process.join(5)
+                self._start()
+                raise WorkerError(500, f"the generation worker stopped (exit code {code}); a new one was started, "
+                                       f"retry the request") from None
+
+    def stop_signals(self) -> tuple[Callable[[], None], Callable[[], None]]:
+        return self.interrupt.set, self.skip.set
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, BrokenPipeError):
+            pass
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
