@@ -25,12 +25,12 @@ def tiny_models(root: Path) -> Path:
 
 
 @contextmanager
-def live_server(models: Path, outputs: Path) -> Iterator[tuple[int, subprocess.Popen]]:
+def live_server(models: Path, outputs: Path, *extra: str) -> Iterator[tuple[int, subprocess.Popen]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "stable_diffusion.cli", "serve", "--port", str(port),
-                             "--models-dir", str(models), "--queue", "64", "--outputs", str(outputs)],
+                             "--models-dir", str(models), "--queue", "64", "--outputs", str(outputs), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while True:

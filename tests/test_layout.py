@@ -16,7 +16,7 @@ ALLOWED = {  # unit -> the units it may import at run time (docs/architecture.md
     "images": {"checkpoints", "models"},
     "embeddings": {"checkpoints", "models"},
     "lora": {"checkpoints", "models"},
-    "request": {"diffusion", "inpaint"},
+    "request": {"diffusion", "inpaint", "lora", "checkpoints", "models"},
     "infotext": set(),
     "conditioning": {"models", "diffusion", "prompts", "prompt_editing", "embeddings", "checkpoints"},
 }

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from .diffusion.samplers import resolve_sampler
+from .inpaint import check_mask
+from .lora import extract_lora_tags, resolve_lora
 
 
 @dataclass
@@ -101,9 +103,11 @@ class GenerationRequest:
         if not 0 <= self.skip_early_cond <= 1:
             raise ValueError(f"skip_early_cond must be a fraction of the steps in [0, 1], got {self.skip_early_cond}")
         if self.mask is not None:
-            from .inpaint import check_mask
-
             check_mask(self.mask, self.init_image, self.inpainting_fill)
+        for text in [*self.prompts, self.negative_prompt]:  # every LoRA it names exists (a CheckpointError if not)
+            extract_lora_tags(text, self.lora_dir)
+        for name, _ in self.loras:
+            resolve_lora(str(name), self.lora_dir)
         seed = random.randrange(2**32) if self.seed == -1 else self.seed
         return replace(self, width=width, height=height, seed=seed, batch_size=batch_size, sampler=sampler,
                        scheduler=scheduler)

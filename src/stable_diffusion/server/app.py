@@ -22,9 +22,18 @@ from .executor import Job
 from .generation import VERSION, build_request, check_limits, respond, settings_for
 from .jobs import JobQueue, QueueFull
 from .listings import listings_router
-from .protocol import ApiError, BodyLimit, ErrorBody, authorised, error_response, parse_users, redact
+from .protocol import (
+    ApiError,
+    BodyLimit,
+    ErrorBody,
+    SafeJSONResponse,
+    authorised,
+    error_response,
+    parse_users,
+    redact,
+)
 from .registry import ModelEntry, ModelRegistry
-from .schemas import Img2ImgRequest, Limits, Txt2ImgRequest
+from .schemas import Img2ImgRequest, Limits, Txt2ImgRequest, limited
 from .worker import WorkerError, WorkerProcess
 
 STATIC = Path(__file__).parent / "static"
@@ -58,7 +67,7 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         worker.close()
 
     app = FastAPI(title="stable_diffusion", version=VERSION, description=__doc__, lifespan=lifespan,
-                  responses=ERRORS)
+                  responses=ERRORS, default_response_class=SafeJSONResponse)
     app.state.jobs, app.state.registry, app.state.options, app.state.worker = jobs, registry, options, worker
 
     @app.exception_handler(ApiError)
@@ -121,13 +130,17 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         return respond(body, result, (entry.name, entry.sha), kind == "img2img" and info.inpainting, outputs_dir,
                        kind)
 
-    @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest):
         return await generation(body, "txt2img")
 
-    @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest):
         return await generation(body, "img2img")
+
+    # the bodies are classes built here with this server's limits, which a string annotation cannot name
+    txt2img.__annotations__["body"], img2img.__annotations__["body"] = limited(Txt2ImgRequest, limits), \
+        limited(Img2ImgRequest, limits)
+    app.post("/sdapi/v1/txt2img")(txt2img)
+    app.post("/sdapi/v1/img2img")(img2img)
 
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False):

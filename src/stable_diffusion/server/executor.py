@@ -72,7 +72,7 @@ class Executor:
     def ensure(self, model: ModelRef) -> ModelInfo:
         """Load ``model`` unless it is the one held; a stop is honoured inside its text encoders and VAE."""
         if self.model is None or self.model.path != model.path:
-            self.pipe = None  # free the old weights before the new ones arrive
+            self.pipe = self.model = None  # free the old weights before the new ones arrive
             pipe = load_pipeline(model.path, device=self.device)
             for module in [*pipe.text_encoders, pipe.vae]:
                 for block in module.modules():

@@ -21,7 +21,7 @@ from ..images import png_bytes, save_png
 from ..infotext import guidance_skip_params
 from ..inpaint import check_mask
 from ..request import GenerationRequest
-from .protocol import ApiError
+from .protocol import ApiError, non_finite
 from .schemas import GenerationFields, Img2ImgRequest, Limits, Options
 
 VERSION = f"stable_diffusion {__version__}"
@@ -49,20 +49,16 @@ def decode_image(data: str, what: str) -> Image.Image:
 
 
 def check_limits(body: GenerationFields, limits: Limits) -> None:
-    """This server's limits (``sd serve --max-size`` etc.); the schema has checked everything else."""
-    if body.width > limits.max_width or body.height > limits.max_height:
-        raise ApiError(422, f"size {body.width}x{body.height} is beyond this server's limit "
-                            f"{limits.max_width}x{limits.max_height}")
-    if body.steps > limits.max_steps:
-        raise ApiError(422, f"steps must be in 1..{limits.max_steps}, got {body.steps}")
-    if body.batch_size > limits.max_batch_size:
-        raise ApiError(422, f"batch_size must be in 1..{limits.max_batch_size}")
+    """The one limit a field's schema cannot state: images per request (``--max-images``); the schema built by
+    ``schemas.limited`` holds the others."""
     if body.batch_size * body.n_iter > limits.max_images:
         raise ApiError(422, f"batch_size * n_iter must be at most {limits.max_images}")
 
 
 def settings_for(options: dict, override: dict | None) -> Options:
     """The server's options with a request's ``override_settings`` on top, checked (a 422 names the bad key)."""
+    if non_finite(override):
+        raise ApiError(422, "options: NaN and infinities are not values any option takes")
     try:
         return Options.model_validate({**options, **(override or {})})
     except ValidationError as error:

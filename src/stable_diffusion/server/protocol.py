@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import math
 import secrets
 from pathlib import Path
+from typing import Any
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -28,9 +31,42 @@ class ErrorBody(BaseModel):
     errors: str
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities (which JSON cannot carry) as null, at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def non_finite(value: Any) -> bool:
+    """Whether ``value`` holds a NaN or an infinity at any depth."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(non_finite(v) for v in value)
+    return False
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that any client can read whatever a request echoed back: non-ASCII escaped (so a lone surrogate is
+    ``\\ud800``, not an encoding error) and non-finite floats as null."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+        except ValueError:
+            return json.dumps(_finite(content), ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def error_response(status: int, detail: str, kind: str = "HTTPException",
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": kind, "detail": detail, "body": "", "errors": detail}, status, headers=headers)
+    return SafeJSONResponse({"error": kind, "detail": detail, "body": "", "errors": detail}, status, headers=headers)
 
 
 def redact(text: str, folders: list[Path]) -> str:

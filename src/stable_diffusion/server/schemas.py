@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 
 class GenerationFields(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)  # the schema's types, no coercion
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -71,6 +71,7 @@ class Img2ImgRequest(GenerationFields):
 
 
 class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
     image: str = ""
 
 
@@ -106,3 +107,15 @@ class PngInfoResponse(BaseModel):
     info: str = ""
     items: dict[str, Any] = Field(default_factory=dict)
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+def limited(model: type[GenerationFields], limits: Limits) -> type[GenerationFields]:
+    """``model`` with this server's limits in its fields, so the OpenAPI schema states them (a width default of
+    512 becomes the largest width allowed when that is smaller)."""
+    return create_model(
+        model.__name__, __base__=model,
+        width=(int, Field(min(512, limits.max_width), ge=64, le=limits.max_width)),
+        height=(int, Field(min(512, limits.max_height), ge=64, le=limits.max_height)),
+        steps=(int, Field(min(50, limits.max_steps), ge=1, le=limits.max_steps)),
+        batch_size=(int, Field(1, ge=1, le=min(limits.max_batch_size, limits.max_images))),
+        n_iter=(int, Field(1, ge=1, le=limits.max_images)))
