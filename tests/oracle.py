@@ -48,11 +48,11 @@ def hf_tokenizer(pad: str = "<|endoftext|>"):
     from stable_diffusion.models.tokenizer import CLIPTokenizer
 
     ours = CLIPTokenizer.builtin()
-    return HFTokenizer(vocab=ours.vocab, merges=ours.merges, pad_token=pad)
+    return HFTokenizer(vocab=ours.vocab, merges=ours.merges, pad_token=pad, model_max_length=77)
 
 
-def build_diffusers_pipeline(family: str, seed: int = 0, in_channels: int = 4):
-    """A random-weight diffusers pipeline of the tiny family."""
+def build_diffusers_pipeline(family: str, seed: int = 0, in_channels: int = 4, prediction: str | None = None):
+    """A random-weight diffusers pipeline of the tiny family (SD2: v-prediction unless ``prediction="eps"``)."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -67,7 +67,7 @@ def build_diffusers_pipeline(family: str, seed: int = 0, in_channels: int = 4):
     vae = AutoencoderKL(**vae_kwargs())
     _randomise(unet)
     _randomise(vae)
-    pred = "v_prediction" if family == "sd2" else "epsilon"
+    pred = "v_prediction" if (prediction or ("v" if family == "sd2" else "eps")) == "v" else "epsilon"
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        prediction_type=pred, steps_offset=1)
     if family == "sdxl":

@@ -49,7 +49,7 @@ def cmd_info(args: argparse.Namespace) -> None:
             pipe = Pipeline.from_config(preset(args.model))
         print(_describe(pipe, f"preset {args.model}"))
         return
-    pipe = load_pipeline(args.model, prediction=args.prediction)
+    pipe = load_pipeline(args.model, prediction=args.prediction, device=args.device, dtype=args.dtype)
     print(_describe(pipe, args.model or "built-in model"))
 
 
@@ -104,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .images import film_strip, save_png
     from .pipeline import load_pipeline
 
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     request = generation_request(args).resolved(pipe.config.image_size)  # a bad value: one line, before any work
     steps = request.sampling_steps()
     x0s = []
@@ -151,6 +151,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     runpy.run_path(str(bench), run_name="__main__")
 
 
+def _device_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="the networks' precision (latents and sampling stay fp32); default fp32 on the CPU, fp16 on "
+                        "a GPU")
+
+
 def _guidance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
                    help="A1111's NGMS: no CFG below this sigma (the last, low-noise steps), on every other step")
@@ -179,7 +186,7 @@ def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--n-iter", type=int, default=1)
     p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--device", default=None)
+    _device_arguments(p)
     p.add_argument("--out", default=f"outputs/{mode}")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
                    help="apply a LoRA (file path, or name in --lora-dir); also <lora:name:0.8> in the prompt")
@@ -218,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .shapes import DOMAIN_CLIP
     from .shapes.evaluate import evaluate, table, write_report
 
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     try:
         steps = [int(s) for s in args.steps.split(",")]
@@ -241,7 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     resolve_device(args.device)
     try:
-        registry = ModelRegistry(args.models_dir, device=args.device, default=args.model)
+        registry = ModelRegistry(args.models_dir, device=args.device, default=args.model, dtype=args.dtype)
     except KeyError as error:
         raise ValueError(error.args[0]) from None
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
@@ -262,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="a .safetensors/.ckpt file, a diffusers folder, or a preset name "
                    "(sd1, sdxl, ...); default: the built-in model")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type")
+    _device_arguments(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="convert between single-file and diffusers folders, or change dtype")
@@ -301,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", help="InceptionV3 FID weights (.pth/.safetensors, pytorch-fid/torch-fidelity "
                    "layout): adds FID with Inception features")
     p.add_argument("--clip", help="CLIP folder for FID features and CLIP score (default: the domain CLIP)")
-    p.add_argument("--device")
+    _device_arguments(p)
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=cmd_eval)
 
@@ -319,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=16, help="largest batch_size * n_iter")
     p.add_argument("--max-body-mb", type=int, default=50)
     p.add_argument("--max-prompt-chars", type=int, default=20_000, help="longest prompt a request may send")
-    p.add_argument("--device")
+    _device_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in a PNG")

@@ -13,6 +13,7 @@ txt2img, img2img and inpainting differ only in step 4 and in the first latent.""
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ from .request import GenerationRequest
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
+logger = logging.getLogger(__name__)
 StepCallback = Callable[[dict], None]  # gets {"i", "x", "sigma", "denoised"} after each sampling step
 
 
@@ -82,8 +84,21 @@ def _per_image_noise(generators: list[torch.Generator]) -> Callable[[torch.Tenso
 
 
 def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> list[Image.Image]:
-    """Scaled latents (B, C, h, w) -> PIL images through the VAE's decoder."""
-    return to_pil(pipe.vae.decode(latents / pipe.config.vae.scaling_factor))
+    """Scaled latents (B, C, h, w) -> PIL images through the VAE's decoder. A half-precision VAE whose output
+    overflows (NaN or inf, as SD1.x's VAE does in fp16 on some latents) decodes again in fp32, as A1111 does."""
+    latents = latents / pipe.config.vae.scaling_factor
+    images = pipe.vae.decode(latents)
+    if pipe.vae.dtype != torch.float32 and not torch.isfinite(images).all():
+        if not getattr(pipe.vae, "warned_fp32_fallback", False):  # said once per model
+            logger.warning("the VAE produced NaN/inf in %s; decoding in fp32 instead (A1111's --no-half-vae)",
+                           str(pipe.vae.dtype).removeprefix("torch."))
+            pipe.vae.warned_fp32_fallback = True
+        dtype = pipe.vae.dtype
+        try:
+            images = pipe.vae.float().decode(latents.float())
+        finally:
+            pipe.vae.to(dtype)
+    return to_pil(images)
 
 
 @dataclass
@@ -101,8 +116,8 @@ def _prepare_start(pipe: Pipeline, request: GenerationRequest) -> _Start:
     hw = (request.height // f, request.width // f)
     start = _Start(pipe.unet)
 
-    def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return pipe.vae.encode(pixels.to(pipe.device)).mean * c.vae.scaling_factor
+    def encode(pixels: torch.Tensor) -> torch.Tensor:  # fp32 latents whatever the VAE's dtype
+        return pipe.vae.encode(pixels.to(pipe.device)).mean.float() * c.vae.scaling_factor
 
     init = request.init_image
     pixels = to_batch(init, request.width, request.height) if init is not None else None

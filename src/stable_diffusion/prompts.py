@@ -93,8 +93,9 @@ def _with_embeddings(tokenizer, ids: list[int], library) -> list:
 
 
 def chunk_tokens(tokenizer, text: str, library=None) -> list[tuple[list, list[float]]]:
-    """The prompt as chunks of exactly 75 (token, weight) pairs, padded with the tokenizer's pad id; tokens of
-    textual-inversion embeddings in ``library`` appear as ``(name, index)`` placeholders."""
+    """The prompt as chunks of exactly 75 (token, weight) pairs, padded with the end token as A1111 does (see
+    ``chunk_ids`` for the model's own padding); tokens of textual-inversion embeddings in ``library`` appear as
+    ``(name, index)`` placeholders."""
     comma = tokenizer.encode(",")[0]
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
@@ -104,7 +105,7 @@ def chunk_tokens(tokenizer, text: str, library=None) -> list[tuple[list, list[fl
     def close() -> None:
         nonlocal ids, weights, last_comma
         pad = CHUNK - len(ids)
-        chunks.append((ids + [tokenizer.pad_token_id] * pad, weights + [1.0] * pad))
+        chunks.append((ids + [tokenizer.eos_token_id] * pad, weights + [1.0] * pad))
         ids, weights, last_comma = [], [], -1
 
     for fragment, weight in parse_prompt_attention(text):
@@ -141,17 +142,28 @@ def _token_embeds(encoder, rows: list[list], ids: torch.Tensor, library) -> torc
     return embeds
 
 
+def chunk_ids(tokenizer, rows: list[list]) -> list[list[int]]:
+    """77-token ids of 75-token chunks, as A1111 and diffusers give them to the encoder: ``[BOS] + tokens + [EOS]``
+    then the model's pad id (EOS for OpenAI CLIP, 0 for OpenCLIP, whose pooled output is read at the first EOS);
+    embedding placeholders are 0 until their vectors replace them."""
+    out = []
+    for row in rows:
+        ids = [tokenizer.bos_token_id, *(tok if isinstance(tok, int) else 0 for tok in row), tokenizer.eos_token_id]
+        end = ids.index(tokenizer.eos_token_id, 1)
+        out.append(ids[:end + 1] + [tokenizer.pad_token_id] * (len(ids) - end - 1))
+    return out
+
+
 def encode_weighted(tokenizer, encoder, texts: list[str], device: torch.device, clip_skip: int = 1,
                     min_chunks: int = 1, library=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(context (B, 77 * chunks, C), pooled of the first chunk) with A1111's emphasis applied."""
     per_text = [chunk_tokens(tokenizer, t, library) for t in texts]
     n = max(min_chunks, *(len(c) for c in per_text))
-    empty = ([tokenizer.pad_token_id] * CHUNK, [1.0] * CHUNK)
+    empty = ([tokenizer.eos_token_id] * CHUNK, [1.0] * CHUNK)
     contexts, pooled = [], None
     for k in range(n):
         rows = [c[k] if k < len(c) else empty for c in per_text]
-        plain = [[tok if isinstance(tok, int) else tokenizer.pad_token_id for tok in r[0]] for r in rows]
-        ids = torch.tensor([[tokenizer.bos_token_id, *r, tokenizer.eos_token_id] for r in plain], device=device)
+        ids = torch.tensor(chunk_ids(tokenizer, [r[0] for r in rows]), device=device)
         w = torch.tensor([[1.0, *r[1], 1.0] for r in rows], device=device)
         z, p = encoder(ids, clip_skip=clip_skip, token_embeds=_token_embeds(encoder, [r[0] for r in rows], ids, library))
         if bool((w != 1.0).any()):

@@ -177,6 +177,7 @@ class UNetModel(nn.Module):
                 y: torch.Tensor | None = None) -> torch.Tensor:
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
+        x = x.to(self.dtype)  # latents may come in fp32 while the network runs in half precision
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
         if self.config.adm_in_channels:
             if y is None:

@@ -213,10 +213,11 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(self._moments(x))
 
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(self._layout(x))).contiguous()
+        return self.quant_conv(self.encoder(self._layout(x.to(self.dtype)))).contiguous()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(self._layout(z))).contiguous()
+        """Latents (any float dtype) -> images in [-1, 1], computed in the VAE's own dtype."""
+        return self.decoder(self.post_quant_conv(self._layout(z.to(self.dtype)))).contiguous()
 
     def encode_tiled(self, x: torch.Tensor, tile: int = 512, overlap: int = 64) -> DiagonalGaussian:
         """``encode`` in overlapping ``tile``-pixel tiles: memory bounded by the tile size (see ``tiled_map``)."""

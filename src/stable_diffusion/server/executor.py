@@ -59,8 +59,8 @@ class Controls:
 
 
 class Executor:
-    def __init__(self, device: str | None, controls: Controls) -> None:
-        self.device, self.controls = device, controls
+    def __init__(self, device: str | None, controls: Controls, dtype: str | None = None) -> None:
+        self.device, self.dtype, self.controls = device, dtype, controls
         self.model: ModelRef | None = None
         self.pipe: Pipeline | None = None
         self.stop_inside = True  # False once sampling was interrupted: the last x0 is still decoded
@@ -73,7 +73,7 @@ class Executor:
         """Load ``model`` unless it is the one held; a stop is honoured inside its text encoders and VAE."""
         if self.model is None or self.model.path != model.path:
             self.pipe = self.model = None  # free the old weights before the new ones arrive
-            pipe = load_pipeline(model.path, device=self.device)
+            pipe = load_pipeline(model.path, device=self.device, dtype=self.dtype)
             for module in [*pipe.text_encoders, pipe.vae]:
                 for block in module.modules():
                     if isinstance(block, CHECKED_BLOCKS):

@@ -43,9 +43,10 @@ class ModelEntry:
 
 
 class ModelRegistry:
-    def __init__(self, models_dir: str | Path | None, device: str | None = None, default: str | None = None) -> None:
+    def __init__(self, models_dir: str | Path | None, device: str | None = None, default: str | None = None,
+                 dtype: str | None = None) -> None:
         self.models_dir = Path(models_dir) if models_dir else None
-        self.device = device
+        self.device, self.dtype = device, dtype
         self._hashes: dict[tuple[str, float, int], str] = {}
         self.entries: list[ModelEntry] = []
         self.refresh()

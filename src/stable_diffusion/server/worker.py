@@ -25,9 +25,9 @@ class WorkerError(Exception):
         self.status, self.detail = status, detail
 
 
-def _child(conn: Any, device: str | None, interrupt: Any, skip: Any) -> None:
+def _child(conn: Any, device: str | None, dtype: str | None, interrupt: Any, skip: Any) -> None:
     """The worker process's main loop."""
-    executor = Executor(device, Controls(interrupt.is_set, skip.is_set, skip.clear))
+    executor = Executor(device, Controls(interrupt.is_set, skip.is_set, skip.clear), dtype)
     while True:
         try:
             job = conn.recv()
@@ -48,8 +48,8 @@ class WorkerProcess:
     """The parent's handle on the child: ``run`` sends a job and blocks (in the job queue's thread) until the
     child answers, passing progress messages to ``report`` on the way."""
 
-    def __init__(self, device: str | None = None) -> None:
-        self.device = device
+    def __init__(self, device: str | None = None, dtype: str | None = None) -> None:
+        self.device, self.dtype = device, dtype
         self.context = multiprocessing.get_context("spawn")
         self.interrupt, self.skip = self.context.Event(), self.context.Event()
         self.lock = threading.Lock()
@@ -57,7 +57,8 @@ class WorkerProcess:
 
     def _start(self) -> None:
         self.conn, child_conn = self.context.Pipe()
-        self.process = self.context.Process(target=_child, args=(child_conn, self.device, self.interrupt, self.skip),
+        self.process = self.context.Process(target=_child, args=(child_conn, self.device, self.dtype, self.interrupt,
+                                                                  self.skip),
                                             name="sd-worker", daemon=True)
         self.process.start()
         child_conn.close()
