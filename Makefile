@@ -12,6 +12,9 @@ PIP := .venv/bin/pip
 	# torch-fidelity: the test oracle for our FID InceptionV3, kept off the import path (.venv/oracles) and
 	# without dependencies: it asks for torchvision, which must not be installed beside this torch
 	$(PIP) install -q --no-deps --upgrade --target .venv/oracles "torch-fidelity==0.4.0"
+	# k-diffusion: the samplers' oracle (A1111 runs its functions), likewise off the import path and without
+	# dependencies: its package __init__ wants torchvision; the tests load k_diffusion.sampling alone
+	$(PIP) install -q --no-deps --upgrade --target .venv/oracles "k-diffusion==0.1.1.post1"
 	touch $@
 
 venv: .venv/.installed

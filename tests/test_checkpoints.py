@@ -238,3 +238,24 @@ def test_random_presets_are_seeded_and_leave_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
     b = Pipeline.from_config(preset("tiny-sd1"), seed=4)
     assert torch.equal(a.unet.out[2].weight, b.unet.out[2].weight)
+
+
+def test_sd2_head_width_prediction_size_and_the_sd2_inpaint_preset(tmp_path):
+    from stable_diffusion.checkpoints.io import read_state_dict, write_safetensors
+
+    Pipeline.from_config(preset("tiny-sd2")).save(tmp_path / "full.safetensors")
+    sd, _ = read_state_dict(tmp_path / "full.safetensors")
+    write_safetensors(tmp_path / "bare.safetensors", sd)  # no config metadata: detected from keys alone
+    with pytest.raises(CheckpointError, match="16|num_head_channels.*model.yaml|model.yaml"):
+        load_pipeline(tmp_path / "bare.safetensors")  # 32-wide attention: not 64-channel heads
+    (tmp_path / "bare.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n    unet_config:\n"
+                                        "      params:\n        num_head_channels: 16\n")
+    bare = load_pipeline(tmp_path / "bare.safetensors")
+    assert bare.config.unet.num_head_channels == 16 and bare.config.prediction == "v"
+    assert bare.config.image_size == 512  # --prediction v on a model that is not SD 2.x at full size keeps its size
+    assert load_pipeline(tmp_path / "full.safetensors", prediction="v").config.image_size == 64
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    full = load_pipeline(tmp_path / "full.safetensors")
+    assert torch.equal(bare.unet(x, torch.tensor([10]), context), full.unet(x, torch.tensor([10]), context))
+    inpaint = load_pipeline("tiny-sd2-inpaint")
+    assert inpaint.config.family == "sd2" and inpaint.config.is_inpainting

@@ -54,3 +54,25 @@ def test_an_embedding_that_does_not_fit_is_skipped_with_a_warning(tmp_path, capl
     assert np.array_equal(plain, skipped)
     assert "embedding big skipped" in caplog.text and "width [768]" in caplog.text
     assert "embedding empty skipped" in caplog.text and "embedding scalar skipped" in caplog.text
+
+
+def test_the_api_lists_embeddings_with_shape_vectors_and_step_and_skips_misfits(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from stable_diffusion.models.configs import preset
+    from stable_diffusion.pipeline import Pipeline
+    from stable_diffusion.server.app import create_app
+    from stable_diffusion.server.registry import ModelRegistry
+
+    (tmp_path / "Stable-diffusion").mkdir()
+    (tmp_path / "embeddings").mkdir()
+    Pipeline.from_config(preset("tiny-sd1")).save(tmp_path / "Stable-diffusion" / "tiny.safetensors")
+    torch.save({"string_to_param": {"*": torch.randn(3, 32)}, "step": 500, "sd_checkpoint": "a1b2c3d4",
+                "sd_checkpoint_name": "v1-5"}, tmp_path / "embeddings" / "fits.pt")
+    save_file({"emb_params": torch.randn(2, 768)}, tmp_path / "embeddings" / "wide.safetensors")
+    (tmp_path / "embeddings" / "broken.pt").write_bytes(b"nope")
+    with TestClient(create_app(ModelRegistry(tmp_path, default="tiny"), outputs=None)) as client:
+        listing = client.get("/sdapi/v1/embeddings").json()
+    assert listing["loaded"] == {"fits": {"step": 500, "sd_checkpoint": "a1b2c3d4", "sd_checkpoint_name": "v1-5",
+                                          "shape": 32, "vectors": 3}}
+    assert set(listing["skipped"]) == {"wide", "broken"} and listing["skipped"]["wide"]["vectors"] == 2

@@ -80,7 +80,9 @@ def test_every_sampler_runs_on_every_family(name, sampler):
     steps = []
     images = pipe.txt2img("a blue square", sampler=sampler, steps=3, seed=0, width=48, height=64,
                           callback=lambda info: steps.append(info["i"]))
-    assert images[0].size == (48, 64) and steps == [0, 1, 2]
+    assert images[0].size == (48, 64)
+    # DPM fast spends 3 model calls on its own steps (a 2nd- and a 1st-order one), DPM adaptive as many as it needs
+    assert steps == list(range(len(steps))) and (len(steps) == 3 or sampler in ("DPM fast", "DPM adaptive"))
 
 
 def test_bad_requests_fail_before_work(sd1):

@@ -17,7 +17,7 @@ ALLOWED = {  # unit -> the units it may import at run time (docs/architecture.md
     "embeddings": {"checkpoints", "models"},
     "lora": {"checkpoints", "models"},
     "request": {"diffusion", "inpaint", "lora", "checkpoints", "models"},
-    "infotext": set(),
+    "infotext": {"diffusion", "checkpoints"},
     "conditioning": {"models", "diffusion", "prompts", "prompt_editing", "embeddings", "checkpoints"},
 }
 ALLOWED["generate"] = set().union(*ALLOWED.values(), ALLOWED) - {"generate"}

@@ -191,8 +191,8 @@ def test_denoiser_eps_and_v_and_cfg():
 def test_sampler_names():
     assert resolve_sampler("DPM++ 2M Karras") == ("DPM++ 2M", "karras")
     assert resolve_sampler("DPM++ 2M Karras", "Exponential") == ("DPM++ 2M", "exponential")
-    assert resolve_sampler("Euler a") == ("Euler a", "uniform") and SAMPLERS["Euler a"][0] is sample_euler_ancestral
-    assert resolve_sampler("DDIM", "") == ("DDIM", "ddim_uniform")
+    assert resolve_sampler("Euler a") == ("Euler a", "uniform") and SAMPLERS["Euler a"].fn is sample_euler_ancestral
+    assert resolve_sampler("DDIM", "") == ("DDIM", "ddim") and resolve_sampler("Euler", "ddim_uniform") == ("Euler", "ddim")
     with pytest.raises(ValueError, match="unknown scheduler"):
         resolve_sampler("Euler", "nope")
     with pytest.raises(ValueError, match="unknown sampler"):

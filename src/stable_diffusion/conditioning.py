@@ -62,9 +62,10 @@ class StepwiseCFG(torch.nn.Module):
         super().__init__()
         self.sigmas, self.per_step = sigmas, per_step
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, skip_uncond: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, skip_uncond: bool = False,
+                **options: object) -> torch.Tensor:
         step = int((self.sigmas[:-1] >= sigma.reshape(-1)[0] * (1 - 1e-6)).sum().item()) - 1
-        return self.per_step[min(max(step, 0), len(self.per_step) - 1)](x, sigma, skip_uncond)
+        return self.per_step[min(max(step, 0), len(self.per_step) - 1)](x, sigma, skip_uncond, **options)
 
 
 def guided_denoiser(pipe: Pipeline, request: GenerationRequest, prompts: list[str], negative: str,

@@ -60,6 +60,21 @@ def load_embedding(path: str | Path) -> list[torch.Tensor]:
     return _vectors(list(sd.values()), path)
 
 
+def embedding_info(path: str | Path) -> dict:
+    """What A1111's /embeddings lists for a file: vector count and width ("shape"), and the training step and
+    checkpoint an A1111 .pt records; ``widths`` for checking it against a model."""
+    path = Path(path)
+    tensors = load_embedding(path)
+    info = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+            "shape": tensors[0].shape[-1], "vectors": tensors[0].shape[0], "widths": [t.shape[-1] for t in tensors]}
+    if path.suffix == ".pt":
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        for key in ("step", "sd_checkpoint", "sd_checkpoint_name"):
+            value = data.get(key) if isinstance(data, dict) else None
+            info[key] = value if isinstance(value, int | str) else None
+    return info
+
+
 class EmbeddingLibrary:
     """Embeddings found in a folder, by file name. One that cannot be read, or has no vectors of a text
     encoder's width, is skipped with a warning, as A1111 does: its name then stays plain text."""

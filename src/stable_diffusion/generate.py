@@ -16,6 +16,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,8 +24,8 @@ from PIL import Image
 
 from .conditioning import guided_denoiser
 from .diffusion.denoiser import Denoiser, GuidanceSkip
-from .diffusion.samplers import SAMPLERS
-from .diffusion.schedules import make_sigmas
+from .diffusion.noise import BrownianNoise, PerImageNoise
+from .diffusion.samplers import SAMPLERS, sampling_sigmas
 from .images import to_batch, to_pil
 from .infotext import format_infotext, generation_parameters
 from .inpaint import (
@@ -75,12 +76,6 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tenso
     the same image on every device and inside any batch. The generators continue for ancestral noise."""
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
-
-
-def _per_image_noise(generators: list[torch.Generator]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def draw(like: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like)
-    return draw
 
 
 def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> list[Image.Image]:
@@ -161,19 +156,21 @@ def generate(pipe: Pipeline, request: GenerationRequest, callback: StepCallback 
     request = request.resolved(pipe.config.image_size)  # 1
     prompts, negative, loras = _loras(request)
     with applied_loras(pipe, loras), torch.inference_mode():  # 2
-        return _sample(pipe, request, prompts, negative, callback)
+        return _sample(pipe, request, prompts, negative, callback, [path for path, _ in loras])
 
 
 def _sample(pipe: Pipeline, request: GenerationRequest, prompts: list[str], negative: str,
-            callback: StepCallback | None) -> GenerationResult:
+            callback: StepCallback | None, loras: list[Path]) -> GenerationResult:
     result = GenerationResult([], [], [], request)
+    params = {"model": pipe.config.name, "model_hash": pipe.model_hash, "loras": loras}
     try:
         start = _prepare_start(pipe, request)  # 4 (before 3: the 9-channel UNet wraps the concat input)
         denoiser = Denoiser.from_config(start.unet, pipe.config)  # 3
-        sigmas = make_sigmas(request.scheduler, request.steps, denoiser.schedule).to(pipe.device)
+        sigmas = sampling_sigmas(request.sampler, request.scheduler, request.steps, denoiser.schedule,
+                                 pipe.config.family).to(pipe.device)
         sigmas = sigmas[len(sigmas) - 1 - request.sampling_steps():]  # img2img: the schedule's last steps
         for it in range(request.n_iter):  # 5, 6
-            stopped = _batch(pipe, request, it, prompts, negative, start, denoiser, sigmas, callback, result)
+            stopped = _batch(pipe, request, it, prompts, negative, start, denoiser, sigmas, callback, result, params)
             if stopped is not None and not stopped.skip:
                 break
     except StopGeneration:  # stopped inside the text encoder or the VAE: what is finished is the result
@@ -182,13 +179,13 @@ def _sample(pipe: Pipeline, request: GenerationRequest, prompts: list[str], nega
 
 
 def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[str], negative: str, start: _Start,
-           denoiser: Denoiser, sigmas: torch.Tensor, callback: StepCallback | None,
-           result: GenerationResult) -> StopSampling | None:
+           denoiser: Denoiser, sigmas: torch.Tensor, callback: StepCallback | None, result: GenerationResult,
+           params: dict) -> StopSampling | None:
     """Batch ``it`` of the request, appended to ``result``; returns the StopSampling that ended it early."""
     c, n, f = pipe.config, request.batch_size, pipe.vae.downscale
-    sampler = SAMPLERS[request.sampler][0]
-    takes_eta = "eta" in inspect.signature(sampler).parameters  # follows the no_grad wrapper
-    options = {"eta": request.eta} if request.eta is not None and takes_eta else {}
+    spec = SAMPLERS[request.sampler]
+    takes_eta = "eta" in inspect.signature(spec.fn).parameters  # follows the no_grad wrapper
+    options = {**spec.options, **({"eta": request.eta} if request.eta is not None and takes_eta else {})}
     seeds = [request.seed + it * n + i for i in range(n)]
     model = guided_denoiser(pipe, request, prompts * (n // len(prompts)), negative, denoiser, sigmas)
     if request.s_min_uncond or request.skip_early_cond:
@@ -202,9 +199,11 @@ def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[st
             first = start_latent(first, start.latent_mask, request.inpainting_fill, generators[0])
             model = BlendedDenoiser(model, start.init_latent, start.latent_mask)
         x = x + first
+    noise = BrownianNoise(x, sigmas[sigmas > 0].min(), sigmas.max(), seeds) if spec.brownian \
+        else PerImageNoise(generators)
     stopped = None
     try:
-        x = sampler(model, x, sigmas, callback=callback, noise=_per_image_noise(generators), **options)
+        x = spec.fn(model, x, sigmas, callback=callback, noise=noise, **options)
     except StopSampling as stop:
         x, stopped = stop.denoised, stop
     images = decode_latents(pipe, x)
@@ -215,5 +214,5 @@ def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[st
         result.images.append(image)
         result.seeds.append(seed)
         result.infotexts.append(format_infotext(text, request.negative_prompt,
-                                                generation_parameters(request, seed, c.name)))
+                                                generation_parameters(request, seed, **params)))
     return stopped

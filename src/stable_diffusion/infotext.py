@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .checkpoints.hashes import lora_hash
+from .diffusion.schedules import SCHEDULERS
 
 if TYPE_CHECKING:
     from .request import GenerationRequest
@@ -91,15 +94,19 @@ def guidance_skip_params(request: GenerationRequest) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def generation_parameters(request: GenerationRequest, seed: int, model: str | None) -> dict[str, Any]:
-    """The ``k: v`` pairs A1111 writes for one image of a resolved request (None values are left out)."""
+def generation_parameters(request: GenerationRequest, seed: int, model: str | None, model_hash: str | None = None,
+                          loras: list[Path] = ()) -> dict[str, Any]:
+    """The ``k: v`` pairs A1111 writes for one image of a resolved request, in its order (None values are left
+    out): the model's short hash, and the LoRAs used with their hashes, among them."""
     return {
-        "Steps": request.steps, "Sampler": request.sampler, "Schedule type": request.scheduler.capitalize(),
+        "Steps": request.steps, "Sampler": request.sampler, "Schedule type": SCHEDULERS[request.scheduler].label,
         "CFG scale": request.cfg_scale, "Seed": seed, "Size": f"{request.width}x{request.height}",
-        "Model": model or None,
+        "Model hash": model_hash, "Model": model or None,
         "Denoising strength": request.denoising_strength if request.init_image is not None else None,
         "Mask blur": request.mask_blur if request.mask is not None else None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         **guidance_skip_params(request),
+        "Eta": request.eta if request.eta is not None and request.eta != 1.0 else None,
+        "Lora hashes": ", ".join(f"{path.stem}: {lora_hash(path)}" for path in loras) or None,
         "Version": f"stable_diffusion {__version__}",
     }

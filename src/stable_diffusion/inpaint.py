@@ -67,8 +67,11 @@ class BlendedDenoiser(torch.nn.Module):
         super().__init__()
         self.model, self.init_latent, self.latent_mask = model, init_latent, latent_mask
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return self.init_latent * (1 - self.latent_mask) + self.model(x, sigma) * self.latent_mask
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **options: object) -> torch.Tensor:
+        out = self.model(x, sigma, **options)
+        if isinstance(out, tuple):  # CFG++: (guided, unconditional), both kept to the known region
+            return tuple(self.init_latent * (1 - self.latent_mask) + o * self.latent_mask for o in out)
+        return self.init_latent * (1 - self.latent_mask) + out * self.latent_mask
 
 
 class ConcatUNet(torch.nn.Module):

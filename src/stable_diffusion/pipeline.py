@@ -16,6 +16,7 @@ from torch import nn
 from .checkpoints import diffusers_folder
 from .checkpoints.detect import VAE_PREFIX, detect_config, detect_vae
 from .checkpoints.errors import CheckpointError, first_line
+from .checkpoints.hashes import model_hash
 from .checkpoints.io import read_state_dict, write_safetensors
 from .checkpoints.single_file import CONFIG_METADATA_KEY, join_components, split_components
 from .generate import StepCallback, generate
@@ -45,10 +46,16 @@ class Pipeline:
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
         self.stored_dtype = unet.dtype  # the dtype the weights had in the file they came from
+        self.source_file: Path | None = None  # the single file it was loaded from (for A1111's "Model hash")
 
     @property
     def family(self) -> str:
         return self.config.family
+
+    @property
+    def model_hash(self) -> str | None:
+        """A1111's short hash of the file the model came from (None for folders and presets)."""
+        return model_hash(self.source_file) if self.source_file is not None else None
 
     @property
     def text_encoder(self) -> CLIPTextModel:
@@ -163,14 +170,16 @@ def _adopt(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None
     module.load_state_dict(state, strict=True, assign=True)
 
 
-def _sidecar_prediction(path: Path) -> str | None:
-    """A1111's convention: ``model.yaml`` beside ``model.safetensors`` with ``parameterization: "v"``."""
+def _sidecar(path: Path) -> dict[str, str]:
+    """A1111's convention: an LDM ``model.yaml`` beside ``model.safetensors``. The keys read from it are those
+    that weights cannot tell: ``parameterization`` ("v"), ``num_head_channels`` and ``num_heads``."""
     for yaml in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
         if yaml.exists():
-            m = re.search(r"parameterization:\s*[\"']?(\w+)", yaml.read_text(errors="replace"))
-            if m:
-                return "v" if m.group(1) == "v" else "eps"
-    return None
+            text = yaml.read_text(errors="replace")
+            found = {key: m.group(1) for key in ("parameterization", "num_head_channels", "num_heads")
+                     if (m := re.search(rf"\b{key}:\s*[\"']?([\w-]+)", text))}
+            return found
+    return {}
 
 
 def read_vae(path: str | Path, scaling_factor: float) -> tuple[object, dict[str, torch.Tensor]]:
@@ -224,15 +233,19 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
             config, parts, tokenizers = diffusers_folder.read_folder(path)
         else:
             sd, metadata = read_state_dict(path)
+            sidecar = _sidecar(path)
+            heads = {k: int(v) for k, v in sidecar.items() if k in ("num_head_channels", "num_heads")
+                     and v.lstrip("-").isdigit()}
             try:
                 config = ModelConfig.from_json(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata \
-                    else detect_config(sd)
+                    else detect_config(sd, heads)
             except (CheckpointError, KeyError, TypeError, ValueError) as error:
                 raise CheckpointError(f"{path}: {first_line(error)}") from None
             parts = split_components(sd, config)
             if not parts["vae"] and vae is None:
                 raise CheckpointError(f"{path}: has no VAE weights (first_stage_model.*); pass a VAE file")
-            hinted = _sidecar_prediction(path) or ("v" if "v_pred" in sd else None)
+            hinted = {"v": "v", "eps": "eps"}.get(sidecar.get("parameterization", "")) or ("v" if "v_pred" in sd
+                                                                                            else None)
             hinted = hinted or {"v": "v", "epsilon": "eps"}.get(metadata.get("modelspec.prediction_type", ""))
             if hinted:
                 config = config.replace(prediction=hinted)
@@ -243,9 +256,12 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
         if prediction:
             if prediction not in ("eps", "v"):
                 raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
-            config = config.replace(prediction=prediction, image_size=768 if prediction == "v" and
-                                    config.family == "sd2" else config.image_size)
+            # SD 2.x's v-prediction checkpoints at full size are its 768-pixel models; other sizes keep theirs
+            full_size_sd2 = config.family == "sd2" and config.unet.model_channels == 320
+            config = config.replace(prediction=prediction, image_size=768 if prediction == "v" and full_size_sd2
+                                    else config.image_size)
         pipe = Pipeline.from_parts(config, parts, tokenizers, source=str(path))
+        pipe.source_file = None if path.is_dir() else path
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     device = resolve_device(device)

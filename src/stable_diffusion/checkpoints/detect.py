@@ -43,7 +43,7 @@ def detect_family(sd: Shapes) -> str:
                           "not a Stable Diffusion single-file checkpoint")
 
 
-def detect_unet(sd: Shapes, prefix: str = UNET_PREFIX) -> UNetConfig:
+def detect_unet(sd: Shapes, prefix: str = UNET_PREFIX, given_heads: dict[str, int] | None = None) -> UNetConfig:
     keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
     if "input_blocks.0.0.weight" not in keys:
         raise CheckpointError(f"no UNet found (expected {prefix}input_blocks.0.0.weight)")
@@ -78,8 +78,19 @@ def detect_unet(sd: Shapes, prefix: str = UNET_PREFIX) -> UNetConfig:
         linear = len(shape("middle_block.1.proj_in.weight")) == 2
     emb_out = shape(f"input_blocks.{levels[0][0]}.0.emb_layers.1.weight")[0]
     adm = shape("label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in keys else None
-    # Heads cannot be read from weights: SD1 uses 8 heads, SD2/SDXL 64-channel heads (as LDM configs say).
+    # Heads cannot be read from weights: SD1 uses 8 heads, SD2/SDXL 64-channel heads (as LDM configs say),
+    # unless the model.yaml beside the file says otherwise (``heads``)
     heads = dict(num_heads=-1, num_head_channels=64) if linear else dict(num_heads=8, num_head_channels=-1)
+    if given_heads:
+        heads = {"num_heads": given_heads.get("num_heads", -1),
+                 "num_head_channels": given_heads.get("num_head_channels", -1)}
+    widths = [mc * m for m, d in zip(channel_mult, depths) if d] + ([mc * channel_mult[-1]] if middle_depth else [])
+    head_width = heads["num_head_channels"]
+    if head_width > 0 and any(w % head_width for w in widths):
+        raise CheckpointError(
+            f"its attention layers are {sorted(set(widths))} channels wide, which {head_width}-channel heads "
+            f"do not divide, and the head count is not stored in the weights: put a model.yaml beside the file "
+            f"with num_head_channels (or num_heads), as A1111 does, or load it from a diffusers folder")
     return UNetConfig(
         in_channels=in_channels, out_channels=shape("out.2.weight")[0], model_channels=mc,
         channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks, attention_resolutions=tuple(attn_res),
@@ -131,10 +142,10 @@ def detect_text_encoder(sd: Shapes, prefix: str, layout: str) -> TextEncoderConf
     )
 
 
-def detect_config(sd: Shapes) -> ModelConfig:
+def detect_config(sd: Shapes, heads: dict[str, int] | None = None) -> ModelConfig:
     """The full ModelConfig of an LDM/SGM single-file state dict."""
     family = detect_family(sd)
-    unet = detect_unet(sd)
+    unet = detect_unet(sd, given_heads=heads)
     texts = [detect_text_encoder(sd, p, layout) for p, layout in TEXT_PREFIXES[family]]
     vae = detect_vae(sd) if VAE_PREFIX + "encoder.conv_in.weight" in sd else VAEConfig()
     size_embed = 0

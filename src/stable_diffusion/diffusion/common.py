@@ -9,12 +9,12 @@ import torch
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None] | None
-Noise = Callable[[torch.Tensor], torch.Tensor]  # returns standard normal noise shaped like its argument
+Noise = Callable[..., torch.Tensor]  # noise(like, sigma, sigma_next): N(0, I) shaped like ``like`` (noise.py)
 
 
 def default_noise(generator: torch.Generator | None = None) -> Noise:
     """Fresh N(0, I) noise per call, drawn on the generator's device (CPU by default) for reproducibility."""
-    def draw(like: torch.Tensor) -> torch.Tensor:
+    def draw(like: torch.Tensor, sigma: torch.Tensor | None = None, sigma_next: torch.Tensor | None = None) -> torch.Tensor:
         device = generator.device if generator is not None else like.device
         return torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32).to(like)
     return draw

@@ -71,13 +71,18 @@ class CFGDenoiser(nn.Module):
         self.denoiser, self.cond, self.uncond, self.scale = denoiser, cond, uncond, scale
         self.y, self.y_uncond = y, y_uncond
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, skip_uncond: bool = False) -> torch.Tensor:
-        if self.scale == 1.0 or skip_uncond:
-            return self.denoiser(x, sigma, self.cond, self.y)
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, skip_uncond: bool = False,
+                cfg_pp: float | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The guided x0; with ``cfg_pp`` (CFG++'s factor on the scale) the pair (guided x0, unconditional x0)."""
+        if skip_uncond or (self.scale == 1.0 and cfg_pp is None):
+            cond = self.denoiser(x, sigma, self.cond, self.y)
+            return cond if cfg_pp is None else (cond, cond)
         sigma = sigma.reshape(-1).expand(x.shape[0])
         y = torch.cat([self.y_uncond, self.y]) if self.y is not None else None
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([self.uncond, self.cond]), y)
         uncond, cond = both.chunk(2)
+        if cfg_pp is not None:
+            return uncond + self.scale * cfg_pp * (cond - uncond), uncond
         return uncond + self.scale * (cond - uncond)
 
 
@@ -100,7 +105,7 @@ class GuidanceSkip(nn.Module):
             return True
         return (self.all_steps or self.calls % 2 == 1) and sigma < self.s_min_uncond
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **options: object) -> torch.Tensor:
         skip = self.skips(float(sigma.reshape(-1)[0]))
         self.calls += 1
-        return self.model(x, sigma, skip_uncond=skip)
+        return self.model(x, sigma, skip_uncond=skip, **options)

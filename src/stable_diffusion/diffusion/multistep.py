@@ -35,9 +35,12 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, call
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
-                        noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022), midpoint variant: the 2M update on the reverse SDE, which
-    re-injects ``sigma_next * sqrt(1 - exp(-2 eta h))`` of fresh noise each step."""
+                        noise: Noise | None = None, eta: float = 1.0, solver_type: str = "midpoint") -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022): the 2M update on the reverse SDE, which re-injects
+    ``sigma_next * sqrt(1 - exp(-2 eta h))`` of fresh noise each step; the second-order correction of the
+    ``midpoint`` or the ``heun`` variant (A1111's "DPM++ 2M SDE" and "DPM++ 2M SDE Heun")."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be midpoint or heun, not {solver_type!r}")
     noise = noise or default_noise()
     old_x0 = h_last = None
     for i in range(len(sigmas) - 1):
@@ -49,10 +52,12 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, 
         eta_h = eta * h
         decay = -torch.expm1(-h - eta_h)  # 1 - exp(-(1 + eta) h)
         x = sigmas[i + 1] / sigmas[i] * torch.exp(-eta_h) * x + decay * x0
-        if old_x0 is not None:
+        if old_x0 is not None and solver_type == "midpoint":
             x = x + 0.5 * decay * (h / h_last) * (x0 - old_x0)
+        elif old_x0 is not None:
+            x = x + (decay / (-h - eta_h) + 1) * (h / h_last) * (x0 - old_x0)
         if eta:
-            x = x + noise(x) * sigmas[i + 1] * (-torch.expm1(-2 * eta_h)).sqrt()
+            x = x + noise(x, sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-torch.expm1(-2 * eta_h)).sqrt()
         old_x0, h_last = x0, h
     return x
 
@@ -163,4 +168,35 @@ def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callbac
         x0s = [*x0s, x0][-order:]
         last_x, last_order = x, min(order, steps - i, len(x0s))
         x = _unipc_update(x, x0s, lambdas, i, last_order, variant)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
+                        noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(3M) SDE (Lu et al. 2022, third-order multistep on the reverse SDE): the exponential
+    integrator's phi_2 and phi_3 terms from the last three x0 predictions, with fresh noise each step."""
+    noise = noise or default_noise()
+    x0_1 = x0_2 = h_1 = h_2 = None
+    for i in range(len(sigmas) - 1):
+        x0 = denoise(model, x, sigmas, i, callback)
+        if sigmas[i + 1] == 0:
+            x = x0
+        else:
+            h = sigmas[i].log() - sigmas[i + 1].log()  # step in log-SNR time -log(sigma)
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x - torch.expm1(-h_eta) * x0
+            phi_2 = torch.expm1(-h_eta) / h_eta + 1
+            if h_2 is not None:  # third order: first and second differences of x0 over the last three steps
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            elif h_1 is not None:  # second order on the second step
+                x = x + phi_2 * (x0 - x0_1) / (h_1 / h)
+            if eta:
+                x = x + noise(x, sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-torch.expm1(-2 * h * eta)).sqrt()
+            h_1, h_2 = h, h_1
+        x0_1, x0_2 = x0, x0_1
     return x

@@ -5,12 +5,14 @@ state survives a call. Registered under AUTOMATIC1111's names."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from .common import Callback, Model, Noise, ancestral_step, default_noise, denoise, to_d
-from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_lms, sample_plms, sample_unipc
-from .schedules import SCHEDULERS
+from .extra_samplers import sample_ddim_cfgpp, sample_dpm_adaptive, sample_dpm_fast, sample_restart
+from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde, sample_lms, sample_plms, sample_unipc
+from .schedules import DiscreteSigmas, make_sigmas, scheduler_name
 
 __all__ = ["SAMPLERS", "default_noise", "resolve_sampler", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_lms",
            "sample_plms", "sample_unipc"]
@@ -114,8 +116,8 @@ def sample_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback
 def sample_dpmpp_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Callback = None,
                      noise: Noise | None = None, eta: float = 1.0) -> torch.Tensor:
     """DPM-Solver++ SDE (Lu et al. 2022): single-step second order on the reverse SDE, the intermediate point at
-    the log-SNR midpoint (r = 1/2), each sub-step an ancestral one that puts fresh noise back. k-diffusion
-    draws that noise from a Brownian tree; here every sub-step draws independent noise from ``noise``."""
+    the log-SNR midpoint (r = 1/2), each sub-step an ancestral one that puts fresh noise back, drawn for its
+    sigma interval (A1111 draws it from a Brownian tree: noise.BrownianNoise)."""
     noise = noise or default_noise()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -127,11 +129,11 @@ def sample_dpmpp_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, cal
         down, up = ancestral_step(sigma, mid, eta)
         x_mid = _euler_step(model, x, sigma, down, x0)  # = DPM-Solver++(1) in the sigma parameterisation
         if up > 0:
-            x_mid = x_mid + noise(x) * up
+            x_mid = x_mid + noise(x, sigma, mid) * up
         down, up = ancestral_step(sigma, sigma_next, eta)
         x = _euler_step(model, x, sigma, down, model(x_mid, mid))
         if up > 0:
-            x = x + noise(x) * up
+            x = x + noise(x, sigma, sigma_next) * up
     return x
 
 
@@ -178,24 +180,51 @@ def sample_lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, callback:
     return x
 
 
-# A1111 label -> (sampler function, default scheduler)
+@dataclass(frozen=True)
+class Sampler:
+    """An A1111 sampler: its function, the schedule "automatic" picks, and how A1111 runs it."""
+    fn: Callable[..., torch.Tensor]
+    scheduler: str
+    discard_next_to_last_sigma: bool = False  # A1111: schedule steps + 1 sigmas and drop the second-to-last
+    brownian: bool = False  # its noise comes from per-image Brownian trees (noise.BrownianNoise)
+    options: dict = field(default_factory=dict)  # extra keywords for ``fn``
+    cfg_pp: bool = False  # needs the CFG model's unconditional prediction too (CFG++)
+
+
+# A1111 labels (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py, sd_samplers_lcm.py)
 SAMPLERS = {
-    "Euler": (sample_euler, "uniform"),
-    "Euler a": (sample_euler_ancestral, "uniform"),
-    "Heun": (sample_heun, "uniform"),
-    "DPM++ 2M": (sample_dpmpp_2m, "karras"),
-    "DPM++ 2M SDE": (sample_dpmpp_2m_sde, "exponential"),
-    "DPM2": (sample_dpm_2, "karras"),
-    "DPM2 a": (sample_dpm_2_ancestral, "karras"),
-    "DPM++ 2S a": (sample_dpmpp_2s_ancestral, "karras"),
-    "LMS": (sample_lms, "uniform"),
-    "DDIM": (sample_ddim, "ddim_uniform"),
-    "DDPM": (sample_ddpm, "uniform"),
-    "DPM++ SDE": (sample_dpmpp_sde, "karras"),
-    "PLMS": (sample_plms, "uniform"),
-    "UniPC": (sample_unipc, "uniform"),
-    "LCM": (sample_lcm, "sgm_uniform"),
+    "DPM++ 2M": Sampler(sample_dpmpp_2m, "karras"),
+    "DPM++ SDE": Sampler(sample_dpmpp_sde, "karras", brownian=True),
+    "DPM++ 2M SDE": Sampler(sample_dpmpp_2m_sde, "exponential", brownian=True),
+    "DPM++ 2M SDE Heun": Sampler(sample_dpmpp_2m_sde, "exponential", brownian=True, options={"solver_type": "heun"}),
+    "DPM++ 2S a": Sampler(sample_dpmpp_2s_ancestral, "karras"),
+    "DPM++ 3M SDE": Sampler(sample_dpmpp_3m_sde, "exponential", discard_next_to_last_sigma=True, brownian=True),
+    "Euler a": Sampler(sample_euler_ancestral, "uniform"),
+    "Euler": Sampler(sample_euler, "uniform"),
+    "LMS": Sampler(sample_lms, "uniform"),
+    "Heun": Sampler(sample_heun, "uniform"),
+    "DPM2": Sampler(sample_dpm_2, "karras", discard_next_to_last_sigma=True),
+    "DPM2 a": Sampler(sample_dpm_2_ancestral, "karras", discard_next_to_last_sigma=True),
+    "DPM fast": Sampler(sample_dpm_fast, "uniform"),
+    "DPM adaptive": Sampler(sample_dpm_adaptive, "uniform"),
+    "Restart": Sampler(sample_restart, "karras"),
+    "DDIM": Sampler(sample_ddim, "ddim"),
+    "DDIM CFG++": Sampler(sample_ddim_cfgpp, "ddim", cfg_pp=True),
+    "PLMS": Sampler(sample_plms, "uniform"),
+    "UniPC": Sampler(sample_unipc, "uniform"),
+    "LCM": Sampler(sample_lcm, "sgm_uniform"),
+    "DDPM": Sampler(sample_ddpm, "uniform"),
 }
+
+
+def sampling_sigmas(sampler: str, scheduler: str, steps: int, schedule: DiscreteSigmas,
+                    family: str = "sd1") -> torch.Tensor:
+    """The sigmas a sampler walks for ``steps`` steps of a schedule, with A1111's rule for the samplers that
+    discard the next-to-last sigma (DPM2, DPM2 a, DPM++ 3M SDE)."""
+    if not SAMPLERS[sampler].discard_next_to_last_sigma:
+        return make_sigmas(scheduler, steps, schedule, family)
+    sigmas = make_sigmas(scheduler, steps + 1, schedule, family)
+    return torch.cat([sigmas[:-2], sigmas[-1:]])
 
 
 def resolve_sampler(name: str, scheduler: str = "automatic") -> tuple[str, str]:
@@ -208,9 +237,6 @@ def resolve_sampler(name: str, scheduler: str = "automatic") -> tuple[str, str]:
             label, implied = name[: -len(suffix)], schedule
     if label not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
-    wanted = (scheduler or "automatic").lower()
-    if wanted == "automatic":
-        return label, implied or SAMPLERS[label][1]
-    if wanted not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; known: automatic, {', '.join(SCHEDULERS)}")
-    return label, wanted
+    if (scheduler or "automatic").strip().lower() == "automatic":
+        return label, implied or SAMPLERS[label].scheduler
+    return label, scheduler_name(scheduler)

@@ -229,6 +229,7 @@ PRESETS = {
     "tiny-sd1-inpaint": lambda: _tiny_sd1(9),
     "tiny-sd2": _tiny_sd2,
     "tiny-sd2-v": lambda: _tiny_sd2(prediction="v"),
+    "tiny-sd2-inpaint": lambda: _tiny_sd2(9),
     "tiny-sdxl": _tiny_sdxl,
     "tiny-sdxl-inpaint": lambda: _tiny_sdxl(9),
 }

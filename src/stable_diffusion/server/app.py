@@ -182,7 +182,7 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         return {}
 
     app.include_router(listings_router(registry, {"api": True, "listen": listen, "api_auth": None,
-                                                  "max_prompt_chars": max_prompt_chars}))
+                                                  "max_prompt_chars": max_prompt_chars}, lambda: state["model"]))
 
     @app.get("/", include_in_schema=False)
     async def index():

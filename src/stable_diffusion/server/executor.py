@@ -38,6 +38,7 @@ class ModelInfo:
     name: str
     native_size: int
     inpainting: bool
+    text_widths: list[int] = field(default_factory=list)  # its text encoders' widths (which embeddings fit)
 
 
 @dataclass
@@ -80,7 +81,8 @@ class Executor:
                         block.register_forward_pre_hook(self._stop_inside)
             self.pipe, self.model = pipe, model
         self.pipe.config.name = model.name
-        return ModelInfo(model.name, self.pipe.config.image_size, self.pipe.config.is_inpainting)
+        return ModelInfo(model.name, self.pipe.config.image_size, self.pipe.config.is_inpainting,
+                         [tc.width for tc in self.pipe.config.text_encoders])
 
     def run(self, job: Job, report: Report) -> tuple[ModelInfo, GenerationResult | None]:
         info = self.ensure(job.model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,13 +13,15 @@ from fastapi import APIRouter
 
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedules import SCHEDULERS
+from ..embeddings import embedding_info
 from ..infotext import parse_infotext
+from .executor import ModelInfo
 from .generation import decode_image
 from .registry import ModelRegistry
 from .schemas import PngInfoRequest, PngInfoResponse
 
 
-def listings_router(registry: ModelRegistry, flags: dict) -> APIRouter:
+def listings_router(registry: ModelRegistry, flags: dict, model_info: Callable[[], ModelInfo]) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
     def shown(path: Path) -> str:
@@ -43,9 +46,12 @@ def listings_router(registry: ModelRegistry, flags: dict) -> APIRouter:
 
     @router.get("/schedulers")
     async def schedulers():
-        names = ["automatic", *SCHEDULERS]
-        return [{"name": n, "label": n.replace("_", " ").title(), "aliases": None,
-                 "default_rho": 7.0 if n == "karras" else -1.0, "need_inner_model": False} for n in names]
+        rho = {"karras": 7.0, "polyexponential": 1.0}
+        return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0,
+                 "need_inner_model": False}] + [
+            {"name": name, "label": s.label, "aliases": ["SGMUniform"] if name == "sgm_uniform" else None,
+             "default_rho": rho.get(name, -1.0), "need_inner_model": s.needs == "model"}
+            for name, s in SCHEDULERS.items()]
 
     @router.get("/upscalers")
     async def upscalers():
@@ -63,9 +69,19 @@ def listings_router(registry: ModelRegistry, flags: dict) -> APIRouter:
 
     @router.get("/embeddings")
     async def embeddings():
-        files = registry.files("embeddings", {".safetensors", ".pt", ".bin"})
-        return {"loaded": {p.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
-                                    "vectors": None} for p in files}, "skipped": {}}
+        """A1111's listing: those that fit the loaded model's text encoders, and those skipped."""
+        widths = model_info().text_widths
+        loaded, skipped = {}, {}
+        for path in registry.files("embeddings", {".safetensors", ".pt", ".bin"}):
+            try:
+                info = await asyncio.to_thread(embedding_info, path)
+            except ValueError:  # unreadable: skipped, as A1111 does
+                skipped[path.stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                                      "vectors": None}
+                continue
+            fits = all(w in info["widths"] for w in widths)
+            (loaded if fits else skipped)[path.stem] = {k: v for k, v in info.items() if k != "widths"}
+        return {"loaded": loaded, "skipped": skipped}
 
     @router.get("/memory")
     async def memory():

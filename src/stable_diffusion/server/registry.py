@@ -4,24 +4,15 @@ request can never make the server open an arbitrary path. The models themselves 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoints.hashes import model_hash
 from ..pipeline import BUILTIN_MODEL
 from .executor import ModelRef
 
 CHECKPOINT_SUFFIXES = {".safetensors", ".ckpt", ".pt"}
 BUILTIN_NAME = "builtin"
-
-
-def short_hash(path: Path) -> str:
-    """A1111's short hash: the first 10 hex digits of the file's sha256."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
 
 
 @dataclass
@@ -47,7 +38,6 @@ class ModelRegistry:
                  dtype: str | None = None) -> None:
         self.models_dir = Path(models_dir) if models_dir else None
         self.device, self.dtype = device, dtype
-        self._hashes: dict[tuple[str, float, int], str] = {}
         self.entries: list[ModelEntry] = []
         self.refresh()
         if not self.entries:
@@ -58,22 +48,15 @@ class ModelRegistry:
         """``Stable-diffusion``, ``VAE``, ``Lora`` or ``embeddings`` under the models folder."""
         return self.models_dir / kind if self.models_dir else None
 
-    def _hash(self, path: Path) -> str:
-        stat = path.stat()
-        key = (str(path), stat.st_mtime, stat.st_size)
-        if key not in self._hashes:
-            self._hashes[key] = short_hash(path)
-        return self._hashes[key]
-
     def refresh(self) -> None:
         entries = []
         if BUILTIN_MODEL.exists():
-            entries.append(ModelEntry(BUILTIN_MODEL, BUILTIN_NAME, self._hash(BUILTIN_MODEL)))
+            entries.append(ModelEntry(BUILTIN_MODEL, BUILTIN_NAME, model_hash(BUILTIN_MODEL)))
         folder = self.folder("Stable-diffusion")
         if folder is not None and folder.is_dir():
             for path in sorted(folder.rglob("*")):
                 if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file():
-                    entries.append(ModelEntry(path, path.stem, self._hash(path)))
+                    entries.append(ModelEntry(path, path.stem, model_hash(path)))
         self.entries = entries
 
     def find(self, name: str) -> ModelEntry:

@@ -205,7 +205,8 @@ function readParameters(file) {
       $("negative_prompt").value = p["Negative prompt"] || "";
       const set = (id, value) => { if (value !== undefined) $(id).value = value; };
       set("steps", p.Steps); set("cfg_scale", p["CFG scale"]); set("seed", p.Seed); set("sampler_name", p.Sampler);
-      if (p["Schedule type"]) set("scheduler", p["Schedule type"].toLowerCase());
+      const schedule = [...$("scheduler").options].find((o) => o.textContent === p["Schedule type"]);
+      if (schedule) $("scheduler").value = schedule.value;
       set("s_min_uncond", p.NGMS || 0); $("s_min_uncond_all").checked = p["NGMS all steps"] === "True";
       set("width", p["Size-1"]); set("height", p["Size-2"]);
       status("parameters read from " + file.name);
