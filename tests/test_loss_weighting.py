@@ -49,11 +49,11 @@ def test_weighted_loss_is_the_weighted_noise_error(prediction, weighting):
     config = parse_config(tomllib.loads(SMOKE.read_text())).new_model_config()
     torch.manual_seed(0)
     pipe = Pipeline.from_config(config)
-    loss = DiffusionLoss(pipe.unet, pipe.text_encoder, ABAR, prediction, False, weighting, snr_weight_cap=10.0)
+    loss = DiffusionLoss(pipe.unet, [pipe.text_encoder], ABAR, prediction, False, weighting, snr_weight_cap=10.0)
     latents = torch.randn(4, config.unet.in_channels, 8, 8)
     ids = pipe.tokenizer(["a red circle", "", "a blue star", "a ring"])
     with torch.no_grad():
-        value = loss(latents, ids, torch.Generator().manual_seed(7))
+        value = loss(latents, ids[None], torch.Generator().manual_seed(7))
         # the same draws by hand
         generator = torch.Generator().manual_seed(7)
         t = torch.randint(0, 1000, (4,), generator=generator)
@@ -88,13 +88,13 @@ def test_caption_weighted_loss_is_the_weighted_mean_of_the_sample_losses(weighti
     config = parse_config(tomllib.loads(SMOKE.read_text())).new_model_config()
     torch.manual_seed(0)
     pipe = Pipeline.from_config(config)
-    loss = DiffusionLoss(pipe.unet, pipe.text_encoder, ABAR, "v", False, weighting, snr_floor=0.2)
+    loss = DiffusionLoss(pipe.unet, [pipe.text_encoder], ABAR, "v", False, weighting, snr_floor=0.2)
     latents = torch.randn(3, config.unet.in_channels, 8, 8)
     ids = pipe.tokenizer(["a small red circle", "a blue star", ""])
 
     def value(weights=None):  # the same timesteps and noise every call
         with torch.no_grad():
-            return loss(latents, ids, torch.Generator().manual_seed(3), weights).item()
+            return loss(latents, ids[None], torch.Generator().manual_seed(3), weights).item()
 
     each = [value(torch.eye(3)[i]) for i in range(3)]  # one-hot weights pick one sample's loss
     assert value() == pytest.approx(sum(each) / 3, rel=1e-5)

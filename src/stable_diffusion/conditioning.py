@@ -45,13 +45,17 @@ def size_embedding(numbers: torch.Tensor, dim: int) -> torch.Tensor:
 def condition(pipe: Pipeline, prompts: list[str], width: int, height: int, clip_skip: int = 1,
               min_chunks: int = 1, library: EmbeddingLibrary | None = None) -> Conditioning:
     context, pooled = encode_text(pipe, prompts, clip_skip, min_chunks, library)
-    c = pipe.config
-    if not c.unet.adm_in_channels:
+    if not pipe.config.unet.adm_in_channels:
         return Conditioning(context.to(pipe.dtype))
-    # original size, crop top-left, target size: (h, w, 0, 0, h, w) as SDXL's reference sampling uses
-    numbers = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(len(prompts), 6)
-    y = torch.cat([pooled.float(), size_embedding(numbers, c.size_embed_dim).to(pooled.device)], dim=1)
-    return Conditioning(context.to(pipe.dtype), y.to(pipe.dtype))
+    return Conditioning(context.to(pipe.dtype), sdxl_vector(pooled, width, height, pipe.config.size_embed_dim))
+
+
+def sdxl_vector(pooled: torch.Tensor, width: int, height: int, size_embed_dim: int) -> torch.Tensor:
+    """SDXL's y (Podell et al. 2023): the pooled text, then each of original size, crop top-left and target size,
+    (h, w, 0, 0, h, w) as SDXL's reference sampling and training on uncropped images use, embedded."""
+    numbers = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(pooled.shape[0], 6)
+    y = torch.cat([pooled.float(), size_embedding(numbers, size_embed_dim).to(pooled.device)], dim=1)
+    return y.to(pooled.dtype)
 
 
 class StepwiseCFG(torch.nn.Module):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conditioning import sdxl_vector
 from ..diffusion.denoiser import Denoiser
 from ..models.clip import CLIPTextModel
 from ..models.unet import UNetModel
@@ -124,32 +125,40 @@ def caption_loss_weights(captions: list[str], weights: dict[str, float]) -> torc
 
 class DiffusionLoss(nn.Module):
     """The DDPM objective (Ho et al. 2020, Algorithm 1): t uniform, noise ~ N(0, I), and the denoiser's own
-    ``loss`` (the target its scalings imply: the noise for eps, v for v-prediction). The text encoder learns
-    through it. With a ``weighting`` other than "none", each sample's error is measured on the noise (for v:
-    abar times the v error, which equals it) and weighted by :func:`snr_loss_weights`."""
+    ``loss`` (the target its scalings imply: the noise for eps, v for v-prediction). The text encoders learn
+    through it; their contexts are concatenated as in generation, and for SDXL (``size_embed_dim`` > 0) the UNet
+    also gets y: the last encoder's pooled text and the size ids of ``image_size`` training images. With a
+    ``weighting`` other than "none", each sample's error is measured on the noise (for v: abar times the v
+    error, which equals it) and weighted by :func:`snr_loss_weights`."""
 
-    def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, abar: torch.Tensor, prediction: str,
+    def __init__(self, unet: UNetModel, text_encoders: list[CLIPTextModel], abar: torch.Tensor, prediction: str,
                  train_text_encoder: bool, weighting: str = "none", snr_gamma: float = 5.0,
-                 snr_weight_cap: float = math.inf, snr_floor: float = 1.0) -> None:
+                 snr_weight_cap: float = math.inf, snr_floor: float = 1.0, size_embed_dim: int = 0,
+                 image_size: int = 0) -> None:
         super().__init__()
-        self.denoiser, self.text_encoder = Denoiser(unet, abar, prediction), text_encoder
+        self.denoiser, self.text_encoders = Denoiser(unet, abar, prediction), nn.ModuleList(text_encoders)
+        self.size_embed_dim, self.image_size = size_embed_dim, image_size
         weights = None
         if weighting != "none":
             weights = snr_loss_weights(abar.float(), weighting, snr_gamma, snr_weight_cap, snr_floor)
             if prediction == "v":  # eps - eps_hat = sqrt(abar) (v - v_hat)
                 weights = weights * abar.float()
         self.register_buffer("weights", weights, persistent=False)
-        text_encoder.requires_grad_(train_text_encoder)
+        self.text_encoders.requires_grad_(train_text_encoder)
 
     def forward(self, latents: torch.Tensor, ids: torch.Tensor, generator: torch.Generator,
                 sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """``sample_weights`` (B,), e.g. from :func:`caption_loss_weights`: the loss is their weighted mean."""
+        """``ids`` (encoders, B, 77): each text encoder's tokens. ``sample_weights`` (B,), e.g. from
+        :func:`caption_loss_weights`: the loss is their weighted mean."""
         b = latents.shape[0]
         timesteps = len(self.denoiser.schedule.sigmas)
         t = torch.randint(0, timesteps, (b,), generator=generator, device=generator.device).to(latents.device)
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents)
-        context, _ = self.text_encoder(ids)
-        per_sample = self.denoiser.loss(latents, noise, t, context)  # (B,)
+        encoded = [encoder(tokens) for encoder, tokens in zip(self.text_encoders, ids, strict=True)]
+        context = torch.cat([c for c, _ in encoded], dim=-1)
+        y = sdxl_vector(encoded[-1][1], self.image_size, self.image_size, self.size_embed_dim) \
+            if self.size_embed_dim else None
+        per_sample = self.denoiser.loss(latents, noise, t, context, y)  # (B,)
         if self.weights is not None:
             per_sample = self.weights[t] * per_sample
         if sample_weights is None:

@@ -110,8 +110,9 @@ class Trainer:
     def _diffusion_loss(self, train_text: bool) -> DiffusionLoss:
         c, d = self.pipe.config, self.config.diffusion
         abar = model_alphas_cumprod(c).to(self.device)
-        return DiffusionLoss(self.pipe.unet, self.pipe.text_encoder, abar, c.prediction, train_text,
-                             d.loss_weighting, d.snr_gamma, d.snr_weight_cap or math.inf, d.snr_floor)
+        return DiffusionLoss(self.pipe.unet, self.pipe.text_encoders, abar, c.prediction, train_text,
+                             d.loss_weighting, d.snr_gamma, d.snr_weight_cap or math.inf, d.snr_floor,
+                             c.size_embed_dim if c.unet.adm_in_channels else 0, self.config.data.size)
 
     def _latent_batch(self, batch_size: int):
         scale = self.pipe.config.vae.scaling_factor
@@ -122,7 +123,7 @@ class Trainer:
             generator = self._generator(step, micro)
             with torch.no_grad():
                 latents = self.pipe.vae.encode(images).sample(generator) * scale
-            ids = self.pipe.tokenizer(captions).to(self.device)
+            ids = torch.stack([tokenizer(captions) for tokenizer in self.pipe.tokenizers]).to(self.device)
             if not caption_weights:  # the plain batch: no extra tensor, so results match older runs bit for bit
                 return latents, ids, generator
             return latents, ids, generator, caption_loss_weights(captions, caption_weights).to(self.device)
