@@ -34,6 +34,7 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/bench_components.py
+	$(PY) benchmarks/bench_memory.py
 
 lint: venv
 	.venv/bin/ruff check .

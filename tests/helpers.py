@@ -19,6 +19,12 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image).astype(int)
 
 
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images in dB (capped at 100 for equal images)."""
+    mse = ((pixels(a) - pixels(b)) ** 2).mean()
+    return float(10 * np.log10(255**2 / max(mse, 10 ** -(100 / 10) * 255**2)))
+
+
 def smoke_config(folder: Path, **train_overrides: object) -> TrainConfig:
     """configs/smoke.toml (a seconds-long run of every stage) writing to ``folder/run``, with ``[train]`` keys
     overridden by the keywords."""

@@ -24,6 +24,8 @@ BAD_RUNS = [
     (["txt2img", "x", "--device", "tpu9"], "unknown device 'tpu9'"),
     (["txt2img", "x", "--sampler", "Magic"], "unknown sampler"),
     (["txt2img", "x", "--lora", "nowhere:1"], "LoRA 'nowhere' not found"),
+    (["txt2img", "x", "--tiled-vae", "60"], "vae_tile_size must be a multiple of 8 from 64 to 4096"),
+    (["txt2img", "x", "--tiled-vae", "100000"], "vae_tile_size must be a multiple of 8 from 64 to 4096"),
     (["img2img", "x", "--init", "missing.png"], "not a readable image"),
     (["img2img", "x", "--init", "{init}", "--strength", "1.5"], "denoising strength must be in [0, 1]"),
     (["serve", "--model", "nonexistent", "--models-dir", "{tmp}"], "model 'nonexistent' not found"),

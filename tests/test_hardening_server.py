@@ -121,7 +121,7 @@ def test_options_are_checked_before_they_are_stored(api):
 
 def test_a_refused_checkpoint_is_a_422_with_its_reason_and_no_server_path(api, hostile_models):
     r = api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "broken"})
-    assert r.status_code == 422 and "not a readable .safetensors file" in r.json()["detail"]
+    assert r.status_code == 422 and "truncated or corrupt .safetensors file" in r.json()["detail"]
     assert str(hostile_models) not in r.text and str(hostile_models.resolve()) not in r.text
     assert api.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny.safetensors")
     r = api.post("/sdapi/v1/txt2img", json={**BODY, "override_settings": {"sd_model_checkpoint": "broken"}})

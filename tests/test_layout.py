@@ -19,9 +19,10 @@ ALLOWED = {  # unit -> the units it may import at run time (docs/architecture.md
     "request": {"diffusion", "inpaint", "lora", "checkpoints", "models"},
     "infotext": {"diffusion", "checkpoints"},
     "conditioning": {"models", "diffusion", "prompts", "prompt_editing", "embeddings", "checkpoints"},
+    "offload": {"models", "checkpoints"},
 }
 ALLOWED["generate"] = set().union(*ALLOWED.values(), ALLOWED) - {"generate"}
-ALLOWED["pipeline"] = {"models", "checkpoints", "request", "generate"} | ALLOWED["generate"]
+ALLOWED["pipeline"] = {"models", "checkpoints", "request", "generate", "offload"} | ALLOWED["generate"]
 ALLOWED["metrics"] = {"models", "checkpoints", "images"}
 ALLOWED["shapes"] = {"images", "metrics", "checkpoints", "models"}
 ALLOWED["training"] = set(ALLOWED) - {"training"}

@@ -14,13 +14,10 @@ from PIL import Image
 from stable_diffusion import load_pipeline
 from stable_diffusion.cli import main
 
+from .helpers import psnr
+
 PROMPTS = ["a small red circle at the top left on a white background",
            "a blue square on the left and a yellow star on the right on a black background"]
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    mse = ((np.asarray(a).astype(float) - np.asarray(b).astype(float)) ** 2).mean()
-    return float(10 * np.log10(255**2 / max(mse, 1e-10)))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

@@ -41,7 +41,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
     from .models.configs import PRESETS, preset
-    from .pipeline import Pipeline, load_pipeline
+    from .pipeline import Pipeline
 
     if args.model in PRESETS and not Path(args.model).exists():
         # presets are described on the meta device: no memory, no random initialisation
@@ -49,7 +49,7 @@ def cmd_info(args: argparse.Namespace) -> None:
             pipe = Pipeline.from_config(preset(args.model))
         print(_describe(pipe, f"preset {args.model}"))
         return
-    pipe = load_pipeline(args.model, prediction=args.prediction, device=args.device, dtype=args.dtype)
+    pipe = _run_options(args).load(args.model, prediction=args.prediction)
     print(_describe(pipe, args.model or "built-in model"))
 
 
@@ -88,6 +88,7 @@ def generation_request(args: argparse.Namespace) -> GenerationRequest:
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch, n_iter=args.n_iter,
         width=args.width, height=args.height, clip_skip=args.clip_skip, lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir, loras=[_lora_arg(text) for text in args.lora], **_guidance_skip(args),
+        tiled_vae=args.tiled_vae is not None, vae_tile_size=args.tiled_vae or 512,
         init_image=open_image(args.init) if getattr(args, "init", None) else None,
         denoising_strength=getattr(args, "strength", 0.75),
         mask=open_image(args.mask) if inpainting else None,
@@ -102,9 +103,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from .generate import decode_latents, generate
     from .images import film_strip, save_png
-    from .pipeline import load_pipeline
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe = _run_options(args).load(args.model)
     request = generation_request(args).resolved(pipe.config.image_size)  # a bad value: one line, before any work
     steps = request.sampling_steps()
     x0s = []
@@ -126,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         index += 1
     if args.preview:
         with torch.inference_mode():
-            frames = [decode_latents(pipe, x0)[0] for x0 in x0s]
+            frames = [decode_latents(pipe, x0, request.vae_tile)[0] for x0 in x0s]
         path = out / f"{index - len(result.images):05d}-{result.seeds[0]}-preview.png"
         save_png(film_strip(frames), path)
         print(path)
@@ -156,6 +156,27 @@ def _device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="the networks' precision (latents and sampling stay fp32); default fp32 on the CPU, fp16 on "
                         "a GPU")
+    p.add_argument("--offload", choices=["none", "model", "sequential"], default=None,
+                   help="low memory: weights on the device only while their component (model) or layer "
+                        "(sequential) runs; on a CPU, only the running part of a .safetensors model stays resident")
+    p.add_argument("--attention-slicing", type=_slicing_arg, default=None, metavar="MIB|auto",
+                   help="low memory: attention in query slices of at most MIB of scores (auto: a quarter of the "
+                        "free memory)")
+
+
+def _slicing_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"takes 'auto' or a size in MiB (a whole number >= 1), not {text!r}")
+    return int(text)
+
+
+def _run_options(args: argparse.Namespace):
+    """The RunOptions (device, dtype, offload, attention slicing) that the flags ask for."""
+    from .pipeline import RunOptions
+
+    return RunOptions(args.device, args.dtype, args.offload, args.attention_slicing)
 
 
 def _guidance_arguments(p: argparse.ArgumentParser) -> None:
@@ -193,6 +214,8 @@ def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--lora-dir", default="models/Lora")
     p.add_argument("--embeddings-dir", default="embeddings", help="textual-inversion files, used by file name")
     p.add_argument("--preview", action="store_true", help="also write a film strip of each step's x0 prediction")
+    p.add_argument("--tiled-vae", type=int, nargs="?", const=512, default=None, metavar="PX",
+                   help="low memory: the VAE encodes and decodes in tiles of PX pixels (default 512)")
     if mode in ("img2img", "inpaint"):
         p.add_argument("--init", required=True, help="the starting image")
         p.add_argument("--strength", type=float, default=0.75, help="denoising strength: 0 keeps, 1 repaints")
@@ -221,11 +244,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .pipeline import load_pipeline
     from .shapes import DOMAIN_CLIP
     from .shapes.evaluate import evaluate, table, write_report
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe = _run_options(args).load(args.model)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     try:
         steps = [int(s) for s in args.steps.split(",")]
@@ -248,7 +270,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     resolve_device(args.device)
     try:
-        registry = ModelRegistry(args.models_dir, device=args.device, default=args.model, dtype=args.dtype)
+        registry = ModelRegistry(args.models_dir, _run_options(args), default=args.model)
     except KeyError as error:
         raise ValueError(error.args[0]) from None
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,

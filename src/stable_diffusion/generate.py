@@ -78,11 +78,16 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tenso
     return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
 
 
-def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> list[Image.Image]:
-    """Scaled latents (B, C, h, w) -> PIL images through the VAE's decoder. A half-precision VAE whose output
-    overflows (NaN or inf, as SD1.x's VAE does in fp16 on some latents) decodes again in fp32, as A1111 does."""
+def decode_latents(pipe: Pipeline, latents: torch.Tensor, tile: int | None = None) -> list[Image.Image]:
+    """Scaled latents (B, C, h, w) -> PIL images through the VAE's decoder, in ``tile``-pixel tiles when given.
+    A half-precision VAE whose output overflows (NaN or inf, as SD1.x's VAE does in fp16 on some latents)
+    decodes again in fp32, as A1111 does."""
     latents = latents / pipe.config.vae.scaling_factor
-    images = pipe.vae.decode(latents)
+
+    def decode() -> torch.Tensor:
+        return pipe.vae.decode(latents) if tile is None else pipe.vae.decode_tiled(latents, tile)
+
+    images = decode()
     if pipe.vae.dtype != torch.float32 and not torch.isfinite(images).all():
         if not getattr(pipe.vae, "warned_fp32_fallback", False):  # said once per model
             logger.warning("the VAE produced NaN/inf in %s; decoding in fp32 instead (A1111's --no-half-vae)",
@@ -90,7 +95,9 @@ def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> list[Image.Image]:
             pipe.vae.warned_fp32_fallback = True
         dtype = pipe.vae.dtype
         try:
-            images = pipe.vae.float().decode(latents.float())
+            pipe.vae.float()
+            latents = latents.float()
+            images = decode()
         finally:
             pipe.vae.to(dtype)
     return to_pil(images)
@@ -112,7 +119,9 @@ def _prepare_start(pipe: Pipeline, request: GenerationRequest) -> _Start:
     start = _Start(pipe.unet)
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:  # fp32 latents whatever the VAE's dtype
-        return pipe.vae.encode(pixels.to(pipe.device)).mean.float() * c.vae.scaling_factor
+        pixels, tile = pixels.to(pipe.device), request.vae_tile
+        posterior = pipe.vae.encode(pixels) if tile is None else pipe.vae.encode_tiled(pixels, tile)
+        return posterior.mean.float() * c.vae.scaling_factor
 
     init = request.init_image
     pixels = to_batch(init, request.width, request.height) if init is not None else None
@@ -156,7 +165,11 @@ def generate(pipe: Pipeline, request: GenerationRequest, callback: StepCallback 
     request = request.resolved(pipe.config.image_size)  # 1
     prompts, negative, loras = _loras(request)
     with applied_loras(pipe, loras), torch.inference_mode():  # 2
-        return _sample(pipe, request, prompts, negative, callback, [path for path, _ in loras])
+        try:
+            return _sample(pipe, request, prompts, negative, callback, [path for path, _ in loras])
+        finally:
+            if pipe.offload is not None:  # offloaded: every weight goes home between generations
+                pipe.offload.unload_all()
 
 
 def _sample(pipe: Pipeline, request: GenerationRequest, prompts: list[str], negative: str,
@@ -206,7 +219,7 @@ def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[st
         x = spec.fn(model, x, sigmas, callback=callback, noise=noise, **options)
     except StopSampling as stop:
         x, stopped = stop.denoised, stop
-    images = decode_latents(pipe, x)
+    images = decode_latents(pipe, x, request.vae_tile)
     if request.mask is not None:
         images = [composite(request.init_image, image, start.pixel_mask) for image in images]
     asked = request.prompt if isinstance(request.prompt, list) else [request.prompt] * n

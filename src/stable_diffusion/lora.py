@@ -105,19 +105,19 @@ def lora_deltas(pipe: Pipeline, path: str | Path, strength: float) -> list[tuple
 
 @contextmanager
 def applied_loras(pipe: Pipeline, loras: list[tuple[str | Path, float]]) -> Iterator[None]:
-    """Merge the LoRAs into the weights for the duration of the block, then restore the originals."""
+    """Merge the LoRAs into the weights for the duration of the block, then put the originals back. Merged
+    weights are new tensors (the originals are never written), so weights mapped from a file stay as the file
+    has them and offloading may release them at any time (checkpoints/mapped.py)."""
     saved: dict[nn.Module, torch.Tensor] = {}
     try:
         for path, strength in loras:
             for module, delta in lora_deltas(pipe, path, strength):
-                saved.setdefault(module, module.weight.detach().clone())
-                with torch.no_grad():
-                    module.weight += delta.to(module.weight)
+                saved.setdefault(module, module.weight.data)
+                module.weight.data = module.weight.data + delta.to(module.weight)
         yield
     finally:
-        with torch.no_grad():
-            for module, weight in saved.items():
-                module.weight.copy_(weight)
+        for module, weight in saved.items():
+            module.weight.data = weight
 
 
 def extract_lora_tags(prompt: str, lora_dir: str | Path | None) -> tuple[str, list[tuple[Path, float]]]:

@@ -5,7 +5,9 @@ a diffusers folder, or a preset name (random weights, for tests and benchmarks).
 
 from __future__ import annotations
 
+import os
 import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,17 @@ from .checkpoints.detect import VAE_PREFIX, detect_config, detect_vae
 from .checkpoints.errors import CheckpointError, first_line
 from .checkpoints.hashes import model_hash
 from .checkpoints.io import read_state_dict, write_safetensors
+from .checkpoints.mapped import is_mapped, release
 from .checkpoints.single_file import CONFIG_METADATA_KEY, join_components, split_components
 from .generate import StepCallback, generate
+from .models.attention import CrossAttention
 from .models.clip import CLIPTextModel
 from .models.configs import PRESETS, ModelConfig, preset
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNetModel
-from .models.vae import AutoencoderKL
+from .models.vae import AttnBlock, AutoencoderKL
+from .offload import MODES as OFFLOAD_MODES
+from .offload import Offload
 from .request import GenerationRequest
 
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "builtin.safetensors"
@@ -47,6 +53,7 @@ class Pipeline:
         self.tokenizers = tokenizers
         self.stored_dtype = unet.dtype  # the dtype the weights had in the file they came from
         self.source_file: Path | None = None  # the single file it was loaded from (for A1111's "Model hash")
+        self.offload: Offload | None = None  # set by enable_offload
 
     @property
     def family(self) -> str:
@@ -67,7 +74,8 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.out[2].weight.device
+        """Where the networks run (with offload, not where the weights rest)."""
+        return self.offload.device if self.offload is not None else self.unet.out[2].weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -79,8 +87,47 @@ class Pipeline:
         return mods
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+        """Move and cast the weights (with offload: cast them, and run on ``device``). Weights that a cast or a
+        move replaces give their memory-mapped pages back."""
+        if self.offload is not None and device is not None:
+            self.offload.device, device = torch.device(device), None
         for module in self.modules().values():
-            module.to(device=device, dtype=dtype)
+            _replacing(module, lambda m: m.to(device=device, dtype=dtype))
+        return self
+
+    def enable_offload(self, mode: str, device: str | torch.device | None = None) -> Pipeline:
+        """``model`` or ``sequential`` offload to run on ``device`` (offload.py); ``none`` turns it off. The
+        weights rest in host memory, as the file has them: load with ``load_pipeline(offload=...)`` so that
+        they are not first copied into channels-last layout."""
+        if mode not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {mode!r}")
+        device = torch.device(device) if device is not None else self.device
+        if self.offload is not None:
+            self.offload.remove()
+            self.offload = None
+        if mode == "none":
+            return self.to(device)
+        self.to("cpu")
+        entries = {"unet": [self.unet], "vae": [self.vae.encoder, self.vae.quant_conv, self.vae.post_quant_conv,
+                                                self.vae.decoder]}
+        entries.update({f"text_encoder_{i}": [te] for i, te in enumerate(self.text_encoders)})
+        self.offload = Offload(self.modules(), entries, mode, device)
+        return self
+
+    def set_attention_slicing(self, slicing: int | str | None) -> Pipeline:
+        """Attention in query slices whose score matrix fits ``slicing`` MiB, or ``"auto"``: a quarter of the
+        memory free on the device now; None: whole (models/attention.py ``attention``)."""
+        budget = None
+        if slicing == "auto":
+            budget = free_memory(self.device) // 4
+        elif slicing is not None:
+            if isinstance(slicing, bool) or not isinstance(slicing, int) or slicing < 1:
+                raise ValueError(f"attention slicing takes 'auto' or a size in MiB >= 1, not {slicing!r}")
+            budget = slicing * 2**20
+        for module in [self.unet, self.vae]:
+            for block in module.modules():
+                if isinstance(block, (CrossAttention, AttnBlock)):
+                    block.max_bytes = budget
         return self
 
     def parameter_counts(self) -> dict[str, int]:
@@ -139,8 +186,9 @@ class Pipeline:
 
     @classmethod
     def from_parts(cls, config: ModelConfig, parts: dict[str, dict[str, torch.Tensor]],
-                   tokenizers: list[CLIPTokenizer], source: str = "checkpoint") -> Pipeline:
-        """Build the modules on the meta device and adopt the given weights (strict: every key must fit)."""
+                   tokenizers: list[CLIPTokenizer], source: str = "checkpoint", channels_last: bool = True) -> Pipeline:
+        """Build the modules on the meta device and adopt the given weights (strict: every key must fit)
+        without copying them; ``channels_last`` copies the convolutions' weights into that faster layout."""
         with torch.device("meta"):
             pipe = cls(config, UNetModel(config.unet), AutoencoderKL(config.vae),
                        [CLIPTextModel(tc) for tc in config.text_encoders], tokenizers)
@@ -148,9 +196,35 @@ class Pipeline:
             _adopt(module, parts.get(name, {}), f"{source} ({name})")
             module.eval()
         pipe.stored_dtype = pipe.unet.dtype
-        for module in (pipe.unet, pipe.vae):
-            module.to(memory_format=torch.channels_last)  # adopted file tensors arrive contiguous (NCHW)
+        for module in (pipe.unet, pipe.vae):  # adopted file tensors arrive contiguous (NCHW)
+            _replacing(module, lambda m: m.to(memory_format=torch.channels_last if channels_last
+                                              else torch.contiguous_format))
         return pipe
+
+
+def _replacing(module: nn.Module, change: object) -> None:
+    """``change(module)``, then give back the mapped pages of every weight it replaced with a new tensor."""
+    before = [t for t in [*module.parameters(), *module.buffers()] if is_mapped(t)]
+    old = {t.data_ptr(): t.data for t in before}
+    change(module)
+    kept = {t.data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    for pointer, tensor in old.items():
+        if pointer not in kept:
+            release(tensor)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on a device now: CUDA's free memory, or the host's available memory (Linux MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _adopt(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -213,13 +287,32 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
+@dataclass
+class RunOptions:
+    """Where and how a loaded model runs: the CLI's --device, --dtype, --offload and --attention-slicing."""
+
+    device: str | None = None
+    dtype: str | None = None
+    offload: str | None = None
+    attention_slicing: int | str | None = None
+
+    def load(self, path_or_name: str | Path | None = None, **kwargs: Any) -> Pipeline:
+        return load_pipeline(path_or_name, **asdict(self), **kwargs)
+
+
 def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.device | None = None,
                   dtype: str | torch.dtype | None = None, *, prediction: str | None = None,
-                  vae: str | Path | None = None) -> Pipeline:
+                  vae: str | Path | None = None, offload: str | None = None,
+                  attention_slicing: int | str | None = None) -> Pipeline:
     """Load a model: a single file, a diffusers folder, a preset name, or (None) the built-in model.
 
     ``prediction`` ("eps" or "v") overrides what the file says (SD2 768-v checkpoints look like eps ones);
-    ``vae`` replaces the model's VAE with a standalone VAE file."""
+    ``vae`` replaces the model's VAE with a standalone VAE file; ``offload`` ("model", "sequential") and
+    ``attention_slicing`` (MiB or "auto") are Pipeline.enable_offload's and set_attention_slicing's. A
+    ``.safetensors`` file is memory-mapped: its weights are not copied unless a dtype or layout needs it."""
+    if offload not in (None, *OFFLOAD_MODES):
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
+    offloaded = offload not in (None, "none")
     if path_or_name is None:
         if not BUILTIN_MODEL.exists():
             raise CheckpointError(f"the built-in model is not installed ({BUILTIN_MODEL}); pass a model path")
@@ -260,10 +353,14 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
             full_size_sd2 = config.family == "sd2" and config.unet.model_channels == 320
             config = config.replace(prediction=prediction, image_size=768 if prediction == "v" and full_size_sd2
                                     else config.image_size)
-        pipe = Pipeline.from_parts(config, parts, tokenizers, source=str(path))
+        pipe = Pipeline.from_parts(config, parts, tokenizers, source=str(path), channels_last=not offloaded)
         pipe.source_file = None if path.is_dir() else path
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     device = resolve_device(device)
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-    return pipe.to(device=device, dtype=dtype)
+    if offloaded:
+        pipe.to(dtype=dtype).enable_offload(offload, device)
+    else:
+        pipe.to(device=device, dtype=dtype)
+    return pipe.set_attention_slicing(attention_slicing)

@@ -49,6 +49,14 @@ class GenerationRequest:
     inpainting_mask_invert: bool = False
     inpaint_full_res: bool = False  # A1111's "only masked": work on a crop around the mask
     inpaint_full_res_padding: int = 32
+    # low memory: the VAE encodes and decodes in tiles of vae_tile_size pixels (models/tiled_vae.py)
+    tiled_vae: bool = False
+    vae_tile_size: int = 512
+
+    @property
+    def vae_tile(self) -> int | None:
+        """The VAE's tile size in pixels, or None for the whole image at once."""
+        return self.vae_tile_size if self.tiled_vae else None
 
     @property
     def prompts(self) -> list[str]:
@@ -102,6 +110,8 @@ class GenerationRequest:
             raise ValueError(f"s_min_uncond (NGMS) must be a sigma >= 0, got {self.s_min_uncond}")
         if not 0 <= self.skip_early_cond <= 1:
             raise ValueError(f"skip_early_cond must be a fraction of the steps in [0, 1], got {self.skip_early_cond}")
+        if not 64 <= self.vae_tile_size <= 4096 or self.vae_tile_size % 8:
+            raise ValueError(f"vae_tile_size must be a multiple of 8 from 64 to 4096, got {self.vae_tile_size}")
         if self.mask is not None:
             check_mask(self.mask, self.init_image, self.inpainting_fill)
         for text in [*self.prompts, self.negative_prompt]:  # every LoRA it names exists (a CheckpointError if not)

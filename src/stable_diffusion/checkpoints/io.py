@@ -1,6 +1,6 @@
 """Reading and writing state-dict files safely.
 
-``.safetensors`` is read with safetensors; ``.ckpt``/``.pt``/``.pth``/``.bin`` only through
+``.safetensors`` is memory-mapped (mapped.py); ``.ckpt``/``.pt``/``.pth``/``.bin`` only through
 ``torch.load(weights_only=True)``, so a pickle that would run code is refused and never runs. Writes go to a
 temporary file renamed into place, so an interrupted save never leaves a half-written checkpoint."""
 
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from .errors import CheckpointError, first_line
+from .mapped import map_safetensors
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -54,11 +55,12 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        metadata = read_metadata(path)
+    if path.suffix == ".safetensors":  # memory-mapped: no second copy of the weights (see mapped.py)
         try:
-            return load_file(str(path)), metadata
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            return map_safetensors(path)
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: truncated or corrupt .safetensors file ({e})") from None
     if path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type (expected .safetensors, .ckpt, .pt, .pth or .bin)")

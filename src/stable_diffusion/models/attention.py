@@ -13,8 +13,26 @@ def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=eps, affine=True)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_bytes: int | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) tensors (Vaswani et al. 2017). With ``max_bytes``, when
+    the (B, heads, N, M) score matrix would exceed it, the queries go in slices whose scores fit (attention
+    slicing): each query row's softmax is independent of the others, so the result is the same up to the
+    kernel's rounding (bit-identical images on the built-in model, tests/test_low_memory.py)."""
+    b, h, n, _ = q.shape
+    row = b * h * k.shape[-2] * q.element_size()  # score bytes of one query position
+    if max_bytes is None or n * row <= max_bytes:
+        return F.scaled_dot_product_attention(q, k, v)
+    rows = max(1, max_bytes // row)
+    out = q.new_empty(b, h, n, v.shape[-1])
+    for i in range(0, n, rows):
+        out[:, :, i:i + rows] = F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v)
+    return out
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention; keys/values come from ``context`` (text tokens) or from ``x`` itself."""
+
+    max_bytes: int | None = None  # attention slicing's budget for the score matrix (None: never slice)
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int) -> None:
         super().__init__()
@@ -33,7 +51,7 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(b, n, h, -1).transpose(1, 2)
         k = self.to_k(context).view(b, context.shape[1], h, -1).transpose(1, 2)
         v = self.to_v(context).view(b, context.shape[1], h, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, self.max_bytes)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 

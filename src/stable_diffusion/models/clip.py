@@ -69,7 +69,8 @@ class CLIPEmbeddings(nn.Module):
 
     def forward(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.token_embedding(ids) if token_embeds is None else token_embeds
-        return tokens + self.position_embedding.weight[: ids.shape[1]]
+        positions = torch.arange(ids.shape[1], device=tokens.device)  # through the module, so offload hooks see it
+        return tokens + self.position_embedding(positions)
 
 
 class CLIPEncoder(nn.Module):

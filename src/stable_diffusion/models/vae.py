@@ -3,16 +3,13 @@ Module names follow ldm/modules/diffusionmodules/model.py so ``first_stage_model
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import group_norm
+from .attention import attention, group_norm
 from .configs import VAEConfig
+from .tiled_vae import image_wide_group_norms, tiled_apply
 
 
 class DiagonalGaussian:
@@ -57,6 +54,8 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions, with 1x1-convolution projections."""
 
+    max_bytes: int | None = None  # attention slicing's budget for the score matrix (None: never slice)
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = group_norm(channels, eps=1e-6)
@@ -70,7 +69,7 @@ class AttnBlock(nn.Module):
         n = self.norm(x)
         # (B, C, H, W) -> (B, 1, H*W, C); a free view when x is channels-last
         q, k, v = (proj(n).permute(0, 2, 3, 1).reshape(b, 1, h * w, c) for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, self.max_bytes)
         out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)
         if not x.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous()
@@ -219,107 +218,23 @@ class AutoencoderKL(nn.Module):
         """Latents (any float dtype) -> images in [-1, 1], computed in the VAE's own dtype."""
         return self.decoder(self.post_quant_conv(self._layout(z.to(self.dtype)))).contiguous()
 
-    def encode_tiled(self, x: torch.Tensor, tile: int = 512, overlap: int = 64) -> DiagonalGaussian:
-        """``encode`` in overlapping ``tile``-pixel tiles: memory bounded by the tile size (see ``tiled_map``)."""
-        with shared_group_norm_stats(self.encoder, lambda: self._moments(_shrink(x, tile))):
-            return DiagonalGaussian(tiled_map(self._moments, x, tile, overlap, 1 / self.downscale))
+    def encode_tiled(self, x: torch.Tensor, tile: int = 512, margin: int = 32) -> DiagonalGaussian:
+        """``encode`` in ``tile``-pixel tiles with ``margin`` pixels of context (see tiled_vae.py)."""
+        f = self.downscale
+        if max(x.shape[-2:]) <= tile:
+            return self.encode(x)
+        with image_wide_group_norms(self.encoder, self._moments, x, tile, margin, align=f):
+            return DiagonalGaussian(tiled_apply(self._moments, x, tile, margin, 1 / f, align=f))
 
-    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
-        """``decode`` in overlapping ``tile``-latent tiles: memory bounded by the tile size (see ``tiled_map``)."""
-        with shared_group_norm_stats(self.decoder, lambda: self.decode(_shrink(z, tile))):
-            return tiled_map(self.decode, z, tile, overlap, self.downscale)
+    def decode_tiled(self, z: torch.Tensor, tile: int = 512, margin: int = 32) -> torch.Tensor:
+        """``decode`` in tiles of ``tile`` output pixels with ``margin`` pixels of context (see tiled_vae.py)."""
+        f = self.downscale
+        core, context = max(1, tile // f), -(-margin // f)
+        if max(z.shape[-2:]) <= core:
+            return self.decode(z)
+        with image_wide_group_norms(self.decoder, self.decode, z, core, context):
+            return tiled_apply(self.decode, z, core, context, f)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
-
-
-def _starts(size: int, tile: int, stride: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    return [*range(0, size - tile, stride), size - tile]
-
-
-def _ramp(length: int, overlap: int, first: bool, last: bool) -> torch.Tensor:
-    """Blend weights along one axis of a tile: rising over the leading overlap, falling over the trailing one."""
-    w = torch.ones(length)
-    overlap = min(overlap, length // 2)
-    if overlap > 0:
-        up = torch.linspace(0, 1, overlap + 2)[1:-1]
-        if not first:
-            w[:overlap] = up
-        if not last:
-            w[-overlap:] = up.flip(0)
-    return w
-
-
-def tiled_map(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-              scale: float) -> torch.Tensor:
-    """Apply a spatial map ``fn`` (output size = input size * scale) tile by tile over (B, C, H, W) and blend
-    the overlapping outputs with linear ramps, so neighbouring tiles fade into each other without seams."""
-    b, _, height, width = x.shape
-    if height <= tile and width <= tile:
-        return fn(x)
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap ({overlap}) must be smaller than the tile ({tile})")
-    ys, xs = _starts(height, tile, tile - overlap), _starts(width, tile, tile - overlap)
-    out = weight = None
-    for y0 in ys:
-        for x0 in xs:
-            part = fn(x[:, :, y0:y0 + tile, x0:x0 + tile])
-            if out is None:
-                out = part.new_zeros(b, part.shape[1], round(height * scale), round(width * scale))
-                weight = part.new_zeros(1, 1, out.shape[2], out.shape[3])
-            oy, ox, ph, pw = round(y0 * scale), round(x0 * scale), part.shape[2], part.shape[3]
-            ov = round(overlap * scale)
-            mask = (_ramp(ph, ov, y0 == ys[0], y0 == ys[-1])[:, None] * _ramp(pw, ov, x0 == xs[0], x0 == xs[-1])[None])
-            mask = mask.to(part)
-            out[:, :, oy:oy + ph, ox:ox + pw] += part * mask
-            weight[:, :, oy:oy + ph, ox:ox + pw] += mask
-    return out / weight
-
-
-def _shrink(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``x`` resized (area average) so that its longer side is at most ``size``."""
-    h, w = x.shape[-2:]
-    scale = min(1.0, size / max(h, w))
-    return F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
-
-
-@contextmanager
-def shared_group_norm_stats(module: nn.Module, probe: Callable[[], object]) -> Iterator[None]:
-    """Make every GroupNorm in ``module`` normalise with whole-image statistics instead of per-tile ones.
-
-    ``probe`` runs the network once on a downsized copy of the whole input; the mean and variance each
-    GroupNorm sees there are then used for every tile, so all tiles share one normalisation (per-tile
-    statistics are what makes tiles differ in brightness and colour, i.e. visible seams)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
-    stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def record(norm: nn.GroupNorm, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-        g = args[0].float().reshape(args[0].shape[0], norm.num_groups, -1)
-        stats[id(norm)] = (g.mean(dim=-1), g.var(dim=-1, unbiased=False))
-
-    hooks = [n.register_forward_hook(record) for n in norms]
-    try:
-        probe()
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    def frozen(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        mean, var = stats[id(norm)]
-        b, c = x.shape[:2]
-        scale = (var + norm.eps).rsqrt()
-        y = (x.float().reshape(b, norm.num_groups, c // norm.num_groups, -1) - mean[..., None, None]) \
-            * scale[..., None, None]
-        y = y.reshape(x.shape).to(x.dtype)
-        return y * norm.weight[:, None, None] + norm.bias[:, None, None]
-
-    for n in norms:
-        n.forward = partial(frozen, n)  # instance attribute shadows the class method
-    try:
-        yield
-    finally:
-        for n in norms:
-            del n.forward

@@ -48,7 +48,7 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
     outputs_dir = Path(outputs) if outputs else None
     users = parse_users(api_auth)
     folders = [f for f in (registry.models_dir, outputs_dir) if f is not None]
-    worker = WorkerProcess(registry.device, registry.dtype)
+    worker = WorkerProcess(registry.options)
     try:
         model_info, _ = worker.run(Job("load", registry.current_entry.ref()))
     except WorkerError as error:

@@ -18,7 +18,7 @@ from ..generate import GenerationResult, StopGeneration, StopSampling, decode_la
 from ..images import png_bytes
 from ..models.clip import CLIPMLP, CLIPAttention
 from ..models.vae import AttnBlock, ResnetBlock
-from ..pipeline import Pipeline, load_pipeline
+from ..pipeline import Pipeline, RunOptions
 from ..request import GenerationRequest
 
 Report = Callable[[dict[str, Any]], None]  # gets {"i": step index, "preview": base64 PNG or None}
@@ -60,10 +60,11 @@ class Controls:
 
 
 class Executor:
-    def __init__(self, device: str | None, controls: Controls, dtype: str | None = None) -> None:
-        self.device, self.dtype, self.controls = device, dtype, controls
+    def __init__(self, options: RunOptions, controls: Controls) -> None:
+        self.options, self.controls = options, controls
         self.model: ModelRef | None = None
         self.pipe: Pipeline | None = None
+        self.stamp: tuple[int, ...] | None = None  # the loaded file's identity, size and modification time
         self.stop_inside = True  # False once sampling was interrupted: the last x0 is still decoded
 
     def _stop_inside(self, module: torch.nn.Module, args: tuple) -> None:
@@ -72,9 +73,11 @@ class Executor:
 
     def ensure(self, model: ModelRef) -> ModelInfo:
         """Load ``model`` unless it is the one held; a stop is honoured inside its text encoders and VAE."""
-        if self.model is None or self.model.path != model.path:
+        stamp = _file_stamp(model.path)
+        if self.model is None or self.model.path != model.path or stamp != self.stamp:
             self.pipe = self.model = None  # free the old weights before the new ones arrive
-            pipe = load_pipeline(model.path, device=self.device, dtype=self.dtype)
+            pipe = self.options.load(model.path)
+            self.stamp = stamp
             for module in [*pipe.text_encoders, pipe.vae]:
                 for block in module.modules():
                     if isinstance(block, CHECKED_BLOCKS):
@@ -104,8 +107,18 @@ class Executor:
             preview = None
             if job.preview_every and (step["i"] + 1) % job.preview_every == 0:
                 with torch.inference_mode():
-                    image = decode_latents(pipe, step["denoised"][:1])[0]
+                    image = decode_latents(pipe, step["denoised"][:1], job.request.vae_tile)[0]
                 preview = base64.b64encode(png_bytes(image)).decode()
             report({"i": step["i"], "preview": preview})
 
         return info, generate(pipe, job.request, on_step)
+
+
+def _file_stamp(path: Path) -> tuple[int, ...] | None:
+    """A file's inode, size and modification time: the weights are memory-mapped views of the file, so a model
+    file replaced or rewritten since it was loaded is loaded again before the next job uses it."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns

@@ -123,7 +123,7 @@ def build_request(body: GenerationFields, options: dict, lora_dir: Path | None, 
         seed=body.seed, batch_size=body.batch_size, n_iter=body.n_iter, width=body.width, height=body.height,
         eta=body.eta, clip_skip=body.clip_skip or settings.CLIP_stop_at_last_layers,
         lora_dir=str(lora_dir) if lora_dir else None, embeddings_dir=str(embeddings_dir) if embeddings_dir else None,
-        **guidance_skip(settings, body), **images)
+        tiled_vae=body.tiled_vae, vae_tile_size=body.vae_tile_size, **guidance_skip(settings, body), **images)
     try:
         return request.resolved(native_size)
     except ValueError as error:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoints.hashes import model_hash
-from ..pipeline import BUILTIN_MODEL
+from ..pipeline import BUILTIN_MODEL, RunOptions
 from .executor import ModelRef
 
 CHECKPOINT_SUFFIXES = {".safetensors", ".ckpt", ".pt"}
@@ -34,10 +34,10 @@ class ModelEntry:
 
 
 class ModelRegistry:
-    def __init__(self, models_dir: str | Path | None, device: str | None = None, default: str | None = None,
-                 dtype: str | None = None) -> None:
+    def __init__(self, models_dir: str | Path | None, options: RunOptions | None = None,
+                 default: str | None = None) -> None:
         self.models_dir = Path(models_dir) if models_dir else None
-        self.device, self.dtype = device, dtype
+        self.options = options or RunOptions()  # how the worker loads and runs every model
         self.entries: list[ModelEntry] = []
         self.refresh()
         if not self.entries:

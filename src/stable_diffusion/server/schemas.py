@@ -42,6 +42,9 @@ class GenerationFields(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     force_task_id: str | None = None
     denoising_strength: float = Field(0.75, ge=0, le=1)
+    # this server's own (not in A1111): the VAE in tiles of vae_tile_size pixels, for large images on small memory
+    tiled_vae: bool = False
+    vae_tile_size: int = Field(512, ge=64, le=4096, multiple_of=8)
 
     @field_validator("width", "height")
     @classmethod

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..checkpoints.errors import first_line
+from ..pipeline import RunOptions
 from .executor import Controls, Executor, Job, ModelInfo, Report
 
 
@@ -25,9 +26,9 @@ class WorkerError(Exception):
         self.status, self.detail = status, detail
 
 
-def _child(conn: Any, device: str | None, dtype: str | None, interrupt: Any, skip: Any) -> None:
+def _child(conn: Any, options: RunOptions, interrupt: Any, skip: Any) -> None:
     """The worker process's main loop."""
-    executor = Executor(device, Controls(interrupt.is_set, skip.is_set, skip.clear), dtype)
+    executor = Executor(options, Controls(interrupt.is_set, skip.is_set, skip.clear))
     while True:
         try:
             job = conn.recv()
@@ -48,8 +49,8 @@ class WorkerProcess:
     """The parent's handle on the child: ``run`` sends a job and blocks (in the job queue's thread) until the
     child answers, passing progress messages to ``report`` on the way."""
 
-    def __init__(self, device: str | None = None, dtype: str | None = None) -> None:
-        self.device, self.dtype = device, dtype
+    def __init__(self, options: RunOptions | None = None) -> None:
+        self.options = options or RunOptions()
         self.context = multiprocessing.get_context("spawn")
         self.interrupt, self.skip = self.context.Event(), self.context.Event()
         self.lock = threading.Lock()
@@ -57,8 +58,7 @@ class WorkerProcess:
 
     def _start(self) -> None:
         self.conn, child_conn = self.context.Pipe()
-        self.process = self.context.Process(target=_child, args=(child_conn, self.device, self.dtype, self.interrupt,
-                                                                  self.skip),
+        self.process = self.context.Process(target=_child, args=(child_conn, self.options, self.interrupt, self.skip),
                                             name="sd-worker", daemon=True)
         self.process.start()
         child_conn.close()
