@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +24,7 @@ from PIL import Image
 
 from .conditioning import guided_denoiser
 from .diffusion.denoiser import Denoiser, GuidanceSkip
-from .diffusion.noise import BrownianNoise, PerImageNoise
+from .diffusion.noise import BrownianNoise, PerImageNoise, initial_noise
 from .diffusion.samplers import SAMPLERS, sampling_sigmas
 from .images import to_batch, to_pil
 from .infotext import format_infotext, generation_parameters
@@ -69,13 +69,7 @@ class GenerationResult:
     seeds: list[int]
     infotexts: list[str]
     request: GenerationRequest  # the resolved request that made them (seed, size, sampler and schedule filled in)
-
-
-def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """AUTOMATIC1111's noise: image i is ``torch.randn(shape, generator=cpu_generator(seed_i))``, so a seed gives
-    the same image on every device and inside any batch. The generators continue for ancestral noise."""
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
+    subseeds: list[int] = field(default_factory=list)  # each image's variation seed (A1111's all_subseeds)
 
 
 def decode_latents(pipe: Pipeline, latents: torch.Tensor, tile: int | None = None) -> list[Image.Image]:
@@ -199,12 +193,14 @@ def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[st
     spec = SAMPLERS[request.sampler]
     takes_eta = "eta" in inspect.signature(spec.fn).parameters  # follows the no_grad wrapper
     options = {**spec.options, **({"eta": request.eta} if request.eta is not None and takes_eta else {})}
-    seeds = [request.seed + it * n + i for i in range(n)]
+    seeds, subseeds = request.image_seeds(it)
     model = guided_denoiser(pipe, request, prompts * (n // len(prompts)), negative, denoiser, sigmas)
     if request.s_min_uncond or request.skip_early_cond:
         model = GuidanceSkip(model, len(sigmas) - 1, request.s_min_uncond, request.s_min_uncond_all,
                              request.skip_early_cond)
-    noise, generators = initial_noise(seeds, (c.vae.embed_dim, request.height // f, request.width // f))
+    resize = (request.seed_resize_from_h // f, request.seed_resize_from_w // f) if request.seed_resize else None
+    noise, generators = initial_noise(seeds, (c.vae.embed_dim, request.height // f, request.width // f), subseeds,
+                                      request.subseed_strength, resize)
     x = noise.to(pipe.device) * sigmas[0]
     if start.init_latent is not None:
         first = start.init_latent
@@ -223,9 +219,10 @@ def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[st
     if request.mask is not None:
         images = [composite(request.init_image, image, start.pixel_mask) for image in images]
     asked = request.prompt if isinstance(request.prompt, list) else [request.prompt] * n
-    for seed, image, text in zip(seeds, images, asked, strict=True):
+    for seed, subseed, image, text in zip(seeds, subseeds, images, asked, strict=True):
         result.images.append(image)
         result.seeds.append(seed)
+        result.subseeds.append(subseed)
         result.infotexts.append(format_infotext(text, request.negative_prompt,
-                                                generation_parameters(request, seed, **params)))
+                                                generation_parameters(request, seed, subseed=subseed, **params)))
     return stopped

@@ -13,6 +13,7 @@ from PIL import Image
 from .diffusion.samplers import resolve_sampler
 from .inpaint import check_mask
 from .lora import extract_lora_tags, resolve_lora
+from .styles import Style, apply_styles
 
 
 @dataclass
@@ -21,11 +22,17 @@ class GenerationRequest:
 
     prompt: str | list[str] = ""  # a list: one prompt per image of each batch (batch_size = its length)
     negative_prompt: str = ""
+    styles: list[Style] = field(default_factory=list)  # A1111 styles, merged into the prompts by resolved()
     steps: int = 20
     cfg_scale: float = 7.0
     sampler: str = "Euler a"
     scheduler: str = "automatic"
     seed: int = -1  # -1: a random seed, chosen by resolved()
+    # A1111's variation seeds (diffusion/noise.py initial_noise): the noise slerped toward the subseed's
+    subseed: int = -1  # -1: random
+    subseed_strength: float = 0.0  # 0: the seed's image, 1: the subseed's
+    seed_resize_from_w: int = 0  # > 0 (with h): the seed's noise drawn at this size, centred
+    seed_resize_from_h: int = 0
     batch_size: int = 1
     n_iter: int = 1
     width: int | None = None  # None: the model's native size, or the init image's size rounded down to 8
@@ -66,6 +73,19 @@ class GenerationRequest:
     def strength(self) -> float:
         """The denoising strength that applies: 1 for txt2img (sampling starts from pure noise)."""
         return self.denoising_strength if self.init_image is not None else 1.0
+
+    @property
+    def seed_resize(self) -> bool:
+        return self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0
+
+    def image_seeds(self, iteration: int) -> tuple[list[int], list[int]]:
+        """(seeds, subseeds) of batch ``iteration``'s images, as A1111 numbers them: image k of the request has
+        seed + k (but every image the seed itself when varied, so that the subseeds make the variations) and
+        subseed + k."""
+        first = iteration * self.batch_size
+        indices = range(first, first + self.batch_size)
+        return ([self.seed + (k if self.subseed_strength == 0 else 0) for k in indices],
+                [self.subseed + k for k in indices])
 
     def sampling_steps(self) -> int:
         """Steps the sampler runs. img2img runs the last ``int(min(strength, 0.999) * steps) + 1`` steps of a
@@ -118,6 +138,16 @@ class GenerationRequest:
             extract_lora_tags(text, self.lora_dir)
         for name, _ in self.loras:
             resolve_lora(str(name), self.lora_dir)
+        if not 0 <= self.subseed_strength <= 1:
+            raise ValueError(f"subseed_strength must be in [0, 1], got {self.subseed_strength}")
+        if max(self.seed_resize_from_w, self.seed_resize_from_h) > 8192:
+            raise ValueError("seed_resize_from_w and _h must be at most 8192")
+        prompt, negative = self.prompt, self.negative_prompt
+        if self.styles:  # merged once: the resolved copy has none left
+            merged = [apply_styles(p, self.negative_prompt, self.styles) for p in self.prompts]
+            prompt = [m[0] for m in merged] if isinstance(self.prompt, list) else merged[0][0]
+            negative = merged[0][1]
         seed = random.randrange(2**32) if self.seed == -1 else self.seed
-        return replace(self, width=width, height=height, seed=seed, batch_size=batch_size, sampler=sampler,
-                       scheduler=scheduler)
+        subseed = random.randrange(2**32) if self.subseed == -1 else self.subseed
+        return replace(self, prompt=prompt, negative_prompt=negative, styles=[], width=width, height=height, seed=seed,
+                       subseed=subseed, batch_size=batch_size, sampler=sampler, scheduler=scheduler)

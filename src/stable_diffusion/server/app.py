@@ -118,8 +118,12 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
                 raise ApiError(422, f"{name}: {len(text)} characters, over this server's limit of {max_prompt_chars}")
         override = (body.override_settings or {}).get("sd_model_checkpoint")
         chosen = find(str(override)) if override else None  # this request's model (A1111's override_settings)
+        try:
+            styles = registry.styles()
+        except ValueError as error:  # the server's styles file, not the request, is at fault
+            raise ApiError(500, str(error)) from None
         request = build_request(body, options, registry.folder("Lora"), registry.folder("embeddings"),
-                                state["model"].native_size)
+                                state["model"].native_size, styles)
 
         def run(report):
             entry = chosen or registry.current_entry

@@ -7,7 +7,6 @@ import base64
 import binascii
 import io
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from ..images import png_bytes, save_png
 from ..infotext import guidance_skip_params
 from ..inpaint import check_mask
 from ..request import GenerationRequest
+from ..styles import Style, find_styles
 from .protocol import ApiError, non_finite
 from .schemas import GenerationFields, Img2ImgRequest, Limits, Options
 
@@ -112,15 +112,22 @@ def img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
 
 
 def build_request(body: GenerationFields, options: dict, lora_dir: Path | None, embeddings_dir: Path | None,
-                  native_size: int) -> GenerationRequest:
+                  native_size: int, styles: dict[str, Style] | None = None) -> GenerationRequest:
     """The resolved request a body asks for (a 422 for anything wrong, before it is queued); options are the
     server's, with the body's ``override_settings`` on top."""
     settings = settings_for(options, body.override_settings)
     images = img2img_fields(body) if isinstance(body, Img2ImgRequest) else {}
+    try:
+        chosen_styles = find_styles(body.styles or [], styles or {})
+    except ValueError as error:
+        raise ApiError(422, f"styles: {error}") from None
     request = GenerationRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=body.cfg_scale,
-        sampler=body.sampler_name or body.sampler_index or "Euler", scheduler=body.scheduler or "automatic",
-        seed=body.seed, batch_size=body.batch_size, n_iter=body.n_iter, width=body.width, height=body.height,
+        prompt=body.prompt, negative_prompt=body.negative_prompt, styles=chosen_styles, steps=body.steps,
+        cfg_scale=body.cfg_scale, sampler=body.sampler_name or body.sampler_index or "Euler",
+        scheduler=body.scheduler or "automatic",
+        seed=body.seed, subseed=body.subseed, subseed_strength=body.subseed_strength,
+        seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
+        batch_size=body.batch_size, n_iter=body.n_iter, width=body.width, height=body.height,
         eta=body.eta, clip_skip=body.clip_skip or settings.CLIP_stop_at_last_layers,
         lora_dir=str(lora_dir) if lora_dir else None, embeddings_dir=str(embeddings_dir) if embeddings_dir else None,
         tiled_vae=body.tiled_vae, vae_tile_size=body.vae_tile_size, **guidance_skip(settings, body), **images)
@@ -134,16 +141,20 @@ def info_dict(body: GenerationFields, result: GenerationResult, model: tuple[str
               timestamp: str) -> dict[str, Any]:
     request = result.request
     seeds = result.seeds or [request.seed]
+    subseeds = result.subseeds or [request.subseed]
     n = len(seeds)
-    subseed = body.subseed if body.subseed != -1 else random.randrange(2**32 - 1)  # A1111 draws one for -1
     return {
-        "prompt": body.prompt, "all_prompts": [body.prompt] * n, "negative_prompt": body.negative_prompt,
-        "all_negative_prompts": [body.negative_prompt] * n, "seed": seeds[0], "all_seeds": seeds,
-        "subseed": subseed, "all_subseeds": [subseed + i for i in range(n)], "subseed_strength": body.subseed_strength,
+        "prompt": body.prompt,  # as asked; all_prompts with the styles merged, as A1111
+        "all_prompts": [request.prompts[0]] * n if len(request.prompts) == 1 else request.prompts,
+        "negative_prompt": body.negative_prompt, "all_negative_prompts": [request.negative_prompt] * n,
+        "seed": seeds[0], "all_seeds": seeds,
+        "subseed": request.subseed, "all_subseeds": subseeds, "subseed_strength": request.subseed_strength,
         "width": request.width, "height": request.height, "sampler_name": request.sampler,
         "cfg_scale": request.cfg_scale, "steps": request.steps, "batch_size": request.batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": model[0], "sd_model_hash": model[1],
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": request.seed_resize_from_w if request.seed_resize else -1,
+        "seed_resize_from_h": request.seed_resize_from_h if request.seed_resize else -1,
         "denoising_strength": request.denoising_strength if request.init_image is not None else None,
         "extra_generation_params": guidance_skip_params(request), "index_of_first_image": 0,
         "infotexts": result.infotexts, "styles": body.styles or [], "job_timestamp": timestamp,

@@ -17,6 +17,7 @@ from ..embeddings import embedding_info
 from ..infotext import parse_infotext
 from .executor import ModelInfo
 from .generation import decode_image
+from .protocol import ApiError
 from .registry import ModelRegistry
 from .schemas import PngInfoRequest, PngInfoResponse
 
@@ -82,6 +83,14 @@ def listings_router(registry: ModelRegistry, flags: dict, model_info: Callable[[
             fits = all(w in info["widths"] for w in widths)
             (loaded if fits else skipped)[path.stem] = {k: v for k, v in info.items() if k != "widths"}
         return {"loaded": loaded, "skipped": skipped}
+
+    @router.get("/prompt-styles")
+    async def prompt_styles():
+        try:
+            styles = registry.styles()
+        except ValueError as error:
+            raise ApiError(500, str(error)) from None
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in styles.values()]
 
     @router.get("/memory")
     async def memory():

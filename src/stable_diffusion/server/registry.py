@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..checkpoints.hashes import model_hash
 from ..pipeline import BUILTIN_MODEL, RunOptions
+from ..styles import Style, read_styles
 from .executor import ModelRef
 
 CHECKPOINT_SUFFIXES = {".safetensors", ".ckpt", ".pt"}
@@ -35,8 +36,9 @@ class ModelEntry:
 
 class ModelRegistry:
     def __init__(self, models_dir: str | Path | None, options: RunOptions | None = None,
-                 default: str | None = None) -> None:
+                 default: str | None = None, styles_file: str | Path | None = None) -> None:
         self.models_dir = Path(models_dir) if models_dir else None
+        self.styles_file = Path(styles_file) if styles_file else None  # A1111's styles.csv
         self.options = options or RunOptions()  # how the worker loads and runs every model
         self.entries: list[ModelEntry] = []
         self.refresh()
@@ -66,6 +68,9 @@ class ModelRegistry:
                 return entry
         raise KeyError(f"model {name!r} not found; GET /sdapi/v1/sd-models lists the available ones")
 
+    def styles(self) -> dict[str, Style]:
+        """The prompt styles, read afresh (the file is small and may be edited while the server runs)."""
+        return read_styles(self.styles_file) if self.styles_file else {}
 
     def files(self, kind: str, suffixes: set[str]) -> list[Path]:
         folder = self.folder(kind)

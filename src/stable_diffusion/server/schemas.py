@@ -19,6 +19,8 @@ class GenerationFields(BaseModel):
     seed: int = Field(-1, ge=-1, lt=2**63)  # -1: random
     subseed: int = Field(-1, ge=-1, lt=2**63)
     subseed_strength: float = Field(0.0, ge=0, le=1)
+    seed_resize_from_w: int = Field(-1, ge=-1, le=8192)  # -1 (or 0): off
+    seed_resize_from_h: int = Field(-1, ge=-1, le=8192)
     sampler_name: str | None = None
     sampler_index: str | None = None  # the old name of sampler_name
     scheduler: str | None = None

@@ -1,4 +1,5 @@
-"""The ``sd`` command. Every failure is one line on stderr and a non-zero exit."""
+"""The ``sd`` command's parser and its non-generation commands (info, convert, train, eval, serve, pnginfo, bench).
+Every failure is one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoints.errors import CheckpointError
+from ..checkpoints.errors import CheckpointError
+from .generation import cmd_generate, generation_arguments
+from .options import device_arguments, guidance_arguments, guidance_skip, run_options
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
-    from .request import GenerationRequest
+    from ..pipeline import Pipeline
 
 
 def _describe(pipe: Pipeline, source: str) -> str:
@@ -40,8 +42,8 @@ def _describe(pipe: Pipeline, source: str) -> str:
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
-    from .models.configs import PRESETS, preset
-    from .pipeline import Pipeline
+    from ..models.configs import PRESETS, preset
+    from ..pipeline import Pipeline
 
     if args.model in PRESETS and not Path(args.model).exists():
         # presets are described on the meta device: no memory, no random initialisation
@@ -49,12 +51,12 @@ def cmd_info(args: argparse.Namespace) -> None:
             pipe = Pipeline.from_config(preset(args.model))
         print(_describe(pipe, f"preset {args.model}"))
         return
-    pipe = _run_options(args).load(args.model, prediction=args.prediction)
+    pipe = run_options(args).load(args.model, prediction=args.prediction)
     print(_describe(pipe, args.model or "built-in model"))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .pipeline import load_pipeline
+    from ..pipeline import load_pipeline
 
     dst = Path(args.dst)
     if dst.exists() and not args.overwrite:
@@ -64,76 +66,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({args.format}, {args.dtype or 'fp32'})")
 
 
-def _next_index(out: Path) -> int:
-    numbers = [int(p.name.split("-")[0]) for p in out.glob("*.png") if p.name.split("-")[0].isdigit()]
-    return max(numbers, default=-1) + 1
-
-
-def _lora_arg(text: str) -> tuple[str, float]:
-    name, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
-    try:
-        return name, float(weight)
-    except ValueError:
-        raise ValueError(f"--lora expects NAME_OR_PATH[:WEIGHT], got {text!r}") from None
-
-
-def generation_request(args: argparse.Namespace) -> GenerationRequest:
-    """The GenerationRequest the flags of txt2img / img2img / inpaint ask for."""
-    from .images import open_image
-    from .request import GenerationRequest
-
-    inpainting = getattr(args, "mask", None) is not None
-    return GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg,
-        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch, n_iter=args.n_iter,
-        width=args.width, height=args.height, clip_skip=args.clip_skip, lora_dir=args.lora_dir,
-        embeddings_dir=args.embeddings_dir, loras=[_lora_arg(text) for text in args.lora], **_guidance_skip(args),
-        tiled_vae=args.tiled_vae is not None, vae_tile_size=args.tiled_vae or 512,
-        init_image=open_image(args.init) if getattr(args, "init", None) else None,
-        denoising_strength=getattr(args, "strength", 0.75),
-        mask=open_image(args.mask) if inpainting else None,
-        **({"mask_blur": args.mask_blur, "inpainting_fill": args.fill, "inpainting_mask_invert": args.invert,
-            "inpaint_full_res": args.only_masked, "inpaint_full_res_padding": args.padding} if inpainting else {}))
-
-
-def cmd_generate(args: argparse.Namespace) -> None:
-    """txt2img, img2img (--init) and inpaint (--init, --mask): one request through generate.generate."""
-    import torch
-    from tqdm import tqdm
-
-    from .generate import decode_latents, generate
-    from .images import film_strip, save_png
-
-    pipe = _run_options(args).load(args.model)
-    request = generation_request(args).resolved(pipe.config.image_size)  # a bad value: one line, before any work
-    steps = request.sampling_steps()
-    x0s = []
-
-    def on_step(info: dict) -> None:
-        bar.update(1)
-        if args.preview and len(x0s) < steps:  # the first image's x0 predictions of the first iteration
-            x0s.append(info["denoised"][:1].detach().clone())
-
-    with tqdm(total=steps * request.n_iter, desc="sampling", unit="step") as bar:
-        result = generate(pipe, request, on_step)  # checks the request before any work
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    index = _next_index(out)
-    for image, seed, info in zip(result.images, result.seeds, result.infotexts, strict=True):
-        path = out / f"{index:05d}-{seed}.png"
-        save_png(image, path, info)
-        print(path)
-        index += 1
-    if args.preview:
-        with torch.inference_mode():
-            frames = [decode_latents(pipe, x0, request.vae_tile)[0] for x0 in x0s]
-        path = out / f"{index - len(result.images):05d}-{result.seeds[0]}-preview.png"
-        save_png(film_strip(frames), path)
-        print(path)
-
-
 def cmd_pnginfo(args: argparse.Namespace) -> None:
-    from .images import read_infotext
+    from ..images import read_infotext
 
     text = read_infotext(args.image)
     if text is None:
@@ -142,7 +76,7 @@ def cmd_pnginfo(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_components.py"
+    bench = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_components.py"
     if not bench.exists():
         raise CheckpointError(f"{bench}: benchmarks are run from a source checkout")
     import runpy
@@ -151,88 +85,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     runpy.run_path(str(bench), run_name="__main__")
 
 
-def _device_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="the networks' precision (latents and sampling stay fp32); default fp32 on the CPU, fp16 on "
-                        "a GPU")
-    p.add_argument("--offload", choices=["none", "model", "sequential"], default=None,
-                   help="low memory: weights on the device only while their component (model) or layer "
-                        "(sequential) runs; on a CPU, only the running part of a .safetensors model stays resident")
-    p.add_argument("--attention-slicing", type=_slicing_arg, default=None, metavar="MIB|auto",
-                   help="low memory: attention in query slices of at most MIB of scores (auto: a quarter of the "
-                        "free memory)")
-
-
-def _slicing_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"takes 'auto' or a size in MiB (a whole number >= 1), not {text!r}")
-    return int(text)
-
-
-def _run_options(args: argparse.Namespace):
-    """The RunOptions (device, dtype, offload, attention slicing) that the flags ask for."""
-    from .pipeline import RunOptions
-
-    return RunOptions(args.device, args.dtype, args.offload, args.attention_slicing)
-
-
-def _guidance_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
-                   help="A1111's NGMS: no CFG below this sigma (the last, low-noise steps), on every other step")
-    p.add_argument("--ngms-all-steps", action="store_true", help="with --ngms: on every step")
-    p.add_argument("--skip-early-cfg", type=float, default=0.0, metavar="FRACTION",
-                   help="A1111's Skip Early CFG: no CFG on this fraction of the first steps")
-
-
-def _guidance_skip(args: argparse.Namespace) -> dict:
-    return {"s_min_uncond": args.ngms, "s_min_uncond_all": args.ngms_all_steps,
-            "skip_early_cond": args.skip_early_cfg}
-
-
-def _generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
-    p.add_argument("prompt")
-    p.add_argument("--negative", default="", help="negative prompt (the unconditional side of CFG)")
-    p.add_argument("--model", help="checkpoint file, diffusers folder or preset (default: the built-in model)")
-    p.add_argument("--sampler", default="Euler a", help='A1111 name, e.g. "DPM++ 2M" or "DPM++ 2M Karras"')
-    p.add_argument("--scheduler", default="automatic", help="automatic, uniform, karras, exponential, ...")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.0)
-    _guidance_arguments(p)
-    p.add_argument("--seed", type=int, default=-1)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--n-iter", type=int, default=1)
-    p.add_argument("--clip-skip", type=int, default=1)
-    _device_arguments(p)
-    p.add_argument("--out", default=f"outputs/{mode}")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
-                   help="apply a LoRA (file path, or name in --lora-dir); also <lora:name:0.8> in the prompt")
-    p.add_argument("--lora-dir", default="models/Lora")
-    p.add_argument("--embeddings-dir", default="embeddings", help="textual-inversion files, used by file name")
-    p.add_argument("--preview", action="store_true", help="also write a film strip of each step's x0 prediction")
-    p.add_argument("--tiled-vae", type=int, nargs="?", const=512, default=None, metavar="PX",
-                   help="low memory: the VAE encodes and decodes in tiles of PX pixels (default 512)")
-    if mode in ("img2img", "inpaint"):
-        p.add_argument("--init", required=True, help="the starting image")
-        p.add_argument("--strength", type=float, default=0.75, help="denoising strength: 0 keeps, 1 repaints")
-    if mode == "inpaint":
-        p.add_argument("--mask", required=True, help="same size as --init; white = repaint, black = keep")
-        p.add_argument("--mask-blur", type=int, default=4)
-        p.add_argument("--fill", type=int, default=1, choices=[0, 1, 2, 3],
-                       help="masked area starts as: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
-        p.add_argument("--invert", action="store_true", help="repaint the black part instead")
-        p.add_argument("--only-masked", action="store_true", help="work on a crop around the mask at full size")
-        p.add_argument("--padding", type=int, default=32, help="context pixels around the mask with --only-masked")
-
-
-
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training.config import load_config
-    from .training.train import train
+    from ..training.config import load_config
+    from ..training.train import train
 
     config = load_config(args.config)
     if args.save_path:
@@ -244,17 +99,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .shapes import DOMAIN_CLIP
-    from .shapes.evaluate import evaluate, table, write_report
+    from ..shapes import DOMAIN_CLIP
+    from ..shapes.evaluate import evaluate, table, write_report
 
-    pipe = _run_options(args).load(args.model)
+    pipe = run_options(args).load(args.model)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     try:
         steps = [int(s) for s in args.steps.split(",")]
     except ValueError:
         raise ValueError(f"--steps takes comma-separated integers, not {args.steps!r}") from None
     result = evaluate(pipe, samplers, steps, n=args.n, cfg=args.cfg, seed=args.seed, clip_path=args.clip or DOMAIN_CLIP,
-                      batch=args.batch, inception=args.inception, guidance=_guidance_skip(args))
+                      batch=args.batch, inception=args.inception, guidance=guidance_skip(args))
     write_report(result, Path(args.out))
     print(table(result), end="")
     print(f"written: {args.out}/results.json, table.md, plot.png")
@@ -263,14 +118,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from .pipeline import resolve_device
-    from .server.app import create_app
-    from .server.registry import ModelRegistry
-    from .server.schemas import Limits
+    from ..pipeline import resolve_device
+    from ..server.app import create_app
+    from ..server.registry import ModelRegistry
+    from ..server.schemas import Limits
 
     resolve_device(args.device)
     try:
-        registry = ModelRegistry(args.models_dir, _run_options(args), default=args.model)
+        registry = ModelRegistry(args.models_dir, run_options(args), default=args.model, styles_file=args.styles_file)
     except KeyError as error:
         raise ValueError(error.args[0]) from None
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
@@ -291,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="a .safetensors/.ckpt file, a diffusers folder, or a preset name "
                    "(sd1, sdxl, ...); default: the built-in model")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type")
-    _device_arguments(p)
+    device_arguments(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="convert between single-file and diffusers folders, or change dtype")
@@ -308,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
              "inpaint": "repaint the masked part of an image"}
     for mode, text in helps.items():
         p = sub.add_parser(mode, help=text)
-        _generation_arguments(p, mode)
+        generation_arguments(p, mode)
         p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a model, a VAE or a LoRA from a TOML config (torchrun for several)")
@@ -325,13 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default="5,10,20,50", help="comma-separated step counts")
     p.add_argument("--n", type=int, default=50, help="held-out prompts per kind (one-object, two-object)")
     p.add_argument("--cfg", type=float, default=7.0)
-    _guidance_arguments(p)
+    guidance_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8, help="prompts per generation batch")
     p.add_argument("--inception", help="InceptionV3 FID weights (.pth/.safetensors, pytorch-fid/torch-fidelity "
                    "layout): adds FID with Inception features")
     p.add_argument("--clip", help="CLIP folder for FID features and CLIP score (default: the domain CLIP)")
-    _device_arguments(p)
+    device_arguments(p)
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=cmd_eval)
 
@@ -339,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (all interfaces) instead of 127.0.0.1")
     p.add_argument("--models-dir", default="models", help="A1111 layout: Stable-diffusion/, VAE/, Lora/, embeddings/")
+    p.add_argument("--styles-file", default="styles.csv", help="A1111's prompt styles (name,prompt,negative_prompt)")
     p.add_argument("--model", help="the model to start with (a listed name; default: the built-in model)")
     p.add_argument("--api-auth", help="user:pass[,user2:pass2] for HTTP basic auth")
     p.add_argument("--api-token", help="a bearer token accepted instead of basic auth")
@@ -349,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=16, help="largest batch_size * n_iter")
     p.add_argument("--max-body-mb", type=int, default=50)
     p.add_argument("--max-prompt-chars", type=int, default=20_000, help="longest prompt a request may send")
-    _device_arguments(p)
+    device_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
@@ -374,7 +230,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sd {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

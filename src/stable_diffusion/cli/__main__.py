@@ -1,0 +1,7 @@
+"""``python -m stable_diffusion.cli``: the ``sd`` command (torchrun uses this form)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

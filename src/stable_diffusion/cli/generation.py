@@ -1,0 +1,138 @@
+"""``sd txt2img`` / ``img2img`` / ``inpaint``: the flags, the GenerationRequest they ask for, and the run that
+writes numbered PNGs with their parameters."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .options import device_arguments, guidance_arguments, guidance_skip, run_options
+
+if TYPE_CHECKING:
+    from ..request import GenerationRequest
+
+
+def _next_index(out: Path) -> int:
+    numbers = [int(p.name.split("-")[0]) for p in out.glob("*.png") if p.name.split("-")[0].isdigit()]
+    return max(numbers, default=-1) + 1
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    name, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
+    try:
+        return name, float(weight)
+    except ValueError:
+        raise ValueError(f"--lora expects NAME_OR_PATH[:WEIGHT], got {text!r}") from None
+
+
+def _seed_resize(text: str | None) -> dict:
+    if text is None:
+        return {}
+    w, _, h = text.lower().partition("x")
+    if not (w.isdigit() and h.isdigit()):
+        raise ValueError(f"--seed-resize-from takes WIDTHxHEIGHT, e.g. 512x512, not {text!r}")
+    return {"seed_resize_from_w": int(w), "seed_resize_from_h": int(h)}
+
+
+def generation_request(args: argparse.Namespace) -> GenerationRequest:
+    """The GenerationRequest the flags of txt2img / img2img / inpaint ask for."""
+    from ..images import open_image
+    from ..request import GenerationRequest
+    from ..styles import find_styles, read_styles
+
+    inpainting = getattr(args, "mask", None) is not None
+    return GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg_scale=args.cfg,
+        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch, n_iter=args.n_iter,
+        subseed=args.subseed, subseed_strength=args.subseed_strength, **_seed_resize(args.seed_resize_from),
+        styles=find_styles(args.style, read_styles(args.styles_file)) if args.style else [],
+        width=args.width, height=args.height, clip_skip=args.clip_skip, lora_dir=args.lora_dir,
+        embeddings_dir=args.embeddings_dir, loras=[_lora_arg(text) for text in args.lora], **guidance_skip(args),
+        tiled_vae=args.tiled_vae is not None, vae_tile_size=args.tiled_vae or 512,
+        init_image=open_image(args.init) if getattr(args, "init", None) else None,
+        denoising_strength=getattr(args, "strength", 0.75),
+        mask=open_image(args.mask) if inpainting else None,
+        **({"mask_blur": args.mask_blur, "inpainting_fill": args.fill, "inpainting_mask_invert": args.invert,
+            "inpaint_full_res": args.only_masked, "inpaint_full_res_padding": args.padding} if inpainting else {}))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """txt2img, img2img (--init) and inpaint (--init, --mask): one request through generate.generate."""
+    import torch
+    from tqdm import tqdm
+
+    from ..generate import decode_latents, generate
+    from ..images import film_strip, save_png
+
+    pipe = run_options(args).load(args.model)
+    request = generation_request(args).resolved(pipe.config.image_size)  # a bad value: one line, before any work
+    steps = request.sampling_steps()
+    x0s = []
+
+    def on_step(info: dict) -> None:
+        bar.update(1)
+        if args.preview and len(x0s) < steps:  # the first image's x0 predictions of the first iteration
+            x0s.append(info["denoised"][:1].detach().clone())
+
+    with tqdm(total=steps * request.n_iter, desc="sampling", unit="step") as bar:
+        result = generate(pipe, request, on_step)  # checks the request before any work
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = _next_index(out)
+    for image, seed, info in zip(result.images, result.seeds, result.infotexts, strict=True):
+        path = out / f"{index:05d}-{seed}.png"
+        save_png(image, path, info)
+        print(path)
+        index += 1
+    if args.preview:
+        with torch.inference_mode():
+            frames = [decode_latents(pipe, x0, request.vae_tile)[0] for x0 in x0s]
+        path = out / f"{index - len(result.images):05d}-{result.seeds[0]}-preview.png"
+        save_png(film_strip(frames), path)
+        print(path)
+
+
+def generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--negative", default="", help="negative prompt (the unconditional side of CFG)")
+    p.add_argument("--model", help="checkpoint file, diffusers folder or preset (default: the built-in model)")
+    p.add_argument("--sampler", default="Euler a", help='A1111 name, e.g. "DPM++ 2M" or "DPM++ 2M Karras"')
+    p.add_argument("--scheduler", default="automatic", help="automatic, uniform, karras, exponential, ...")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0)
+    guidance_arguments(p)
+    p.add_argument("--seed", type=int, default=-1)
+    p.add_argument("--subseed", type=int, default=-1, help="A1111's variation seed (-1: random)")
+    p.add_argument("--subseed-strength", type=float, default=0.0,
+                   help="how far toward --subseed's noise: 0 keeps --seed's image, 1 gives --subseed's")
+    p.add_argument("--seed-resize-from", metavar="WxH",
+                   help="draw the seed's noise at this size, centred, to keep a composition at another size")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--n-iter", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=1)
+    device_arguments(p)
+    p.add_argument("--out", default=f"outputs/{mode}")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
+                   help="apply a LoRA (file path, or name in --lora-dir); also <lora:name:0.8> in the prompt")
+    p.add_argument("--lora-dir", default="models/Lora")
+    p.add_argument("--embeddings-dir", default="embeddings", help="textual-inversion files, used by file name")
+    p.add_argument("--preview", action="store_true", help="also write a film strip of each step's x0 prediction")
+    p.add_argument("--style", action="append", default=[], metavar="NAME",
+                   help="apply an A1111 prompt style from --styles-file (repeatable, in order)")
+    p.add_argument("--styles-file", default="styles.csv", help="A1111's styles.csv (name,prompt,negative_prompt)")
+    p.add_argument("--tiled-vae", type=int, nargs="?", const=512, default=None, metavar="PX",
+                   help="low memory: the VAE encodes and decodes in tiles of PX pixels (default 512)")
+    if mode in ("img2img", "inpaint"):
+        p.add_argument("--init", required=True, help="the starting image")
+        p.add_argument("--strength", type=float, default=0.75, help="denoising strength: 0 keeps, 1 repaints")
+    if mode == "inpaint":
+        p.add_argument("--mask", required=True, help="same size as --init; white = repaint, black = keep")
+        p.add_argument("--mask-blur", type=int, default=4)
+        p.add_argument("--fill", type=int, default=1, choices=[0, 1, 2, 3],
+                       help="masked area starts as: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
+        p.add_argument("--invert", action="store_true", help="repaint the black part instead")
+        p.add_argument("--only-masked", action="store_true", help="work on a crop around the mask at full size")
+        p.add_argument("--padding", type=int, default=32, help="context pixels around the mask with --only-masked")

@@ -1,0 +1,47 @@
+"""Flags shared by several ``sd`` commands: where and how a model runs (device, precision, offload, attention
+slicing) and A1111's guidance skipping."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def device_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="the networks' precision (latents and sampling stay fp32); default fp32 on the CPU, fp16 on "
+                        "a GPU")
+    p.add_argument("--offload", choices=["none", "model", "sequential"], default=None,
+                   help="low memory: weights on the device only while their component (model) or layer "
+                        "(sequential) runs; on a CPU, only the running part of a .safetensors model stays resident")
+    p.add_argument("--attention-slicing", type=_slicing_arg, default=None, metavar="MIB|auto",
+                   help="low memory: attention in query slices of at most MIB of scores (auto: a quarter of the "
+                        "free memory)")
+
+
+def _slicing_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"takes 'auto' or a size in MiB (a whole number >= 1), not {text!r}")
+    return int(text)
+
+
+def run_options(args: argparse.Namespace):
+    """The RunOptions (device, dtype, offload, attention slicing) that the flags ask for."""
+    from ..pipeline import RunOptions
+
+    return RunOptions(args.device, args.dtype, args.offload, args.attention_slicing)
+
+
+def guidance_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
+                   help="A1111's NGMS: no CFG below this sigma (the last, low-noise steps), on every other step")
+    p.add_argument("--ngms-all-steps", action="store_true", help="with --ngms: on every step")
+    p.add_argument("--skip-early-cfg", type=float, default=0.0, metavar="FRACTION",
+                   help="A1111's Skip Early CFG: no CFG on this fraction of the first steps")
+
+
+def guidance_skip(args: argparse.Namespace) -> dict:
+    return {"s_min_uncond": args.ngms, "s_min_uncond_all": args.ngms_all_steps,
+            "skip_early_cond": args.skip_early_cfg}
