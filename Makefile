@@ -15,6 +15,9 @@ PIP := .venv/bin/pip
 	# k-diffusion: the samplers' oracle (A1111 runs its functions), likewise off the import path and without
 	# dependencies: its package __init__ wants torchvision; the tests load k_diffusion.sampling alone
 	$(PIP) install -q --no-deps --upgrade --target .venv/oracles "k-diffusion==0.1.1.post1"
+	# spandrel: the upscaler nets' oracle (ESRGAN, Real-ESRGAN compact), off the import path and without
+	# dependencies: its package __init__ wants torchvision; the tests load its ESRGAN and Compact modules alone
+	$(PIP) install -q --no-deps --upgrade --target .venv/oracles "spandrel==0.4.2"
 	touch $@
 
 venv: .venv/.installed

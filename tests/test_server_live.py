@@ -25,9 +25,43 @@ def _rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    models = tiny_models(tmp_path_factory.mktemp("models"))
-    with live_server(models, tmp_path_factory.mktemp("out")) as running:
+    from .test_extras import esrgan_models
+
+    models = esrgan_models(tiny_models(tmp_path_factory.mktemp("models")))
+    styles = tmp_path_factory.mktemp("styles") / "styles.csv"
+    styles.write_text("name,prompt,negative_prompt\nShapes,\"{prompt}, on a black background\",blurry\n")
+    with live_server(models, tmp_path_factory.mktemp("out"), "--styles-file", str(styles)) as running:
         yield running
+
+
+def test_webuiapi_hires_fix_variations_styles_and_extras(server):
+    """The A1111 features people use daily, through the real client against the built-in model."""
+    import numpy as np
+    import webuiapi
+
+    port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=4)
+    hires = api.txt2img(prompt="a small red circle", seed=3, width=64, height=64, enable_hr=True, hr_scale=2,
+                        hr_upscaler="Latent", denoising_strength=0.5)
+    assert hires.images[0].size == (128, 128) and "Hires upscale: 2" in hires.info["infotexts"][0]
+    plain = {"prompt": "a blue star", "seed": 8, "width": 64, "height": 64}
+    seed_image = np.asarray(api.txt2img(**plain).image, dtype=int)
+    subseed_image = np.asarray(api.txt2img(**{**plain, "seed": 99}).image, dtype=int)
+    zero = np.asarray(api.txt2img(**plain, subseed=99, subseed_strength=0).image, dtype=int)
+    one = api.txt2img(**plain, subseed=99, subseed_strength=1)
+    assert np.array_equal(zero, seed_image)
+    assert np.abs(np.asarray(one.image, dtype=int) - subseed_image).max() <= 2
+    assert "Variation seed: 99, Variation seed strength: 1" in one.info["infotexts"][0]
+    assert api.get_prompt_styles() == [{"name": "Shapes", "prompt": "{prompt}, on a black background",
+                                        "negative_prompt": "blurry"}]
+    styled = api.txt2img(**plain, styles=["Shapes"])
+    assert styled.info["all_prompts"] == ["a blue star, on a black background"]
+    assert [u["name"] for u in api.get_upscalers()][3] == "4x-Random"
+    assert api.get_realesrgan_models()[0]["name"] == "R-ESRGAN General 4xV3"
+    upscaled = api.extra_single_image(hires.image, upscaler_1="4x-Random", upscaling_resize=2)
+    assert upscaled.image.size == (256, 256)
+    batch = api.extra_batch_images([hires.image, styled.image], upscaler_1="Lanczos", upscaling_resize=2)
+    assert [im.size for im in batch.images] == [(256, 256), (128, 128)]
 
 
 def test_webuiapi_client_txt2img_img2img_progress_interrupt_options(server):

@@ -26,6 +26,7 @@ from .conditioning import guided_denoiser
 from .diffusion.denoiser import Denoiser, GuidanceSkip
 from .diffusion.noise import BrownianNoise, PerImageNoise, initial_noise
 from .diffusion.samplers import SAMPLERS, sampling_sigmas
+from .hires import second_pass_steps, truncate, upscale_latents
 from .images import to_batch, to_pil
 from .infotext import format_infotext, generation_parameters
 from .inpaint import (
@@ -41,6 +42,7 @@ from .inpaint import (
 )
 from .lora import applied_loras, extract_lora_tags, resolve_lora
 from .request import GenerationRequest
+from .upscalers import get_upscaler, resize_image
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -97,6 +99,13 @@ def decode_latents(pipe: Pipeline, latents: torch.Tensor, tile: int | None = Non
     return to_pil(images)
 
 
+def _encode(pipe: Pipeline, pixels: torch.Tensor, tile: int | None) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled fp32 latents (the posterior's mean), whatever the VAE's dtype."""
+    pixels = pixels.to(pipe.device)
+    posterior = pipe.vae.encode(pixels) if tile is None else pipe.vae.encode_tiled(pixels, tile)
+    return posterior.mean.float() * pipe.config.vae.scaling_factor
+
+
 @dataclass
 class _Start:
     """What img2img / inpainting add to txt2img: the init latent, the masks, and the UNet to call."""
@@ -112,10 +121,8 @@ def _prepare_start(pipe: Pipeline, request: GenerationRequest) -> _Start:
     hw = (request.height // f, request.width // f)
     start = _Start(pipe.unet)
 
-    def encode(pixels: torch.Tensor) -> torch.Tensor:  # fp32 latents whatever the VAE's dtype
-        pixels, tile = pixels.to(pipe.device), request.vae_tile
-        posterior = pipe.vae.encode(pixels) if tile is None else pipe.vae.encode_tiled(pixels, tile)
-        return posterior.mean.float() * c.vae.scaling_factor
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return _encode(pipe, pixels, request.vae_tile)
 
     init = request.init_image
     pixels = to_batch(init, request.width, request.height) if init is not None else None
@@ -158,6 +165,8 @@ def generate(pipe: Pipeline, request: GenerationRequest, callback: StepCallback 
         return result
     request = request.resolved(pipe.config.image_size)  # 1
     prompts, negative, loras = _loras(request)
+    if request.hires is not None and sorted(map(str, _loras(request.hires_request())[2])) != sorted(map(str, loras)):
+        raise ValueError("hr_prompt: its LoRAs differ from the prompt's (one set of LoRAs is merged per generation)")
     with applied_loras(pipe, loras), torch.inference_mode():  # 2
         try:
             return _sample(pipe, request, prompts, negative, callback, [path for path, _ in loras])
@@ -189,12 +198,62 @@ def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[st
            denoiser: Denoiser, sigmas: torch.Tensor, callback: StepCallback | None, result: GenerationResult,
            params: dict) -> StopSampling | None:
     """Batch ``it`` of the request, appended to ``result``; returns the StopSampling that ended it early."""
-    c, n, f = pipe.config, request.batch_size, pipe.vae.downscale
+    n = request.batch_size
+    seeds, subseeds = request.image_seeds(it)
+    x, stopped = _denoise(pipe, request, prompts * (n // len(prompts)), negative, start, denoiser, sigmas, seeds,
+                          subseeds, callback)
+    if request.hires is not None and stopped is None:  # stopped: the first pass's images, as A1111
+        x, stopped = _hires_pass(pipe, request, x, seeds, subseeds, callback)
+    images = decode_latents(pipe, x, request.vae_tile)
+    if request.mask is not None:
+        images = [composite(request.init_image, image, start.pixel_mask) for image in images]
+    asked = request.prompt if isinstance(request.prompt, list) else [request.prompt] * n
+    for seed, subseed, image, text in zip(seeds, subseeds, images, asked, strict=True):
+        result.images.append(image)
+        result.seeds.append(seed)
+        result.subseeds.append(subseed)
+        result.infotexts.append(format_infotext(text, request.negative_prompt,
+                                                generation_parameters(request, seed, subseed=subseed, **params)))
+    return stopped
+
+
+def _hires_pass(pipe: Pipeline, request: GenerationRequest, x: torch.Tensor, seeds: list[int], subseeds: list[int],
+                callback: StepCallback | None) -> tuple[torch.Tensor, StopSampling | None]:
+    """A1111's hires fix on a batch's first-pass latents: upscale, then an img2img pass at the target size."""
+    f = pipe.vae.downscale
+    hr, second = request.hires, request.hires_request(f)
+    to_x, to_y, tx, ty = hr.target(request.width, request.height, f)
+    if hr.latent_mode is not None:
+        latents = upscale_latents(x, hr.latent_mode, (to_y // f, to_x // f))
+    else:  # decode, upscale the pixels, encode again
+        upscaler = get_upscaler(hr.upscaler, request.upscalers_dir)
+        images = [resize_image(im, to_x, to_y, upscaler) for im in decode_latents(pipe, x, request.vae_tile)]
+        w, h = to_x // f * f, to_y // f * f
+        latents = _encode(pipe, torch.cat([to_batch(im.crop((0, 0, w, h)), w, h) for im in images]),
+                          request.vae_tile)
+    start = _prepare_start(pipe, second)  # txt2img at the target size (a 9-channel UNet's input too)
+    start.init_latent = truncate(latents, tx, ty)
+    if request.denoising_strength == 0:  # nothing to redraw: the upscaled latents are the result
+        return start.init_latent, None
+    denoiser = Denoiser.from_config(start.unet, pipe.config)
+    length, run = second_pass_steps(second.steps, request.denoising_strength)
+    sigmas = sampling_sigmas(second.sampler, second.scheduler, length, denoiser.schedule, pipe.config.family)
+    sigmas = sigmas[len(sigmas) - 1 - run:].to(pipe.device)
+    prompts, negative, _ = _loras(second)
+    return _denoise(pipe, second, prompts * (len(seeds) // len(prompts)), negative, start, denoiser, sigmas, seeds,
+                    subseeds, callback)
+
+
+def _denoise(pipe: Pipeline, request: GenerationRequest, prompts: list[str], negative: str, start: _Start,
+             denoiser: Denoiser, sigmas: torch.Tensor, seeds: list[int], subseeds: list[int],
+             callback: StepCallback | None) -> tuple[torch.Tensor, StopSampling | None]:
+    """One sampling pass of a batch: A1111's noise for its seeds, added to the start latent (img2img) or alone,
+    then the sampler down ``sigmas``. Returns the latents and the StopSampling that ended it early."""
+    c, f = pipe.config, pipe.vae.downscale
     spec = SAMPLERS[request.sampler]
     takes_eta = "eta" in inspect.signature(spec.fn).parameters  # follows the no_grad wrapper
     options = {**spec.options, **({"eta": request.eta} if request.eta is not None and takes_eta else {})}
-    seeds, subseeds = request.image_seeds(it)
-    model = guided_denoiser(pipe, request, prompts * (n // len(prompts)), negative, denoiser, sigmas)
+    model = guided_denoiser(pipe, request, prompts, negative, denoiser, sigmas)
     if request.s_min_uncond or request.skip_early_cond:
         model = GuidanceSkip(model, len(sigmas) - 1, request.s_min_uncond, request.s_min_uncond_all,
                              request.skip_early_cond)
@@ -210,19 +269,7 @@ def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[st
         x = x + first
     noise = BrownianNoise(x, sigmas[sigmas > 0].min(), sigmas.max(), seeds) if spec.brownian \
         else PerImageNoise(generators)
-    stopped = None
     try:
-        x = spec.fn(model, x, sigmas, callback=callback, noise=noise, **options)
+        return spec.fn(model, x, sigmas, callback=callback, noise=noise, **options), None
     except StopSampling as stop:
-        x, stopped = stop.denoised, stop
-    images = decode_latents(pipe, x, request.vae_tile)
-    if request.mask is not None:
-        images = [composite(request.init_image, image, start.pixel_mask) for image in images]
-    asked = request.prompt if isinstance(request.prompt, list) else [request.prompt] * n
-    for seed, subseed, image, text in zip(seeds, subseeds, images, asked, strict=True):
-        result.images.append(image)
-        result.seeds.append(seed)
-        result.subseeds.append(subseed)
-        result.infotexts.append(format_infotext(text, request.negative_prompt,
-                                                generation_parameters(request, seed, subseed=subseed, **params)))
-    return stopped
+        return stop.denoised, stop

@@ -94,6 +94,17 @@ def guidance_skip_params(request: GenerationRequest) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
+def hires_params(request: GenerationRequest) -> dict[str, Any]:
+    """The hires fix's keys of a resolved request (hires.py), those that apply."""
+    if request.hires is None:
+        return {}
+    second = request.hires_request()
+    params = request.hires.infotext(request.sampler, SCHEDULERS[request.scheduler].label,
+                                    SCHEDULERS[second.scheduler].label, request.prompts[0], request.negative_prompt,
+                                    request.cfg_scale)
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def generation_parameters(request: GenerationRequest, seed: int, model: str | None, model_hash: str | None = None,
                           loras: list[Path] = (), subseed: int | None = None) -> dict[str, Any]:
     """The ``k: v`` pairs A1111 writes for one image of a resolved request, in its order (None values are left
@@ -106,10 +117,12 @@ def generation_parameters(request: GenerationRequest, seed: int, model: str | No
         "Variation seed strength": request.subseed_strength or None,
         "Seed resize from": f"{request.seed_resize_from_w}x{request.seed_resize_from_h}" if request.seed_resize
         else None,
-        "Denoising strength": request.denoising_strength if request.init_image is not None else None,
+        "Denoising strength": request.denoising_strength if request.init_image is not None or request.hires
+        else None,
         "Mask blur": request.mask_blur if request.mask is not None else None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         **guidance_skip_params(request),
+        **hires_params(request),
         "Eta": request.eta if request.eta is not None and request.eta != 1.0 else None,
         "Lora hashes": ", ".join(f"{path.stem}: {lora_hash(path)}" for path in loras) or None,
         "Version": f"stable_diffusion {__version__}",

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from .diffusion.samplers import resolve_sampler
+from .hires import HiresFix
 from .inpaint import check_mask
 from .lora import extract_lora_tags, resolve_lora
 from .styles import Style, apply_styles
+from .upscalers import get_upscaler
 
 
 @dataclass
@@ -56,6 +58,9 @@ class GenerationRequest:
     inpainting_mask_invert: bool = False
     inpaint_full_res: bool = False  # A1111's "only masked": work on a crop around the mask
     inpaint_full_res_padding: int = 32
+    # A1111's hires fix (hires.py): a second, img2img pass at a larger size, at denoising_strength
+    hires: HiresFix | None = None
+    upscalers_dir: str | None = None  # A1111's models folder: upscaler files in its ESRGAN/ and RealESRGAN/
     # low memory: the VAE encodes and decodes in tiles of vae_tile_size pixels (models/tiled_vae.py)
     tiled_vae: bool = False
     vae_tile_size: int = 512
@@ -93,6 +98,25 @@ class GenerationRequest:
         if self.init_image is None:
             return self.steps
         return int(min(self.denoising_strength, 0.999) * self.steps) + 1
+
+    def hires_request(self, factor: int = 8) -> GenerationRequest:
+        """The hires fix's second pass of a resolved request: the same seeds at the target size (in latent cells
+        of ``factor`` pixels), with the hires sampler, schedule (A1111: automatic unless given), steps, CFG scale
+        and prompts."""
+        hr = self.hires
+        width, height = hr.final_size(self.width, self.height, factor)
+        sampler, scheduler = resolve_sampler(hr.sampler or self.sampler, hr.scheduler or "automatic")
+        prompt = self.prompt if not hr.prompt else [hr.prompt] * len(self.prompts) if isinstance(self.prompt, list) \
+            else hr.prompt
+        return replace(self, width=width, height=height, steps=hr.steps or self.steps, sampler=sampler,
+                       scheduler=scheduler, cfg_scale=self.cfg_scale if hr.cfg_scale is None else hr.cfg_scale,
+                       prompt=prompt,
+                       negative_prompt=hr.negative_prompt or self.negative_prompt, hires=None)
+
+    def progress_steps(self) -> int:
+        """Sampler steps per batch, the hires fix's second pass included."""
+        second = self.hires is not None and self.denoising_strength > 0
+        return self.sampling_steps() + ((self.hires.steps or self.steps) if second else 0)
 
     def resolved(self, native_size: int) -> GenerationRequest:
         """A checked copy with width, height, seed and (for a prompt list) batch_size filled in, the sampler's
@@ -138,6 +162,13 @@ class GenerationRequest:
             extract_lora_tags(text, self.lora_dir)
         for name, _ in self.loras:
             resolve_lora(str(name), self.lora_dir)
+        if self.hires is not None:
+            if self.init_image is not None:
+                raise ValueError("the hires fix is for txt2img; img2img has no second pass")
+            self.hires.check(width, height)
+            resolve_sampler(self.hires.sampler or sampler, self.hires.scheduler or "automatic")
+            if self.hires.latent_mode is None:
+                get_upscaler(self.hires.upscaler, self.upscalers_dir)
         if not 0 <= self.subseed_strength <= 1:
             raise ValueError(f"subseed_strength must be in [0, 1], got {self.subseed_strength}")
         if max(self.seed_resize_from_w, self.seed_resize_from_h) > 8192:

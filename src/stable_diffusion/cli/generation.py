@@ -26,13 +26,45 @@ def _lora_arg(text: str) -> tuple[str, float]:
         raise ValueError(f"--lora expects NAME_OR_PATH[:WEIGHT], got {text!r}") from None
 
 
+def _size_arg(text: str, flag: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    if not (w.isdigit() and h.isdigit()):
+        raise ValueError(f"{flag} takes WIDTHxHEIGHT, e.g. 512x512, not {text!r}")
+    return int(w), int(h)
+
+
 def _seed_resize(text: str | None) -> dict:
     if text is None:
         return {}
-    w, _, h = text.lower().partition("x")
-    if not (w.isdigit() and h.isdigit()):
-        raise ValueError(f"--seed-resize-from takes WIDTHxHEIGHT, e.g. 512x512, not {text!r}")
-    return {"seed_resize_from_w": int(w), "seed_resize_from_h": int(h)}
+    w, h = _size_arg(text, "--seed-resize-from")
+    return {"seed_resize_from_w": w, "seed_resize_from_h": h}
+
+
+def _hires(args: argparse.Namespace):
+    """The HiresFix that --hires / --hires-resize and the other --hires-* flags ask for (txt2img), or None."""
+    from ..hires import HiresFix
+
+    if getattr(args, "hires", None) is None and getattr(args, "hires_resize", None) is None:
+        return None
+    resize = _size_arg(args.hires_resize, "--hires-resize") if args.hires_resize else (0, 0)
+    return HiresFix(scale=args.hires or 2.0, resize_x=resize[0], resize_y=resize[1], upscaler=args.hires_upscaler,
+                    steps=args.hires_steps, sampler=args.hires_sampler, scheduler=args.hires_scheduler,
+                    prompt=args.hires_prompt, negative_prompt=args.hires_negative, cfg_scale=args.hires_cfg)
+
+
+def _hires_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hires", type=float, metavar="SCALE", help="A1111's hires fix: sample, upscale by SCALE, then "
+                   "an img2img pass at the larger size with --strength")
+    p.add_argument("--hires-resize", metavar="WxH", help="hires fix to this size instead of a scale (0 for a side: "
+                   "keep the aspect)")
+    p.add_argument("--hires-upscaler", help="Latent (default), Latent (antialiased|bicubic|bicubic antialiased|"
+                   "nearest|nearest-exact), Lanczos, Nearest, None, or an ESRGAN/RealESRGAN model in --models-dir")
+    p.add_argument("--hires-steps", type=int, default=0, help="the second pass's steps (0: --steps)")
+    p.add_argument("--hires-sampler", help="the second pass's sampler (default: --sampler)")
+    p.add_argument("--hires-scheduler", help="the second pass's schedule (default: the sampler's own)")
+    p.add_argument("--hires-prompt", default="", help="the second pass's prompt (default: the prompt)")
+    p.add_argument("--hires-negative", default="", help="the second pass's negative prompt")
+    p.add_argument("--hires-cfg", type=float, help="the second pass's CFG scale (default: --cfg)")
 
 
 def generation_request(args: argparse.Namespace) -> GenerationRequest:
@@ -50,6 +82,7 @@ def generation_request(args: argparse.Namespace) -> GenerationRequest:
         width=args.width, height=args.height, clip_skip=args.clip_skip, lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir, loras=[_lora_arg(text) for text in args.lora], **guidance_skip(args),
         tiled_vae=args.tiled_vae is not None, vae_tile_size=args.tiled_vae or 512,
+        hires=_hires(args), upscalers_dir=args.models_dir,
         init_image=open_image(args.init) if getattr(args, "init", None) else None,
         denoising_strength=getattr(args, "strength", 0.75),
         mask=open_image(args.mask) if inpainting else None,
@@ -67,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     pipe = run_options(args).load(args.model)
     request = generation_request(args).resolved(pipe.config.image_size)  # a bad value: one line, before any work
-    steps = request.sampling_steps()
+    steps = request.progress_steps()
     x0s = []
 
     def on_step(info: dict) -> None:
@@ -125,6 +158,10 @@ def generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--styles-file", default="styles.csv", help="A1111's styles.csv (name,prompt,negative_prompt)")
     p.add_argument("--tiled-vae", type=int, nargs="?", const=512, default=None, metavar="PX",
                    help="low memory: the VAE encodes and decodes in tiles of PX pixels (default 512)")
+    p.add_argument("--models-dir", default="models", help="A1111's models folder (upscalers in ESRGAN/, RealESRGAN/)")
+    if mode == "txt2img":
+        _hires_arguments(p)
+        p.add_argument("--strength", type=float, default=0.75, help="the hires fix's denoising strength")
     if mode in ("img2img", "inpaint"):
         p.add_argument("--init", required=True, help="the starting image")
         p.add_argument("--strength", type=float, default=0.75, help="denoising strength: 0 keeps, 1 repaints")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from ..checkpoints.errors import CheckpointError
 from .generation import cmd_generate, generation_arguments
 from .options import device_arguments, guidance_arguments, guidance_skip, run_options
+from .upscale import cmd_upscale, upscale_arguments
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -165,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mode, help=text)
         generation_arguments(p, mode)
         p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("upscale", help="upscale images with Lanczos, Nearest or an ESRGAN-family model (A1111's "
+                       "Extras)")
+    upscale_arguments(p)
+    p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("train", help="train a model, a VAE or a LoRA from a TOML config (torchrun for several)")
     p.add_argument("config", help="the TOML config ([train], [data], [unet], [diffusion], [vae], ...)")

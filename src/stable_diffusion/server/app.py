@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .executor import Job
+from .extras import extras_router
 from .generation import VERSION, build_request, check_limits, respond, settings_for
 from .jobs import JobQueue, QueueFull
 from .listings import listings_router
@@ -122,15 +123,14 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
             styles = registry.styles()
         except ValueError as error:  # the server's styles file, not the request, is at fault
             raise ApiError(500, str(error)) from None
-        request = build_request(body, options, registry.folder("Lora"), registry.folder("embeddings"),
-                                state["model"].native_size, styles)
+        request = build_request(body, options, registry.models_dir, state["model"].native_size, styles)
 
         def run(report):
             entry = chosen or registry.current_entry
             info, result = worker.run(Job("generate", entry.ref(), request), report)
             return entry, info, result
 
-        entry, info, result = await queued(run, request.sampling_steps(), request.n_iter, kind)
+        entry, info, result = await queued(run, request.progress_steps(), request.n_iter, kind)
         return respond(body, result, (entry.name, entry.sha), kind == "img2img" and info.inpainting, outputs_dir,
                        kind)
 
@@ -187,6 +187,8 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
 
     app.include_router(listings_router(registry, {"api": True, "listen": listen, "api_auth": None,
                                                   "max_prompt_chars": max_prompt_chars}, lambda: state["model"]))
+
+    app.include_router(extras_router(registry, queued, worker.run, limits))
 
     @app.get("/", include_in_schema=False)
     async def index():

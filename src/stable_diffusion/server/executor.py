@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..generate import GenerationResult, StopGeneration, StopSampling, decode_latents, generate
+from ..generate import StopGeneration, StopSampling, decode_latents, generate
 from ..images import png_bytes
 from ..models.clip import CLIPMLP, CLIPAttention
 from ..models.vae import AttnBlock, ResnetBlock
@@ -43,9 +43,9 @@ class ModelInfo:
 
 @dataclass
 class Job:
-    """``generate`` a request with a model, or ``load`` a model (a model switch)."""
+    """``generate`` a request with a model, ``load`` a model (a model switch), or ``extras`` (upscale images)."""
     kind: str
-    model: ModelRef
+    model: ModelRef | None
     request: GenerationRequest | None = None
     preview_every: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
@@ -87,7 +87,10 @@ class Executor:
         return ModelInfo(model.name, self.pipe.config.image_size, self.pipe.config.is_inpainting,
                          [tc.width for tc in self.pipe.config.text_encoders])
 
-    def run(self, job: Job, report: Report) -> tuple[ModelInfo, GenerationResult | None]:
+    def run(self, job: Job, report: Report) -> tuple[ModelInfo | None, Any]:
+        if job.kind == "extras":  # A1111's Extras upscale: no diffusion model involved
+            spec, folder = job.extra["upscale"], job.extra["models_dir"]
+            return None, [spec.apply(image, folder) for image in job.extra["images"]]
         info = self.ensure(job.model)
         if job.kind == "load":
             return info, None

@@ -16,13 +16,14 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..generate import GenerationResult
+from ..hires import HiresFix
 from ..images import png_bytes, save_png
 from ..infotext import guidance_skip_params
 from ..inpaint import check_mask
 from ..request import GenerationRequest
 from ..styles import Style, find_styles
 from .protocol import ApiError, non_finite
-from .schemas import GenerationFields, Img2ImgRequest, Limits, Options
+from .schemas import GenerationFields, Img2ImgRequest, Limits, Options, Txt2ImgRequest
 
 VERSION = f"stable_diffusion {__version__}"
 
@@ -49,10 +50,34 @@ def decode_image(data: str, what: str) -> Image.Image:
 
 
 def check_limits(body: GenerationFields, limits: Limits) -> None:
-    """The one limit a field's schema cannot state: images per request (``--max-images``); the schema built by
-    ``schemas.limited`` holds the others."""
+    """The limits a field's schema cannot state: images per request (``--max-images``) and the hires fix's
+    target size; the schema built by ``schemas.limited`` holds the others."""
     if body.batch_size * body.n_iter > limits.max_images:
         raise ApiError(422, f"batch_size * n_iter must be at most {limits.max_images}")
+    hires = hires_fix(body)
+    if hires is not None:
+        w, h = hires.final_size(*first_pass_size(body))
+        if w > limits.max_width or h > limits.max_height:
+            raise ApiError(422, f"the hires fix's target {w}x{h} is over this server's limit of "
+                                f"{limits.max_width}x{limits.max_height}")
+
+
+def first_pass_size(body: GenerationFields) -> tuple[int, int]:
+    """width x height, or A1111's old firstphase_width / _height where set."""
+    w, h = getattr(body, "firstphase_width", 0), getattr(body, "firstphase_height", 0)
+    return (w // 8 * 8 or body.width), (h // 8 * 8 or body.height)
+
+
+def hires_fix(body: GenerationFields) -> HiresFix | None:
+    """The hires fix a txt2img body asks for (``enable_hr``), or None."""
+    if not isinstance(body, Txt2ImgRequest) or not body.enable_hr:
+        return None
+    return HiresFix(scale=body.hr_scale, resize_x=body.hr_resize_x, resize_y=body.hr_resize_y,
+                    upscaler=body.hr_upscaler, steps=body.hr_second_pass_steps,
+                    sampler=None if body.hr_sampler_name in ("", "Use same sampler") else body.hr_sampler_name,
+                    scheduler=None if body.hr_scheduler in ("", "Use same scheduler") else body.hr_scheduler,
+                    prompt=body.hr_prompt, negative_prompt=body.hr_negative_prompt,
+                    cfg_scale=body.hr_cfg)
 
 
 def settings_for(options: dict, override: dict | None) -> Options:
@@ -94,7 +119,7 @@ def img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
     if not body.init_images:
         raise ApiError(422, "init_images: at least one image is required")
     init = decode_image(body.init_images[0], "init_images[0]")
-    fields: dict[str, Any] = {"denoising_strength": body.denoising_strength}
+    fields: dict[str, Any] = {}
     if body.mask:
         mask = decode_image(body.mask, "mask")
         try:
@@ -111,11 +136,14 @@ def img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
     return fields
 
 
-def build_request(body: GenerationFields, options: dict, lora_dir: Path | None, embeddings_dir: Path | None,
-                  native_size: int, styles: dict[str, Style] | None = None) -> GenerationRequest:
+def build_request(body: GenerationFields, options: dict, models_dir: Path | None, native_size: int,
+                  styles: dict[str, Style] | None = None) -> GenerationRequest:
     """The resolved request a body asks for (a 422 for anything wrong, before it is queued); options are the
-    server's, with the body's ``override_settings`` on top."""
+    server's, with the body's ``override_settings`` on top; LoRAs, embeddings and upscalers come from
+    ``models_dir``'s A1111 folders."""
     settings = settings_for(options, body.override_settings)
+    width, height = first_pass_size(body)
+    lora_dir, embeddings_dir = (models_dir / "Lora", models_dir / "embeddings") if models_dir else (None, None)
     images = img2img_fields(body) if isinstance(body, Img2ImgRequest) else {}
     try:
         chosen_styles = find_styles(body.styles or [], styles or {})
@@ -127,7 +155,9 @@ def build_request(body: GenerationFields, options: dict, lora_dir: Path | None, 
         scheduler=body.scheduler or "automatic",
         seed=body.seed, subseed=body.subseed, subseed_strength=body.subseed_strength,
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
-        batch_size=body.batch_size, n_iter=body.n_iter, width=body.width, height=body.height,
+        batch_size=body.batch_size, n_iter=body.n_iter, width=width, height=height, hires=hires_fix(body),
+        denoising_strength=body.denoising_strength,
+        upscalers_dir=str(models_dir) if models_dir else None,
         eta=body.eta, clip_skip=body.clip_skip or settings.CLIP_stop_at_last_layers,
         lora_dir=str(lora_dir) if lora_dir else None, embeddings_dir=str(embeddings_dir) if embeddings_dir else None,
         tiled_vae=body.tiled_vae, vae_tile_size=body.vae_tile_size, **guidance_skip(settings, body), **images)
@@ -155,7 +185,8 @@ def info_dict(body: GenerationFields, result: GenerationResult, model: tuple[str
         "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": request.seed_resize_from_w if request.seed_resize else -1,
         "seed_resize_from_h": request.seed_resize_from_h if request.seed_resize else -1,
-        "denoising_strength": request.denoising_strength if request.init_image is not None else None,
+        "denoising_strength": request.denoising_strength if request.init_image is not None or request.hires
+        else None,
         "extra_generation_params": guidance_skip_params(request), "index_of_first_image": 0,
         "infotexts": result.infotexts, "styles": body.styles or [], "job_timestamp": timestamp,
         "clip_skip": request.clip_skip, "is_using_inpainting_conditioning": inpainting, "version": VERSION,

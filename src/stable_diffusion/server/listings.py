@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from fastapi import APIRouter
@@ -15,6 +14,7 @@ from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedules import SCHEDULERS
 from ..embeddings import embedding_info
 from ..infotext import parse_infotext
+from ..upscalers import find_upscalers
 from .executor import ModelInfo
 from .generation import decode_image
 from .protocol import ApiError
@@ -25,11 +25,7 @@ from .schemas import PngInfoRequest, PngInfoResponse
 def listings_router(registry: ModelRegistry, flags: dict, model_info: Callable[[], ModelInfo]) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
-    def shown(path: Path) -> str:
-        root = registry.models_dir
-        if root is not None and path.is_relative_to(root):
-            return str(path.relative_to(root))
-        return path.name
+    shown = registry.shown
 
     @router.get("/sd-models")
     async def sd_models():
@@ -56,8 +52,8 @@ def listings_router(registry: ModelRegistry, flags: dict, model_info: Callable[[
 
     @router.get("/upscalers")
     async def upscalers():
-        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
-                for n in ("None", "Lanczos", "Nearest")]
+        return [{**u.listing(), "model_path": shown(u.path) if u.path else None}
+                for u in find_upscalers(registry.models_dir)]
 
     @router.get("/sd-vae")
     async def sd_vae():

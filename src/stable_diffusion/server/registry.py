@@ -68,6 +68,13 @@ class ModelRegistry:
                 return entry
         raise KeyError(f"model {name!r} not found; GET /sdapi/v1/sd-models lists the available ones")
 
+    def shown(self, path: Path) -> str:
+        """A file's path as answers show it: relative to the models folder, never the server's own layout."""
+        root = self.models_dir
+        if root is not None and path.is_relative_to(root):
+            return str(path.relative_to(root))
+        return path.name
+
     def styles(self) -> dict[str, Style]:
         """The prompt styles, read afresh (the file is small and may be edited while the server runs)."""
         return read_styles(self.styles_file) if self.styles_file else {}

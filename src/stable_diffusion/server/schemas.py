@@ -5,7 +5,7 @@ script_args, ...) are accepted and ignored, as A1111 does."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
@@ -55,24 +55,66 @@ class GenerationFields(BaseModel):
 
 
 class Txt2ImgRequest(GenerationFields):
-    enable_hr: bool = False
-    hr_scale: float = Field(2.0, gt=0)
-    hr_upscaler: str | None = None
+    enable_hr: bool = False  # A1111's hires fix (hires.py); the hr_ fields count only with it
+    hr_scale: float = Field(2.0, gt=0, le=16)
+    hr_upscaler: str | None = None  # None: "Latent"; GET /latent-upscale-modes and /upscalers list the names
     hr_second_pass_steps: int = Field(0, ge=0)
+    hr_resize_x: int = Field(0, ge=0, le=16384)
+    hr_resize_y: int = Field(0, ge=0, le=16384)
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_cfg: float | None = Field(None, ge=0, le=100)  # None: cfg_scale
+    firstphase_width: int = Field(0, ge=0)  # A1111's old fields: a non-zero value is the first pass's size
+    firstphase_height: int = Field(0, ge=0)
 
 
 class Img2ImgRequest(GenerationFields):
     init_images: list[str] | None = None
     mask: str | None = None
-    resize_mode: Literal[0, 1, 2, 3] = 0  # 0 just resize, 1 crop and resize, 2 resize and fill (3: as 0)
+    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill (3: as 0)
     mask_blur: int = Field(4, ge=0, le=256)
     mask_blur_x: int | None = Field(None, ge=0, le=256)
     mask_blur_y: int | None = Field(None, ge=0, le=256)
-    inpainting_fill: Literal[0, 1, 2, 3] = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpainting_fill: int = Field(0, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpaint_full_res: bool = True
     inpaint_full_res_padding: int = Field(0, ge=0)
-    inpainting_mask_invert: Literal[0, 1] = 0
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
+
+
+class ExtrasFields(BaseModel):
+    """A1111's Extras tab: upscale (and face restoration, which this server does not have: visibility 0 only)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    resize_mode: int = Field(0, ge=0, le=1)  # 0: scale by upscaling_resize, 1: to upscaling_resize_w x _h
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0, ge=0, le=0)  # face restoration is not implemented: only 0 passes
+    codeformer_visibility: float = Field(0, ge=0, le=0)
+    codeformer_weight: float = Field(0, ge=0, le=1)
+    upscaling_resize: float = Field(2, ge=1, le=8)
+    upscaling_resize_w: int = Field(512, ge=1, le=16384)
+    upscaling_resize_h: int = Field(512, ge=1, le=16384)
+    upscaling_crop: bool = True
+    upscaler_1: str | None = "None"
+    upscaler_2: str | None = "None"
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(ExtrasFields):
+    image: str = ""
+
+
+class ImageItem(BaseModel):
+    model_config = ConfigDict(strict=True)
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasFields):
+    imageList: list[ImageItem] = Field(default_factory=list, max_length=64)  # noqa: N815 - A1111's field name
 
 
 class PngInfoRequest(BaseModel):
@@ -87,6 +129,7 @@ class Limits(BaseModel):
     max_steps: int = 150
     max_images: int = 16  # batch_size * n_iter
     max_batch_size: int = 8
+    max_upscaled: int = 8192  # the largest side an Extras upscale may produce
 
 
 class Options(BaseModel):
