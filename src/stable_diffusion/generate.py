@@ -178,7 +178,8 @@ def generate(pipe: Pipeline, request: GenerationRequest, callback: StepCallback 
 def _sample(pipe: Pipeline, request: GenerationRequest, prompts: list[str], negative: str,
             callback: StepCallback | None, loras: list[Path]) -> GenerationResult:
     result = GenerationResult([], [], [], request)
-    params = {"model": pipe.config.name, "model_hash": pipe.model_hash, "loras": loras}
+    params = {"model": pipe.config.name, "model_hash": pipe.model_hash, "loras": loras,
+              "vae": getattr(pipe, "vae_name", None)}
     try:
         start = _prepare_start(pipe, request)  # 4 (before 3: the 9-channel UNet wraps the concat input)
         denoiser = Denoiser.from_config(start.unet, pipe.config)  # 3

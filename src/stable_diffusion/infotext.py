@@ -106,13 +106,14 @@ def hires_params(request: GenerationRequest) -> dict[str, Any]:
 
 
 def generation_parameters(request: GenerationRequest, seed: int, model: str | None, model_hash: str | None = None,
-                          loras: list[Path] = (), subseed: int | None = None) -> dict[str, Any]:
+                          loras: list[Path] = (), subseed: int | None = None, vae: str | None = None
+                          ) -> dict[str, Any]:
     """The ``k: v`` pairs A1111 writes for one image of a resolved request, in its order (None values are left
     out): the model's short hash, and the LoRAs used with their hashes, among them."""
     return {
         "Steps": request.steps, "Sampler": request.sampler, "Schedule type": SCHEDULERS[request.scheduler].label,
         "CFG scale": request.cfg_scale, "Seed": seed, "Size": f"{request.width}x{request.height}",
-        "Model hash": model_hash, "Model": model or None,
+        "Model hash": model_hash, "Model": model or None, "VAE": vae,
         "Variation seed": subseed if request.subseed_strength else None,
         "Variation seed strength": request.subseed_strength or None,
         "Seed resize from": f"{request.seed_resize_from_w}x{request.seed_resize_from_h}" if request.seed_resize

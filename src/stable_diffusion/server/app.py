@@ -105,6 +105,12 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         except WorkerError as error:
             raise ApiError(error.status, error.detail) from None
 
+    def chosen_vae(name: object) -> Path | None:
+        try:
+            return registry.vae(str(name))
+        except KeyError as error:
+            raise ApiError(422, str(error.args[0])) from None
+
     def find(title: str, status: int = 422) -> ModelEntry:
         try:
             return registry.find(title)
@@ -125,14 +131,18 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
             raise ApiError(500, str(error)) from None
         request = build_request(body, options, registry.models_dir, state["model"].native_size, styles)
 
+        vae = chosen_vae((body.override_settings or {}).get("sd_vae", options["sd_vae"]))
+
         def run(report):
             entry = chosen or registry.current_entry
-            info, result = worker.run(Job("generate", entry.ref(), request), report)
+            ref = entry.ref()
+            ref.vae = vae
+            info, result = worker.run(Job("generate", ref, request), report)
             return entry, info, result
 
         entry, info, result = await queued(run, request.progress_steps(), request.n_iter, kind)
         return respond(body, result, (entry.name, entry.sha), kind == "img2img" and info.inpainting, outputs_dir,
-                       kind)
+                       kind, vae.stem if vae else None)
 
     async def txt2img(body: Txt2ImgRequest):
         return await generation(body, "txt2img")
@@ -173,6 +183,8 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         if not isinstance(changes, dict):
             raise ApiError(422, "options: the body must be a JSON object")
         checked = settings_for(options, changes)  # a bad value: 422, and nothing is stored
+        if "sd_vae" in changes:
+            chosen_vae(checked.sd_vae)
         if "sd_model_checkpoint" in changes:
             entry = find(str(changes["sd_model_checkpoint"]), 404)
 
@@ -187,6 +199,21 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
 
     app.include_router(listings_router(registry, {"api": True, "listen": listen, "api_auth": None,
                                                   "max_prompt_chars": max_prompt_chars}, lambda: state["model"]))
+
+    @app.post("/sdapi/v1/unload-checkpoint")
+    async def unload_checkpoint():
+        await queued(lambda report: worker.run(Job("unload", None)), 1, 1, "unload model")
+        return {}
+
+    @app.post("/sdapi/v1/reload-checkpoint")
+    async def reload_checkpoint():
+        entry = registry.current_entry
+
+        def load(report):
+            state["model"] = worker.run(Job("load", entry.ref()))[0]
+
+        await queued(load, 1, 1, "load model")
+        return {}
 
     app.include_router(extras_router(registry, queued, worker.run, limits))
 

@@ -27,9 +27,11 @@ CHECKED_BLOCKS = (CLIPAttention, CLIPMLP, ResnetBlock, AttnBlock)  # where a sto
 
 @dataclass
 class ModelRef:
-    """A model a job needs: the file, and the name its infotext carries."""
+    """A model a job needs: the file, the name its infotext carries, and a standalone VAE to use instead of its
+    own (A1111's sd_vae)."""
     path: Path
     name: str
+    vae: Path | None = None
 
 
 @dataclass
@@ -43,7 +45,8 @@ class ModelInfo:
 
 @dataclass
 class Job:
-    """``generate`` a request with a model, ``load`` a model (a model switch), or ``extras`` (upscale images)."""
+    """``generate`` a request with a model, ``load`` a model (a model switch), ``unload`` the model, or ``extras``
+    (upscale images)."""
     kind: str
     model: ModelRef | None
     request: GenerationRequest | None = None
@@ -74,9 +77,10 @@ class Executor:
     def ensure(self, model: ModelRef) -> ModelInfo:
         """Load ``model`` unless it is the one held; a stop is honoured inside its text encoders and VAE."""
         stamp = _file_stamp(model.path)
-        if self.model is None or self.model.path != model.path or stamp != self.stamp:
+        if self.model is None or (self.model.path, self.model.vae) != (model.path, model.vae) or stamp != self.stamp:
             self.pipe = self.model = None  # free the old weights before the new ones arrive
-            pipe = self.options.load(model.path)
+            pipe = self.options.load(model.path, vae=model.vae)
+            pipe.vae_name = model.vae.stem if model.vae else None
             self.stamp = stamp
             for module in [*pipe.text_encoders, pipe.vae]:
                 for block in module.modules():
@@ -88,6 +92,9 @@ class Executor:
                          [tc.width for tc in self.pipe.config.text_encoders])
 
     def run(self, job: Job, report: Report) -> tuple[ModelInfo | None, Any]:
+        if job.kind == "unload":  # A1111's unload-checkpoint: the weights go; the next job loads them again
+            self.pipe = self.model = self.stamp = None
+            return None, None
         if job.kind == "extras":  # A1111's Extras upscale: no diffusion model involved
             spec, folder = job.extra["upscale"], job.extra["models_dir"]
             return None, [spec.apply(image, folder) for image in job.extra["images"]]

@@ -118,6 +118,8 @@ def img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
         raise ApiError(404, "Init image not found")  # A1111's answer
     if not body.init_images:
         raise ApiError(422, "init_images: at least one image is required")
+    if len(body.init_images) > 1:  # not silently ignored: A1111 spreads several over the batch, this server cannot
+        raise ApiError(422, "init_images: this server takes one init image per request")
     init = decode_image(body.init_images[0], "init_images[0]")
     fields: dict[str, Any] = {}
     if body.mask:
@@ -194,7 +196,7 @@ def info_dict(body: GenerationFields, result: GenerationResult, model: tuple[str
 
 
 def respond(body: GenerationFields, result: GenerationResult, model: tuple[str, str], inpainting: bool,
-            outputs: Path | None, kind: str) -> dict[str, Any]:
+            outputs: Path | None, kind: str, vae: str | None = None) -> dict[str, Any]:
     timestamp = time.strftime("%Y%m%d%H%M%S")
     if body.save_images and outputs is not None:
         folder = outputs / f"{kind}-images"
@@ -205,5 +207,6 @@ def respond(body: GenerationFields, result: GenerationResult, model: tuple[str, 
     images = [base64.b64encode(png_bytes(im, text)).decode() for im, text in zip(result.images, result.infotexts)] \
         if body.send_images else []
     info = info_dict(body, result, model, inpainting, timestamp)
+    info["sd_vae_name"] = vae
     parameters = body.model_dump(exclude={"init_images", "mask"})
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}

@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedules import SCHEDULERS
 from ..embeddings import embedding_info
+from ..hires import LATENT_UPSCALE_MODES
 from ..infotext import parse_infotext
 from ..upscalers import find_upscalers
 from .executor import ModelInfo
@@ -20,6 +21,10 @@ from .generation import decode_image
 from .protocol import ApiError
 from .registry import ModelRegistry
 from .schemas import PngInfoRequest, PngInfoResponse
+
+
+async def _nothing():
+    return None
 
 
 def listings_router(registry: ModelRegistry, flags: dict, model_info: Callable[[], ModelInfo]) -> APIRouter:
@@ -99,6 +104,38 @@ def listings_router(registry: ModelRegistry, flags: dict, model_info: Callable[[
     @router.get("/scripts")
     async def scripts():
         return {"txt2img": [], "img2img": []}
+
+    @router.get("/script-info")
+    async def script_info():
+        return []  # no selectable or always-on scripts: script_name and alwayson_scripts take only their defaults
+
+    @router.get("/latent-upscale-modes")
+    async def latent_upscale_modes():
+        return [{"name": name} for name in LATENT_UPSCALE_MODES]
+
+    @router.get("/face-restorers")
+    async def face_restorers():
+        return []  # none: restore_faces takes only its default
+
+    @router.get("/hypernetworks")
+    async def hypernetworks():
+        return []  # hypernetworks are not implemented; <hypernet:...> is not read
+
+    @router.get("/extensions")
+    async def extensions():
+        return []
+
+    @router.get("/sd-modules")
+    async def sd_modules():
+        return [{"model_name": p.stem, "filename": shown(p)} for p in registry.files("VAE", {".safetensors", ".pt"})]
+
+    for name in ("refresh-loras", "refresh-vae", "refresh-embeddings"):  # listed from disk on every call already
+        router.add_api_route(f"/{name}", _nothing, methods=["POST"], name=name.replace("-", "_"))
+
+    @router.post("/interrogate")
+    async def interrogate():
+        raise ApiError(422, "interrogate: CLIP interrogation is not available on this server (no interrogation "
+                            "model); png-info reads the prompt of images this server or A1111 made")
 
     @router.get("/cmd-flags")
     async def cmd_flags():

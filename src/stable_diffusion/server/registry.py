@@ -68,6 +68,18 @@ class ModelRegistry:
                 return entry
         raise KeyError(f"model {name!r} not found; GET /sdapi/v1/sd-models lists the available ones")
 
+    def vae(self, name: str | None) -> Path | None:
+        """The VAE file an ``sd_vae`` setting names (None for "Automatic" / "None": the model's own); a KeyError
+        listing the VAEs otherwise."""
+        if name in (None, "", "Automatic", "None"):
+            return None
+        files = self.files("VAE", {".safetensors", ".pt", ".ckpt"})
+        for path in files:
+            if name in (path.name, path.stem):
+                return path
+        names = ", ".join(p.name for p in files) or "none"
+        raise KeyError(f"sd_vae: no VAE named {name!r} (VAE files: {names}; or Automatic, None)")
+
     def shown(self, path: Path) -> str:
         """A file's path as answers show it: relative to the models folder, never the server's own layout."""
         root = self.models_dir

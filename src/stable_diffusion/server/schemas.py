@@ -1,13 +1,17 @@
 """Request bodies of the AUTOMATIC1111 API (/sdapi/v1), with its field names and defaults, and the ranges every
 value must lie in (a 422 otherwise; floats must be finite). The server's own limits (largest size, steps, images)
-are checked in generation.check_limits. Fields clients send that we do not use (restore_faces, tiling,
-script_args, ...) are accepted and ignored, as A1111 does."""
+are checked in generation.check_limits. A1111 fields this server does not implement (face restoration, tiling,
+the k-diffusion churn settings, scripts other than those it has, the refiner, ...) are declared with A1111's
+defaults, which clients send with every request and which pass; any other value is a 422 naming the field, never
+silently ignored. Keys A1111 does not know are ignored, as A1111 does."""
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 
 class GenerationFields(BaseModel):
@@ -31,10 +35,21 @@ class GenerationFields(BaseModel):
     width: int = Field(512, ge=64)  # rounded down to a multiple of 8, as A1111's latent size does
     height: int = Field(512, ge=64)
     eta: float | None = Field(None, ge=0)
-    s_churn: float | None = Field(None, ge=0)
+    s_churn: float | None = Field(None, ge=0)  # the k-diffusion churn settings: A1111's defaults only (see below)
     s_tmax: float | None = Field(None, ge=0)
     s_tmin: float | None = Field(None, ge=0)
     s_noise: float | None = Field(None, ge=0)
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = Field(None, ge=0, le=1)
+    disable_extra_networks: bool = False
+    infotext: str | None = None
+    comments: dict[str, Any] | None = None
     s_min_uncond: float | None = Field(None, ge=0)  # NGMS; None: the "s_min_uncond" option
     clip_skip: int | None = Field(None, ge=1, le=12)
     override_settings: dict[str, Any] | None = None
@@ -53,6 +68,38 @@ class GenerationFields(BaseModel):
     def _multiple_of_8(cls, size: int) -> int:
         return size // 8 * 8
 
+    @field_validator("*")
+    @classmethod
+    def _implemented(cls, value: Any, info: ValidationInfo) -> Any:
+        """No silent ignoring: a field this server does not implement takes only A1111's default."""
+        allowed = UNIMPLEMENTED.get(info.field_name)
+        if allowed is not None and not _is_default(value, allowed):
+            shown = " or ".join(json.dumps(a) for a in allowed)
+            raise ValueError(f"not implemented by this server; only A1111's default ({shown}) is accepted")
+        return value
+
+    @field_validator("alwayson_scripts")
+    @classmethod
+    def _no_active_scripts(cls, scripts: dict[str, Any]) -> dict[str, Any]:
+        """Always-on scripts (extensions) this server does not have pass only when they carry no arguments."""
+        for name, entry in scripts.items():
+            if not isinstance(entry, dict) or entry.get("args"):
+                raise ValueError(f"{name!r}: always-on scripts are not implemented by this server")
+        return scripts
+
+
+UNIMPLEMENTED: dict[str, tuple] = {  # field -> the values that pass (A1111's defaults as clients send them)
+    "s_churn": (None, 0), "s_tmin": (None, 0), "s_tmax": (None, 0, math.inf), "s_noise": (None, 1),
+    "restore_faces": (None, False), "tiling": (None, False), "script_name": (None, ""), "script_args": ([],),
+    "refiner_checkpoint": (None, "", "None"), "refiner_switch_at": (None,), "disable_extra_networks": (False,),
+    "infotext": (None, ""), "hr_checkpoint_name": (None, "", "Use same checkpoint"),
+    "initial_noise_multiplier": (None, 1), "latent_mask": (None, ""), "firstpass_image": (None, ""),
+}
+
+
+def _is_default(value: Any, allowed: tuple) -> bool:
+    return any(value is a or (type(value) is not bool and type(a) is not bool and value == a) for a in allowed)
+
 
 class Txt2ImgRequest(GenerationFields):
     enable_hr: bool = False  # A1111's hires fix (hires.py); the hr_ fields count only with it
@@ -68,6 +115,8 @@ class Txt2ImgRequest(GenerationFields):
     hr_cfg: float | None = Field(None, ge=0, le=100)  # None: cfg_scale
     firstphase_width: int = Field(0, ge=0)  # A1111's old fields: a non-zero value is the first pass's size
     firstphase_height: int = Field(0, ge=0)
+    hr_checkpoint_name: str | None = None
+    firstpass_image: str | None = None
 
 
 class Img2ImgRequest(GenerationFields):
@@ -82,6 +131,10 @@ class Img2ImgRequest(GenerationFields):
     inpaint_full_res_padding: int = Field(0, ge=0)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
+    image_cfg_scale: float | None = None  # instruct-pix2pix only: no effect on other models, as in A1111
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    mask_round: bool = True
 
 
 class ExtrasFields(BaseModel):
