@@ -129,3 +129,17 @@ def test_a1111_filters_and_just_resize():
     assert upscale(image, 2.5, get_upscaler("Lanczos", None)).size == (40, 40)
     assert resize_image(image, 50, 30, get_upscaler("Nearest", None)).size == (50, 30)
     assert resize_image(image, 32, 32, get_upscaler("None", None)) .size == (32, 32)
+
+
+def test_a_model_file_is_read_once_until_it_is_rewritten(tmp_path):
+    import os
+
+    (tmp_path / "ESRGAN").mkdir()
+    path = tmp_path / "ESRGAN" / "2x.pth"
+    torch.save(_random(SRVGGNetCompact(features=8, convs=1, scale=2), 1), path)
+    first = get_upscaler("2x", tmp_path).net()
+    assert get_upscaler("2x", tmp_path).net() is first  # hires batches and Extras requests reuse it
+    torch.save(_random(SRVGGNetCompact(features=8, convs=1, scale=2), 2), path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    again = get_upscaler("2x", tmp_path).net()
+    assert again is not first and not torch.equal(again.body[0].weight, first.body[0].weight)

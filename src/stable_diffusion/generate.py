@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -186,8 +186,10 @@ def _sample(pipe: Pipeline, request: GenerationRequest, prompts: list[str], nega
         sigmas = sampling_sigmas(request.sampler, request.scheduler, request.steps, denoiser.schedule,
                                  pipe.config.family).to(pipe.device)
         sigmas = sigmas[len(sigmas) - 1 - request.sampling_steps():]  # img2img: the schedule's last steps
+        second = _second_pass(pipe, request)
         for it in range(request.n_iter):  # 5, 6
-            stopped = _batch(pipe, request, it, prompts, negative, start, denoiser, sigmas, callback, result, params)
+            stopped = _batch(pipe, request, it, prompts, negative, start, denoiser, sigmas, callback, result, params,
+                             second)
             if stopped is not None and not stopped.skip:
                 break
     except StopGeneration:  # stopped inside the text encoder or the VAE: what is finished is the result
@@ -197,14 +199,14 @@ def _sample(pipe: Pipeline, request: GenerationRequest, prompts: list[str], nega
 
 def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[str], negative: str, start: _Start,
            denoiser: Denoiser, sigmas: torch.Tensor, callback: StepCallback | None, result: GenerationResult,
-           params: dict) -> StopSampling | None:
+           params: dict, second: _SecondPass | None = None) -> StopSampling | None:
     """Batch ``it`` of the request, appended to ``result``; returns the StopSampling that ended it early."""
     n = request.batch_size
     seeds, subseeds = request.image_seeds(it)
     x, stopped = _denoise(pipe, request, prompts * (n // len(prompts)), negative, start, denoiser, sigmas, seeds,
                           subseeds, callback)
-    if request.hires is not None and stopped is None:  # stopped: the first pass's images, as A1111
-        x, stopped = _hires_pass(pipe, request, x, seeds, subseeds, callback)
+    if second is not None and stopped is None:  # stopped: the first pass's images, as A1111
+        x, stopped = _hires_pass(pipe, request, second, x, seeds, subseeds, callback)
     images = decode_latents(pipe, x, request.vae_tile)
     if request.mask is not None:
         images = [composite(request.init_image, image, start.pixel_mask) for image in images]
@@ -218,11 +220,38 @@ def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[st
     return stopped
 
 
-def _hires_pass(pipe: Pipeline, request: GenerationRequest, x: torch.Tensor, seeds: list[int], subseeds: list[int],
-                callback: StepCallback | None) -> tuple[torch.Tensor, StopSampling | None]:
+@dataclass
+class _SecondPass:
+    """The hires fix's second pass, prepared once per request: its request, start (a 9-channel UNet's input at the
+    target size), denoiser, sigmas (none when the strength is 0) and prompts."""
+
+    request: GenerationRequest
+    start: _Start
+    denoiser: Denoiser
+    sigmas: torch.Tensor | None
+    prompts: list[str]
+    negative: str
+
+
+def _second_pass(pipe: Pipeline, request: GenerationRequest) -> _SecondPass | None:
+    if request.hires is None:
+        return None
+    second = request.hires_request(pipe.vae.downscale)
+    start = _prepare_start(pipe, second)  # txt2img at the target size (a 9-channel UNet's input too)
+    denoiser = Denoiser.from_config(start.unet, pipe.config)
+    sigmas = None
+    if request.denoising_strength > 0:  # 0: nothing to redraw, the upscaled latents are the result
+        length, run = second_pass_steps(second.steps, request.denoising_strength)
+        sigmas = sampling_sigmas(second.sampler, second.scheduler, length, denoiser.schedule, pipe.config.family)
+        sigmas = sigmas[len(sigmas) - 1 - run:].to(pipe.device)
+    prompts, negative, _ = _loras(second)
+    return _SecondPass(second, start, denoiser, sigmas, prompts, negative)
+
+
+def _hires_pass(pipe: Pipeline, request: GenerationRequest, second: _SecondPass, x: torch.Tensor, seeds: list[int],
+                subseeds: list[int], callback: StepCallback | None) -> tuple[torch.Tensor, StopSampling | None]:
     """A1111's hires fix on a batch's first-pass latents: upscale, then an img2img pass at the target size."""
-    f = pipe.vae.downscale
-    hr, second = request.hires, request.hires_request(f)
+    f, hr = pipe.vae.downscale, request.hires
     to_x, to_y, tx, ty = hr.target(request.width, request.height, f)
     if hr.latent_mode is not None:
         latents = upscale_latents(x, hr.latent_mode, (to_y // f, to_x // f))
@@ -232,17 +261,12 @@ def _hires_pass(pipe: Pipeline, request: GenerationRequest, x: torch.Tensor, see
         w, h = to_x // f * f, to_y // f * f
         latents = _encode(pipe, torch.cat([to_batch(im.crop((0, 0, w, h)), w, h) for im in images]),
                           request.vae_tile)
-    start = _prepare_start(pipe, second)  # txt2img at the target size (a 9-channel UNet's input too)
-    start.init_latent = truncate(latents, tx, ty)
-    if request.denoising_strength == 0:  # nothing to redraw: the upscaled latents are the result
-        return start.init_latent, None
-    denoiser = Denoiser.from_config(start.unet, pipe.config)
-    length, run = second_pass_steps(second.steps, request.denoising_strength)
-    sigmas = sampling_sigmas(second.sampler, second.scheduler, length, denoiser.schedule, pipe.config.family)
-    sigmas = sigmas[len(sigmas) - 1 - run:].to(pipe.device)
-    prompts, negative, _ = _loras(second)
-    return _denoise(pipe, second, prompts * (len(seeds) // len(prompts)), negative, start, denoiser, sigmas, seeds,
-                    subseeds, callback)
+    latents = truncate(latents, tx, ty)
+    if second.sigmas is None:
+        return latents, None
+    prompts = second.prompts * (len(seeds) // len(second.prompts))
+    return _denoise(pipe, second.request, prompts, second.negative, replace(second.start, init_latent=latents),
+                    second.denoiser, second.sigmas, seeds, subseeds, callback)
 
 
 def _denoise(pipe: Pipeline, request: GenerationRequest, prompts: list[str], negative: str, start: _Start,

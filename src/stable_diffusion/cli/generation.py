@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .options import device_arguments, guidance_arguments, guidance_skip, run_options
+from .options import device_arguments, guidance_arguments, guidance_skip, run_options, size_arg
 
 if TYPE_CHECKING:
     from ..request import GenerationRequest
@@ -26,17 +26,10 @@ def _lora_arg(text: str) -> tuple[str, float]:
         raise ValueError(f"--lora expects NAME_OR_PATH[:WEIGHT], got {text!r}") from None
 
 
-def _size_arg(text: str, flag: str) -> tuple[int, int]:
-    w, _, h = text.lower().partition("x")
-    if not (w.isdigit() and h.isdigit()):
-        raise ValueError(f"{flag} takes WIDTHxHEIGHT, e.g. 512x512, not {text!r}")
-    return int(w), int(h)
-
-
 def _seed_resize(text: str | None) -> dict:
     if text is None:
         return {}
-    w, h = _size_arg(text, "--seed-resize-from")
+    w, h = size_arg(text, "--seed-resize-from")
     return {"seed_resize_from_w": w, "seed_resize_from_h": h}
 
 
@@ -46,7 +39,7 @@ def _hires(args: argparse.Namespace):
 
     if getattr(args, "hires", None) is None and getattr(args, "hires_resize", None) is None:
         return None
-    resize = _size_arg(args.hires_resize, "--hires-resize") if args.hires_resize else (0, 0)
+    resize = size_arg(args.hires_resize, "--hires-resize") if args.hires_resize else (0, 0)
     return HiresFix(scale=args.hires or 2.0, resize_x=resize[0], resize_y=resize[1], upscaler=args.hires_upscaler,
                     steps=args.hires_steps, sampler=args.hires_sampler, scheduler=args.hires_scheduler,
                     prompt=args.hires_prompt, negative_prompt=args.hires_negative, cfg_scale=args.hires_cfg)

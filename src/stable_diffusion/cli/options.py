@@ -45,3 +45,11 @@ def guidance_arguments(p: argparse.ArgumentParser) -> None:
 def guidance_skip(args: argparse.Namespace) -> dict:
     return {"s_min_uncond": args.ngms, "s_min_uncond_all": args.ngms_all_steps,
             "skip_early_cond": args.skip_early_cfg}
+
+
+def size_arg(text: str, flag: str) -> tuple[int, int]:
+    """A ``WIDTHxHEIGHT`` flag value; a ValueError naming the flag otherwise."""
+    w, _, h = text.lower().partition("x")
+    if not (w.isdigit() and h.isdigit()):
+        raise ValueError(f"{flag} takes WIDTHxHEIGHT, e.g. 512x512, not {text!r}")
+    return int(w), int(h)

@@ -6,17 +6,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import size_arg
+
 
 def cmd_upscale(args: argparse.Namespace) -> None:
     from ..images import open_image, save_png
     from ..upscalers.extras import ExtrasUpscale
 
-    resize = (0, 0)
-    if args.resize:
-        w, _, h = args.resize.lower().partition("x")
-        if not (w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
-            raise ValueError(f"--resize takes WIDTHxHEIGHT, e.g. 1024x1024, not {args.resize!r}")
-        resize = (int(w), int(h))
+    resize = size_arg(args.resize, "--resize") if args.resize else (0, 0)
+    if args.resize and min(resize) < 1:
+        raise ValueError(f"--resize needs a positive width and height, not {args.resize!r}")
     if not 1 <= args.scale <= 8:
         raise ValueError(f"--scale must be from 1 to 8, got {args.scale}")
     if not 0 <= args.visibility <= 1:

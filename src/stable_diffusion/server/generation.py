@@ -170,7 +170,7 @@ def build_request(body: GenerationFields, options: dict, models_dir: Path | None
 
 
 def info_dict(body: GenerationFields, result: GenerationResult, model: tuple[str, str], inpainting: bool,
-              timestamp: str) -> dict[str, Any]:
+              timestamp: str, vae: str | None = None) -> dict[str, Any]:
     request = result.request
     seeds = result.seeds or [request.seed]
     subseeds = result.subseeds or [request.subseed]
@@ -184,7 +184,7 @@ def info_dict(body: GenerationFields, result: GenerationResult, model: tuple[str
         "width": request.width, "height": request.height, "sampler_name": request.sampler,
         "cfg_scale": request.cfg_scale, "steps": request.steps, "batch_size": request.batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": model[0], "sd_model_hash": model[1],
-        "sd_vae_name": None, "sd_vae_hash": None,
+        "sd_vae_name": vae, "sd_vae_hash": None,
         "seed_resize_from_w": request.seed_resize_from_w if request.seed_resize else -1,
         "seed_resize_from_h": request.seed_resize_from_h if request.seed_resize else -1,
         "denoising_strength": request.denoising_strength if request.init_image is not None or request.hires
@@ -206,7 +206,6 @@ def respond(body: GenerationFields, result: GenerationResult, model: tuple[str, 
             save_png(image, folder / f"{start + i:05d}-{seed}.png", text)
     images = [base64.b64encode(png_bytes(im, text)).decode() for im, text in zip(result.images, result.infotexts)] \
         if body.send_images else []
-    info = info_dict(body, result, model, inpainting, timestamp)
-    info["sd_vae_name"] = vae
+    info = info_dict(body, result, model, inpainting, timestamp, vae)
     parameters = body.model_dump(exclude={"init_images", "mask"})
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}

@@ -5,7 +5,7 @@ upscaler (hires fix, img2img)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -29,12 +29,15 @@ class Upscaler:
     kind: str  # "none", "lanczos", "nearest" or the folder of a model ("ESRGAN", "RealESRGAN")
     path: Path | None = None
     scale: float = 4.0
-    _net: nn.Module | None = field(default=None, repr=False)
 
     def net(self) -> nn.Module:
-        if self._net is None:
-            self._net = load_upscaler_net(self.path)
-        return self._net
+        """The loaded net; the last file used stays loaded, so that hires batches and repeated Extras requests
+        read it once (a rewritten file is read again)."""
+        key = (str(self.path), self.path.stat().st_mtime_ns)
+        if _LOADED.get("key") != key:
+            _LOADED.clear()  # free the old weights first
+            _LOADED.update(key=key, net=load_upscaler_net(self.path))
+        return _LOADED["net"]
 
     def listing(self) -> dict:
         """The entry of A1111's GET /sdapi/v1/upscalers."""
@@ -52,6 +55,7 @@ class Upscaler:
 
 
 BUILTIN = ("None", "Lanczos", "Nearest")
+_LOADED: dict = {}  # {"key": (path, mtime), "net": the net}: the last upscaler file used
 
 
 def _model_scale(path: Path) -> float:
@@ -65,7 +69,14 @@ def _model_scale(path: Path) -> float:
         return float(net_from_state_dict({k: v.to("meta") for k, v in state.items()}).scale)
 
 
-_SCALES: dict[tuple[str, float], float] = {}  # (path, mtime) -> scale: listings read each file once
+_SCALES: dict[tuple[str, int], float] = {}  # (path, mtime) -> scale: listings read each file once
+
+
+def _scale_of(path: Path) -> float:
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _SCALES:
+        _SCALES[key] = _model_scale(path)
+    return _SCALES[key]
 
 
 def find_upscalers(models_dir: str | Path | None) -> list[Upscaler]:
@@ -79,14 +90,12 @@ def find_upscalers(models_dir: str | Path | None) -> list[Upscaler]:
         if not directory.is_dir():
             continue
         for path in sorted(p for p in directory.iterdir() if p.suffix in MODEL_SUFFIXES and p.is_file()):
-            key = (str(path), path.stat().st_mtime)
-            if key not in _SCALES:
-                try:
-                    _SCALES[key] = _model_scale(path)
-                except (ValueError, RuntimeError):
-                    continue
+            try:
+                scale = _scale_of(path)
+            except (ValueError, RuntimeError):
+                continue
             name = REALESRGAN_NAMES.get(path.stem, path.stem) if folder == "RealESRGAN" else path.stem
-            found.append(Upscaler(name, folder, path, _SCALES[key]))
+            found.append(Upscaler(name, folder, path, scale))
     return found
 
 
@@ -94,7 +103,7 @@ def get_upscaler(name: str, models_dir: str | Path | None) -> Upscaler:
     """The upscaler called ``name`` (or the model file at that path); a ValueError listing the names otherwise."""
     if Path(name).suffix in MODEL_SUFFIXES and Path(name).is_file():
         path = Path(name)
-        return Upscaler(path.stem, "ESRGAN", path, _model_scale(path))
+        return Upscaler(path.stem, "ESRGAN", path, _scale_of(path))
     available = find_upscalers(models_dir)
     for upscaler in available:
         if upscaler.name == name:
