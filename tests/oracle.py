@@ -29,11 +29,12 @@ def unet_kwargs(family: str, in_channels: int = 4) -> dict:
         return dict(common, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                     attention_head_dim=(2, 4), use_linear_projection=True)
+    refiner = family == "sdxl-refiner"  # OpenCLIP-G alone (32 wide); y has 5 numbers, the aesthetic score last
     return dict(common, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32 if refiner else 64,
                 attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
                 addition_embed_type="text_time", addition_time_embed_dim=SIZE_DIM,
-                projection_class_embeddings_input_dim=32 + 6 * SIZE_DIM)
+                projection_class_embeddings_input_dim=32 + (5 if refiner else 6) * SIZE_DIM)
 
 
 def vae_kwargs() -> dict:
@@ -52,11 +53,13 @@ def hf_tokenizer(pad: str = "<|endoftext|>"):
 
 
 def build_diffusers_pipeline(family: str, seed: int = 0, in_channels: int = 4, prediction: str | None = None):
-    """A random-weight diffusers pipeline of the tiny family (SD2: v-prediction unless ``prediction="eps"``)."""
+    """A random-weight diffusers pipeline of the tiny family (SD2: v-prediction unless ``prediction="eps"``;
+    "sdxl-refiner": SDXL's refiner as a StableDiffusionXLImg2ImgPipeline)."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
@@ -70,6 +73,11 @@ def build_diffusers_pipeline(family: str, seed: int = 0, in_channels: int = 4, p
     pred = "v_prediction" if (prediction or ("v" if family == "sd2" else "eps")) == "v" else "epsilon"
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        prediction_type=pred, steps_offset=1)
+    if family == "sdxl-refiner":  # as stabilityai/stable-diffusion-xl-refiner-1.0's model_index.json
+        te2 = CLIPTextModelWithProjection(text_config("gelu", projection=True))
+        return StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None,
+                                                tokenizer_2=hf_tokenizer("!"), unet=unet, scheduler=scheduler,
+                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     if family == "sdxl":
         te1 = CLIPTextModel(text_config("quick_gelu"))
         te2 = CLIPTextModelWithProjection(text_config("gelu", projection=True))

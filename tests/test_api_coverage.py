@@ -43,7 +43,7 @@ def test_defaults_pass_and_unimplemented_values_are_named(client):
     assert _txt2img(client, alwayson_scripts={"controlnet": {"args": []}}).status_code == 200
     for field, value in (("restore_faces", True), ("tiling", True), ("s_churn", 0.5), ("s_noise", 0.9),
                          ("script_name", "prompt matrix"), ("refiner_checkpoint", "sdxl-refiner"),
-                         ("refiner_switch_at", 0.8), ("hr_checkpoint_name", "other"), ("infotext", "Steps: 5"),
+                         ("hr_checkpoint_name", "other"), ("infotext", "Steps: 5"),
                          ("disable_extra_networks", True),
                          ("alwayson_scripts", {"controlnet": {"args": [{"enabled": True}]}})):
         r = _txt2img(client, **{field: value})

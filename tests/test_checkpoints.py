@@ -41,7 +41,8 @@ def fake_state_dict(name: str, leftovers: bool = True) -> dict[str, torch.Tensor
     return sd
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sdxl", "sdxl-inpaint"])
+@pytest.mark.parametrize("name", ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sdxl", "sdxl-inpaint",
+                                  "sdxl-refiner"])
 def test_detects_family_and_config_of_fake_full_size_state_dicts(name):
     detected = detect_config(fake_state_dict(name))
     expected = preset(name)

@@ -13,6 +13,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from stable_diffusion.models.configs import preset
+from stable_diffusion.pipeline import Pipeline
+
 from .live_server import live_server, tiny_models
 
 
@@ -24,10 +27,17 @@ def _rss_mb(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def models(tmp_path_factory) -> Path:
     from .test_extras import esrgan_models
 
     models = esrgan_models(tiny_models(tmp_path_factory.mktemp("models")))
+    for name in ("tiny-sdxl", "tiny-sdxl-refiner"):  # an SDXL base + refiner pair (random weights)
+        Pipeline.from_config(preset(name), seed=5).save(models / "Stable-diffusion" / f"{name}.safetensors")
+    return models
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
     styles = tmp_path_factory.mktemp("styles") / "styles.csv"
     styles.write_text("name,prompt,negative_prompt\nShapes,\"{prompt}, on a black background\",blurry\n")
     with live_server(models, tmp_path_factory.mktemp("out"), "--styles-file", str(styles)) as running:
@@ -62,6 +72,34 @@ def test_webuiapi_hires_fix_variations_styles_and_extras(server):
     assert upscaled.image.size == (256, 256)
     batch = api.extra_batch_images([hires.image, styled.image], upscaler_1="Lanczos", upscaling_resize=2)
     assert [im.size for im in batch.images] == [(256, 256), (128, 128)]
+
+
+def test_sdxl_refiner_over_http_is_the_python_api_image(server, models):
+    """refiner_checkpoint / refiner_switch_at (webuiapi has no arguments for them: its custom_post sends them)."""
+    import numpy as np
+    import webuiapi
+
+    from stable_diffusion import load_pipeline
+    from stable_diffusion.generate import generate
+    from stable_diffusion.request import GenerationRequest
+
+    port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+    payload = {"prompt": "a red circle", "negative_prompt": "blue", "seed": 4, "steps": 6, "width": 64, "height": 64,
+               "sampler_name": "DPM++ 2M", "override_settings": {"sd_model_checkpoint": "tiny-sdxl"},
+               "refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.5}
+    result = api.custom_post("txt2img", payload, baseurl=True)
+    infotext = result.info["infotexts"][0]
+    assert "Refiner: tiny-sdxl-refiner [" in infotext and "Refiner switch at: 0.5" in infotext
+    unknown = httpx.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json={**payload, "refiner_checkpoint": "nope"})
+    assert unknown.status_code == 422 and "nope" in unknown.json()["detail"]
+    folder = models / "Stable-diffusion"
+    base = load_pipeline(folder / "tiny-sdxl.safetensors")
+    refiner = load_pipeline(folder / "tiny-sdxl-refiner.safetensors")
+    request = GenerationRequest("a red circle", negative_prompt="blue", seed=4, steps=6, width=64, height=64,
+                                sampler="DPM++ 2M", refiner_switch_at=0.5)
+    ours = generate(base, request, refiner=refiner).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(result.image.convert("RGB")))
 
 
 def test_webuiapi_client_txt2img_img2img_progress_interrupt_options(server):

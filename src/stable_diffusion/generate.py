@@ -5,7 +5,8 @@
 2. merge the LoRAs it names (arguments and ``<lora:name:w>`` tags) for its duration;
 3. build the denoiser and the sigma schedule (img2img: the schedule's last steps);
 4. prepare the start (img2img / inpainting: the encoded init image, the masks, the 9-channel UNet input);
-5. per batch: encode the prompts into the guided denoiser, draw A1111's per-seed noise, sample;
+5. per batch: encode the prompts into the guided denoiser, draw A1111's per-seed noise, sample (an SDXL refiner
+   given: its denoiser takes over at the request's refiner_switch_at);
 6. decode the latents to pixels, keep the unmasked pixels, write the infotext.
 
 txt2img, img2img and inpainting differ only in step 4 and in the first latent."""
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 
 from .conditioning import guided_denoiser
-from .diffusion.denoiser import Denoiser, GuidanceSkip
+from .diffusion.denoiser import Denoiser, GuidanceSkip, RefinerSwitch
 from .diffusion.noise import BrownianNoise, PerImageNoise, initial_noise
 from .diffusion.samplers import SAMPLERS, sampling_sigmas
 from .hires import second_pass_steps, truncate, upscale_latents
@@ -155,12 +156,38 @@ def _loras(request: GenerationRequest) -> tuple[list[str], str, list[tuple]]:
     return prompts, negative, loras + tagged + tagged_negative
 
 
-def generate(pipe: Pipeline, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
+@dataclass
+class _Refiner:
+    """An SDXL refiner for a request: its pipeline and denoiser, and whether it finished the last batch."""
+
+    pipe: Pipeline
+    denoiser: Denoiser
+    used: bool = False
+
+    @property
+    def title(self) -> str:
+        """A1111's short title of the refiner: name [hash]."""
+        name, sha = self.pipe.config.name, self.pipe.model_hash
+        return f"{name} [{sha}]" if sha else name
+
+
+def _check_refiner(pipe: Pipeline, refiner: Pipeline) -> None:
+    if refiner.config.is_inpainting or refiner.config.vae.embed_dim != pipe.config.vae.embed_dim \
+            or refiner.vae.downscale != pipe.vae.downscale:
+        raise ValueError("refiner: its latents differ from the model's (a refiner needs the same latent space "
+                         "and a 4-channel UNet)")
+
+
+def generate(pipe: Pipeline, request: GenerationRequest, callback: StepCallback | None = None,
+             refiner: Pipeline | None = None) -> GenerationResult:
     """Images for a request: txt2img, img2img (SDEdit, Meng et al. 2022) when it has an init image, inpainting
-    when it has a mask too. ``callback`` sees every sampling step and may raise StopSampling."""
+    when it has a mask too. ``callback`` sees every sampling step and may raise StopSampling. ``refiner``: a
+    model (SDXL's refiner) that finishes the trajectory from ``request.refiner_switch_at`` on, as A1111's."""
+    if refiner is not None:
+        _check_refiner(pipe, refiner)
     if request.mask is not None and request.inpaint_full_res:  # inpaint a crop around the mask, paste it back
         crop, box = only_masked_crop(request, pipe.config.image_size)
-        result = generate(pipe, crop, callback)
+        result = generate(pipe, crop, callback, refiner)
         result.images = paste_back(request, result.images, box)
         return result
     request = request.resolved(pipe.config.image_size)  # 1
@@ -169,14 +196,15 @@ def generate(pipe: Pipeline, request: GenerationRequest, callback: StepCallback 
         raise ValueError("hr_prompt: its LoRAs differ from the prompt's (one set of LoRAs is merged per generation)")
     with applied_loras(pipe, loras), torch.inference_mode():  # 2
         try:
-            return _sample(pipe, request, prompts, negative, callback, [path for path, _ in loras])
+            return _sample(pipe, request, prompts, negative, callback, [path for path, _ in loras], refiner)
         finally:
-            if pipe.offload is not None:  # offloaded: every weight goes home between generations
-                pipe.offload.unload_all()
+            for model in (pipe, refiner):  # offloaded: every weight goes home between generations
+                if model is not None and model.offload is not None:
+                    model.offload.unload_all()
 
 
 def _sample(pipe: Pipeline, request: GenerationRequest, prompts: list[str], negative: str,
-            callback: StepCallback | None, loras: list[Path]) -> GenerationResult:
+            callback: StepCallback | None, loras: list[Path], refiner: Pipeline | None) -> GenerationResult:
     result = GenerationResult([], [], [], request)
     params = {"model": pipe.config.name, "model_hash": pipe.model_hash, "loras": loras,
               "vae": getattr(pipe, "vae_name", None)}
@@ -187,9 +215,10 @@ def _sample(pipe: Pipeline, request: GenerationRequest, prompts: list[str], nega
                                  pipe.config.family).to(pipe.device)
         sigmas = sigmas[len(sigmas) - 1 - request.sampling_steps():]  # img2img: the schedule's last steps
         second = _second_pass(pipe, request)
+        expert = _Refiner(refiner, Denoiser.from_config(refiner.unet, refiner.config)) if refiner else None
         for it in range(request.n_iter):  # 5, 6
             stopped = _batch(pipe, request, it, prompts, negative, start, denoiser, sigmas, callback, result, params,
-                             second)
+                             second, expert)
             if stopped is not None and not stopped.skip:
                 break
     except StopGeneration:  # stopped inside the text encoder or the VAE: what is finished is the result
@@ -199,15 +228,21 @@ def _sample(pipe: Pipeline, request: GenerationRequest, prompts: list[str], nega
 
 def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[str], negative: str, start: _Start,
            denoiser: Denoiser, sigmas: torch.Tensor, callback: StepCallback | None, result: GenerationResult,
-           params: dict, second: _SecondPass | None = None) -> StopSampling | None:
-    """Batch ``it`` of the request, appended to ``result``; returns the StopSampling that ended it early."""
+           params: dict, second: _SecondPass | None = None, refiner: _Refiner | None = None) -> StopSampling | None:
+    """Batch ``it`` of the request, appended to ``result``; returns the StopSampling that ended it early. A
+    refiner works on the hires fix's second pass when there is one (A1111's default), else on the only pass."""
     n = request.batch_size
     seeds, subseeds = request.image_seeds(it)
+    if refiner is not None:
+        refiner.used = False
     x, stopped = _denoise(pipe, request, prompts * (n // len(prompts)), negative, start, denoiser, sigmas, seeds,
-                          subseeds, callback)
+                          subseeds, callback, refiner if second is None else None)
     if second is not None and stopped is None:  # stopped: the first pass's images, as A1111
-        x, stopped = _hires_pass(pipe, request, second, x, seeds, subseeds, callback)
-    images = decode_latents(pipe, x, request.vae_tile)
+        x, stopped = _hires_pass(pipe, request, second, x, seeds, subseeds, callback, refiner)
+    refined = refiner is not None and refiner.used
+    images = decode_latents(refiner.pipe if refined else pipe, x, request.vae_tile)  # A1111: the model last used
+    if refined:
+        params = {**params, "refiner": refiner.title}
     if request.mask is not None:
         images = [composite(request.init_image, image, start.pixel_mask) for image in images]
     asked = request.prompt if isinstance(request.prompt, list) else [request.prompt] * n
@@ -249,7 +284,8 @@ def _second_pass(pipe: Pipeline, request: GenerationRequest) -> _SecondPass | No
 
 
 def _hires_pass(pipe: Pipeline, request: GenerationRequest, second: _SecondPass, x: torch.Tensor, seeds: list[int],
-                subseeds: list[int], callback: StepCallback | None) -> tuple[torch.Tensor, StopSampling | None]:
+                subseeds: list[int], callback: StepCallback | None, refiner: _Refiner | None = None
+                ) -> tuple[torch.Tensor, StopSampling | None]:
     """A1111's hires fix on a batch's first-pass latents: upscale, then an img2img pass at the target size."""
     f, hr = pipe.vae.downscale, request.hires
     to_x, to_y, tx, ty = hr.target(request.width, request.height, f)
@@ -266,19 +302,26 @@ def _hires_pass(pipe: Pipeline, request: GenerationRequest, second: _SecondPass,
         return latents, None
     prompts = second.prompts * (len(seeds) // len(second.prompts))
     return _denoise(pipe, second.request, prompts, second.negative, replace(second.start, init_latent=latents),
-                    second.denoiser, second.sigmas, seeds, subseeds, callback)
+                    second.denoiser, second.sigmas, seeds, subseeds, callback, refiner)
 
 
 def _denoise(pipe: Pipeline, request: GenerationRequest, prompts: list[str], negative: str, start: _Start,
              denoiser: Denoiser, sigmas: torch.Tensor, seeds: list[int], subseeds: list[int],
-             callback: StepCallback | None) -> tuple[torch.Tensor, StopSampling | None]:
+             callback: StepCallback | None, refiner: _Refiner | None = None
+             ) -> tuple[torch.Tensor, StopSampling | None]:
     """One sampling pass of a batch: A1111's noise for its seeds, added to the start latent (img2img) or alone,
-    then the sampler down ``sigmas``. Returns the latents and the StopSampling that ended it early."""
+    then the sampler down ``sigmas`` (the refiner's denoiser from its switch on). Returns the latents and the
+    StopSampling that ended it early."""
     c, f = pipe.config, pipe.vae.downscale
     spec = SAMPLERS[request.sampler]
     takes_eta = "eta" in inspect.signature(spec.fn).parameters  # follows the no_grad wrapper
     options = {**spec.options, **({"eta": request.eta} if request.eta is not None and takes_eta else {})}
     model = guided_denoiser(pipe, request, prompts, negative, denoiser, sigmas)
+    switch = None
+    if refiner is not None:
+        switch = model = RefinerSwitch(
+            model, lambda: guided_denoiser(refiner.pipe, request, prompts, negative, refiner.denoiser, sigmas),
+            denoiser.schedule.sigmas, request.refiner_switch_at)
     if request.s_min_uncond or request.skip_early_cond:
         model = GuidanceSkip(model, len(sigmas) - 1, request.s_min_uncond, request.s_min_uncond_all,
                              request.skip_early_cond)
@@ -298,3 +341,6 @@ def _denoise(pipe: Pipeline, request: GenerationRequest, prompts: list[str], neg
         return spec.fn(model, x, sigmas, callback=callback, noise=noise, **options), None
     except StopSampling as stop:
         return stop.denoised, stop
+    finally:
+        if switch is not None:
+            refiner.used = switch.switched

@@ -106,10 +106,11 @@ def hires_params(request: GenerationRequest) -> dict[str, Any]:
 
 
 def generation_parameters(request: GenerationRequest, seed: int, model: str | None, model_hash: str | None = None,
-                          loras: list[Path] = (), subseed: int | None = None, vae: str | None = None
-                          ) -> dict[str, Any]:
+                          loras: list[Path] = (), subseed: int | None = None, vae: str | None = None,
+                          refiner: str | None = None) -> dict[str, Any]:
     """The ``k: v`` pairs A1111 writes for one image of a resolved request, in its order (None values are left
-    out): the model's short hash, and the LoRAs used with their hashes, among them."""
+    out): the model's short hash, and the LoRAs used with their hashes, among them; ``refiner``: the title of the
+    SDXL refiner that finished the image."""
     return {
         "Steps": request.steps, "Sampler": request.sampler, "Schedule type": SCHEDULERS[request.scheduler].label,
         "CFG scale": request.cfg_scale, "Seed": seed, "Size": f"{request.width}x{request.height}",
@@ -124,6 +125,7 @@ def generation_parameters(request: GenerationRequest, seed: int, model: str | No
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         **guidance_skip_params(request),
         **hires_params(request),
+        "Refiner": refiner, "Refiner switch at": request.refiner_switch_at if refiner else None,
         "Eta": request.eta if request.eta is not None and request.eta != 1.0 else None,
         "Lora hashes": ", ".join(f"{path.stem}: {lora_hash(path)}" for path in loras) or None,
         "Version": f"stable_diffusion {__version__}",

@@ -151,26 +151,28 @@ class Pipeline:
             raise ValueError(f"unknown format {format!r} (single-file or diffusers)")
 
     def txt2img(self, prompt: str | list[str] = "", callback: StepCallback | None = None,
-                **fields: Any) -> list[Image.Image]:
+                refiner: Pipeline | None = None, **fields: Any) -> list[Image.Image]:
         """Images from a prompt (a list: one image per prompt, in one batch); ``fields`` are GenerationRequest's
-        (A1111 names: negative_prompt, steps, cfg_scale, sampler, seed, ...)."""
-        return generate(self, GenerationRequest(prompt=prompt, **fields), callback).images
+        (A1111 names: negative_prompt, steps, cfg_scale, sampler, seed, ...). ``refiner``: an SDXL refiner that
+        takes over at ``refiner_switch_at`` (0.8 unless given)."""
+        return generate(self, GenerationRequest(prompt=prompt, **fields), callback, refiner).images
 
     def img2img(self, init_image: Image.Image, prompt: str | list[str] = "", denoising_strength: float = 0.75,
-                callback: StepCallback | None = None, **fields: Any) -> list[Image.Image]:
+                callback: StepCallback | None = None, refiner: Pipeline | None = None,
+                **fields: Any) -> list[Image.Image]:
         """SDEdit from ``init_image``; the same fields as txt2img."""
         request = GenerationRequest(prompt=prompt, init_image=init_image, denoising_strength=denoising_strength,
                                     **fields)
-        return generate(self, request, callback).images
+        return generate(self, request, callback, refiner).images
 
     def inpaint(self, init_image: Image.Image, mask: Image.Image, prompt: str | list[str] = "",
                 denoising_strength: float = 0.75, callback: StepCallback | None = None,
-                **fields: Any) -> list[Image.Image]:
+                refiner: Pipeline | None = None, **fields: Any) -> list[Image.Image]:
         """Repaint the white part of ``mask`` (blended latent diffusion, or the 9-channel model's own input);
         fields as txt2img plus mask_blur, inpainting_fill, inpainting_mask_invert, inpaint_full_res, ..."""
         request = GenerationRequest(prompt=prompt, init_image=init_image, mask=mask,
                                     denoising_strength=denoising_strength, **fields)
-        return generate(self, request, callback).images
+        return generate(self, request, callback, refiner).images
 
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0) -> Pipeline:

@@ -61,6 +61,9 @@ class GenerationRequest:
     # A1111's hires fix (hires.py): a second, img2img pass at a larger size, at denoising_strength
     hires: HiresFix | None = None
     upscalers_dir: str | None = None  # A1111's models folder: upscaler files in its ESRGAN/ and RealESRGAN/
+    # the SDXL refiner (a Pipeline given to generate) takes over at this fraction of the diffusion (A1111's UI
+    # default); with the hires fix it refines the second pass
+    refiner_switch_at: float = 0.8
     # low memory: the VAE encodes and decodes in tiles of vae_tile_size pixels (models/tiled_vae.py)
     tiled_vae: bool = False
     vae_tile_size: int = 512
@@ -169,6 +172,8 @@ class GenerationRequest:
             resolve_sampler(self.hires.sampler or sampler, self.hires.scheduler or "automatic")
             if self.hires.latent_mode is None:
                 get_upscaler(self.hires.upscaler, self.upscalers_dir)
+        if not 0 <= self.refiner_switch_at <= 1:
+            raise ValueError(f"refiner_switch_at must be a fraction in [0, 1], got {self.refiner_switch_at}")
         if not 0 <= self.subseed_strength <= 1:
             raise ValueError(f"subseed_strength must be in [0, 1], got {self.subseed_strength}")
         if max(self.seed_resize_from_w, self.seed_resize_from_h) > 8192:

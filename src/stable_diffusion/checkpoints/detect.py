@@ -21,6 +21,7 @@ TEXT_PREFIXES = {
     "sd1": [("cond_stage_model.transformer.", "openai")],
     "sd2": [("cond_stage_model.model.", "openclip")],
     "sdxl": [("conditioner.embedders.0.transformer.", "openai"), ("conditioner.embedders.1.model.", "openclip")],
+    "sdxl-refiner": [("conditioner.embedders.0.model.", "openclip")],
 }
 
 Shapes = Mapping[str, torch.Tensor]
@@ -33,6 +34,8 @@ def _indices(keys: list[str], pattern: str) -> list[int]:
 
 def detect_family(sd: Shapes) -> str:
     keys = sd.keys()
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "sdxl-refiner"  # OpenCLIP-G alone
     if any(k.startswith("conditioner.embedders.") for k in keys):
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -152,11 +155,12 @@ def detect_config(sd: Shapes, heads: dict[str, int] | None = None) -> ModelConfi
     if family == "sd2":
         # SD2 (FrozenOpenCLIPEmbedder, layer="penultimate") keeps the final norm; the projection is unused
         texts = [dataclasses.replace(texts[0], output_layer=-2, projection_dim=None)]
-    elif family == "sdxl":
+    elif family in ("sdxl", "sdxl-refiner"):
         texts = [dataclasses.replace(t, output_layer=-2, final_norm=False) for t in texts]
         vae = dataclasses.replace(vae, scaling_factor=0.13025)
-        pooled = texts[1].projection_dim or texts[1].width
-        size_embed = ((unet.adm_in_channels or pooled) - pooled) // 6
-    image_size = {"sd1": 512, "sd2": 512, "sdxl": 1024}[family]
+        pooled = texts[-1].projection_dim or texts[-1].width
+        numbers = 5 if family == "sdxl-refiner" else 6  # (h, w, top, left, aesthetic score) or (..., h, w)
+        size_embed = ((unet.adm_in_channels or pooled) - pooled) // numbers
+    image_size = {"sd1": 512, "sd2": 512}.get(family, 1024)
     return ModelConfig(family=family, unet=unet, vae=vae, text_encoders=texts, image_size=image_size,
                        size_embed_dim=size_embed)

@@ -61,12 +61,16 @@ def read_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, dict[str, to
     unet, size_embed, adm_name = fmt.unet_from_diffusers(_json(folder / "unet" / "config.json"))
     vae = fmt.vae_from_diffusers(_json(folder / "vae" / "config.json"))
     te_json = [_json(folder / d / "config.json") for d in te_dirs]
-    family = "sdxl" if len(te_dirs) == 2 else ("sd2" if te_json[0].get("hidden_act") == "gelu" else "sd1")
+    if te_dirs == ["text_encoder_2"]:  # SDXL's refiner: OpenCLIP-G alone
+        family = "sdxl-refiner"
+    else:
+        family = "sdxl" if len(te_dirs) == 2 else ("sd2" if te_json[0].get("hidden_act") == "gelu" else "sd1")
+    xl = family.startswith("sdxl")
     texts = []
     for d, j in zip(te_dirs, te_json, strict=True):
         openclip = family == "sd2" or d == "text_encoder_2"
         texts.append(fmt.text_encoder_from_transformers(
-            j, output_layer=-2 if family == "sdxl" else -1, final_norm=family != "sdxl",
+            j, output_layer=-2 if xl else -1, final_norm=not xl,
             pad_token_id=0 if openclip else 49407, layout="openclip" if openclip else "openai"))
     scheduler = _json(folder / "scheduler" / "scheduler_config.json") if (folder / "scheduler").exists() else {}
     down = 2 ** (len(vae.ch_mult) - 1)
@@ -111,15 +115,19 @@ def write_folder(folder: str | Path, config: ModelConfig, parts: dict[str, dict[
     """Write a diffusers folder that ``DiffusionPipeline.from_pretrained`` and our loader both read."""
     folder = Path(folder)
     down = 2 ** (len(config.vae.ch_mult) - 1)
-    sdxl = len(config.text_encoders) == 2
+    sdxl = len(config.text_encoders) == 2 or config.is_refiner
     cls = "StableDiffusionXL" if sdxl else "StableDiffusion"
+    kind = "Inpaint" if config.is_inpainting else "Img2Img" if config.is_refiner else ""
     index: dict[str, Any] = {
-        "_class_name": f"{cls}{'Inpaint' if config.is_inpainting else ''}Pipeline", "_diffusers_version": "0.30.0",
+        "_class_name": f"{cls}{kind}Pipeline", "_diffusers_version": "0.30.0",
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", "EulerDiscreteScheduler"], "feature_extractor": [None, None],
         CONFIG_KEY: dataclasses.asdict(config),
     }
-    if sdxl:
+    if config.is_refiner:  # OpenCLIP-G only, as text_encoder_2; y carries the aesthetic score
+        index.update(text_encoder=[None, None], tokenizer=[None, None], image_encoder=[None, None],
+                     requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    elif sdxl:
         index.update(image_encoder=[None, None], force_zeros_for_empty_prompt=True)
     else:
         index.update(safety_checker=[None, None], requires_safety_checker=False)
@@ -130,7 +138,7 @@ def write_folder(folder: str | Path, config: ModelConfig, parts: dict[str, dict[
     write_json(folder / "vae" / "config.json", fmt.vae_to_diffusers(config.vae, config.image_size))
     write_safetensors(folder / "vae" / "diffusion_pytorch_model.safetensors", vae_to_diffusers(parts["vae"], config.vae))
     for i, tc in enumerate(config.text_encoders):
-        suffix = "" if i == 0 else f"_{i + 1}"
+        suffix = "" if i == 0 and not config.is_refiner else f"_{i + 1 + config.is_refiner}"
         layers = _diffusers_text_layers(tc)
         cfg = fmt.text_encoder_to_transformers(tc, layers)
         index[f"text_encoder{suffix}"] = ["transformers", cfg["architectures"][0]]

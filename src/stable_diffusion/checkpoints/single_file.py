@@ -2,7 +2,8 @@
 
 SD1: model.diffusion_model.* / first_stage_model.* / cond_stage_model.transformer.* (HF CLIP names)
 SD2: ... / cond_stage_model.model.* (OpenCLIP names)
-SDXL: ... / conditioner.embedders.0.transformer.* (HF) and conditioner.embedders.1.model.* (OpenCLIP)"""
+SDXL: ... / conditioner.embedders.0.transformer.* (HF) and conditioner.embedders.1.model.* (OpenCLIP)
+SDXL refiner: ... / conditioner.embedders.0.model.* (OpenCLIP-G alone)"""
 
 from __future__ import annotations
 

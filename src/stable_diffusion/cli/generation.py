@@ -75,7 +75,7 @@ def generation_request(args: argparse.Namespace) -> GenerationRequest:
         width=args.width, height=args.height, clip_skip=args.clip_skip, lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir, loras=[_lora_arg(text) for text in args.lora], **guidance_skip(args),
         tiled_vae=args.tiled_vae is not None, vae_tile_size=args.tiled_vae or 512,
-        hires=_hires(args), upscalers_dir=args.models_dir,
+        hires=_hires(args), upscalers_dir=args.models_dir, refiner_switch_at=args.refiner_switch_at,
         init_image=open_image(args.init) if getattr(args, "init", None) else None,
         denoising_strength=getattr(args, "strength", 0.75),
         mask=open_image(args.mask) if inpainting else None,
@@ -91,8 +91,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from ..generate import decode_latents, generate
     from ..images import film_strip, save_png
 
-    pipe = run_options(args).load(args.model)
+    options = run_options(args)
+    pipe = options.load(args.model)
     request = generation_request(args).resolved(pipe.config.image_size)  # a bad value: one line, before any work
+    refiner = options.load(args.refiner) if args.refiner else None
     steps = request.progress_steps()
     x0s = []
 
@@ -102,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             x0s.append(info["denoised"][:1].detach().clone())
 
     with tqdm(total=steps * request.n_iter, desc="sampling", unit="step") as bar:
-        result = generate(pipe, request, on_step)  # checks the request before any work
+        result = generate(pipe, request, on_step, refiner)  # checks the request before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index = _next_index(out)
@@ -152,6 +154,10 @@ def generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--tiled-vae", type=int, nargs="?", const=512, default=None, metavar="PX",
                    help="low memory: the VAE encodes and decodes in tiles of PX pixels (default 512)")
     p.add_argument("--models-dir", default="models", help="A1111's models folder (upscalers in ESRGAN/, RealESRGAN/)")
+    p.add_argument("--refiner", metavar="MODEL", help="an SDXL refiner (file or folder) that finishes the image: "
+                   "it takes over at --refiner-switch-at (with --hires: in the second pass)")
+    p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="FRACTION",
+                   help="the fraction of the diffusion after which the refiner takes over (default 0.8)")
     if mode == "txt2img":
         _hires_arguments(p)
         p.add_argument("--strength", type=float, default=0.75, help="the hires fix's denoising strength")

@@ -109,3 +109,33 @@ class GuidanceSkip(nn.Module):
         skip = self.skips(float(sigma.reshape(-1)[0]))
         self.calls += 1
         return self.model(x, sigma, skip_uncond=skip, **options)
+
+
+class RefinerSwitch(nn.Module):
+    """SDXL's ensemble of expert denoisers (Podell et al. 2023) as A1111 runs it: the base model's denoiser until
+    ``switch_at`` of the diffusion is done, then the refiner's for the rest of the same trajectory (the sampler and
+    its history carry on). Done is A1111's ``(999 - t) / 1000`` with t the training timestep nearest the call's
+    sigma; the switch is one way. The refiner's denoiser is built at the switch (``make_refiner``), so a request
+    that never reaches it never encodes its prompts."""
+
+    def __init__(self, base: Callable[..., torch.Tensor], make_refiner: Callable[[], Callable[..., torch.Tensor]],
+                 training_sigmas: torch.Tensor, switch_at: float) -> None:
+        super().__init__()
+        self.base, self.make_refiner, self.switch_at = base, make_refiner, switch_at
+        self.training_sigmas = training_sigmas.float()
+        self.refiner: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def switched(self) -> bool:
+        return self.refiner is not None
+
+    def done(self, sigma: torch.Tensor) -> float:
+        """The fraction of the diffusion done at ``sigma`` (A1111's completed_ratio)."""
+        n = len(self.training_sigmas)
+        t = int(torch.argmin((self.training_sigmas - sigma.float().max().cpu()).abs()))
+        return (n - 1 - t) / n
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, *args: object, **options: object) -> torch.Tensor:
+        if self.refiner is None and self.done(sigma) >= self.switch_at:
+            self.refiner = self.make_refiner()
+        return (self.refiner or self.base)(x, sigma, *args, **options)

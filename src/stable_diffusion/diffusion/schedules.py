@@ -133,7 +133,7 @@ AYS_SIGMAS = {"sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 
 def align_your_steps(n: int, family: str) -> torch.Tensor:
     """Align Your Steps: the family's 10-step table (SD1.5's for every non-SDXL model, as A1111), log-linearly
     interpolated to n steps."""
-    table = AYS_SIGMAS["sdxl" if family == "sdxl" else "sd1"]
+    table = AYS_SIGMAS["sdxl" if family.startswith("sdxl") else "sd1"]
     if n + 1 == len(table):
         return torch.tensor([*table, 0.0], dtype=torch.float32)
     xs = np.linspace(0, 1, len(table))

@@ -101,7 +101,7 @@ class TextEncoderConfig:
 class ModelConfig:
     """A whole Stable Diffusion model: family, networks, and the diffusion it was trained with."""
 
-    family: str  # sd1 | sd2 | sdxl | custom
+    family: str  # sd1 | sd2 | sdxl | sdxl-refiner | custom
     unet: UNetConfig
     vae: VAEConfig
     text_encoders: list[TextEncoderConfig]
@@ -117,6 +117,11 @@ class ModelConfig:
     @property
     def is_inpainting(self) -> bool:
         return self.unet.in_channels == 9
+
+    @property
+    def is_refiner(self) -> bool:
+        """SDXL's refiner: OpenCLIP-G only, and y carries an aesthetic score where the base has the target size."""
+        return self.family == "sdxl-refiner"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -181,6 +186,18 @@ def _sdxl(in_channels: int = 4) -> ModelConfig:
                        text_encoders=[clip_l, OPENCLIP_BIGG], image_size=1024, size_embed_dim=256)
 
 
+def _sdxl_refiner() -> ModelConfig:
+    """SDXL's refiner (sd_xl_refiner_1.0): a 384-channel UNet with attention on its two middle levels, OpenCLIP-G's
+    penultimate layer as context, y = pooled text + (height, width, crop top, crop left, aesthetic score)."""
+    unet = UNetConfig(
+        model_channels=384, channel_mult=(1, 2, 4, 4), attention_resolutions=(2, 4), num_head_channels=64,
+        num_heads=-1, transformer_depth=(0, 4, 4, 0), transformer_depth_middle=4, context_dim=1280,
+        use_linear_in_transformer=True, adm_in_channels=1280 + 5 * 256,
+    )
+    return ModelConfig(family="sdxl-refiner", unet=unet, vae=VAEConfig(scaling_factor=0.13025),
+                       text_encoders=[OPENCLIP_BIGG], image_size=1024, size_embed_dim=256)
+
+
 # Tiny configs keep each family's block structure (levels with/without attention, linear proj, heads
 # by channels, SDXL depths and size conditioning) at a size that runs in milliseconds.
 _TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
@@ -217,6 +234,13 @@ def _tiny_sdxl(in_channels: int = 4) -> ModelConfig:
                        text_encoders=[clip_l, clip_g], image_size=64, size_embed_dim=size_dim)
 
 
+def _tiny_sdxl_refiner() -> ModelConfig:
+    base = _tiny_sdxl()
+    clip_g = base.text_encoders[1]
+    unet = dataclasses.replace(base.unet, context_dim=clip_g.width, adm_in_channels=clip_g.projection_dim + 5 * 8)
+    return base.replace(family="sdxl-refiner", unet=unet, text_encoders=[clip_g])
+
+
 PRESETS = {
     "sd1": _sd1,
     "sd1-inpaint": lambda: _sd1(9),
@@ -225,6 +249,7 @@ PRESETS = {
     "sd2-inpaint": lambda: _sd2(9),
     "sdxl": _sdxl,
     "sdxl-inpaint": lambda: _sdxl(9),
+    "sdxl-refiner": _sdxl_refiner,
     "tiny-sd1": _tiny_sd1,
     "tiny-sd1-inpaint": lambda: _tiny_sd1(9),
     "tiny-sd2": _tiny_sd2,
@@ -232,6 +257,7 @@ PRESETS = {
     "tiny-sd2-inpaint": lambda: _tiny_sd2(9),
     "tiny-sdxl": _tiny_sdxl,
     "tiny-sdxl-inpaint": lambda: _tiny_sdxl(9),
+    "tiny-sdxl-refiner": _tiny_sdxl_refiner,
 }
 
 

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .executor import Job
 from .extras import extras_router
-from .generation import VERSION, build_request, check_limits, respond, settings_for
+from .generation import VERSION, build_request, check_limits, refiner_name, respond, settings_for
 from .jobs import JobQueue, QueueFull
 from .listings import listings_router
 from .protocol import (
@@ -132,12 +132,18 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         request = build_request(body, options, registry.models_dir, state["model"].native_size, styles)
 
         vae = chosen_vae((body.override_settings or {}).get("sd_vae", options["sd_vae"]))
+        refiner = None
+        if refiner_name(body):  # A1111's refiner_checkpoint: a listed model
+            try:
+                refiner = registry.find(refiner_name(body)).ref()
+            except KeyError as error:
+                raise ApiError(422, f"refiner_checkpoint: {error.args[0]}") from None
 
         def run(report):
             entry = chosen or registry.current_entry
             ref = entry.ref()
             ref.vae = vae
-            info, result = worker.run(Job("generate", ref, request), report)
+            info, result = worker.run(Job("generate", ref, request, refiner=refiner), report)
             return entry, info, result
 
         entry, info, result = await queued(run, request.progress_steps(), request.n_iter, kind)

@@ -45,13 +45,14 @@ class ModelInfo:
 
 @dataclass
 class Job:
-    """``generate`` a request with a model, ``load`` a model (a model switch), ``unload`` the model, or ``extras``
-    (upscale images)."""
+    """``generate`` a request with a model (and an SDXL refiner), ``load`` a model (a model switch), ``unload``
+    the models, or ``extras`` (upscale images)."""
     kind: str
     model: ModelRef | None
     request: GenerationRequest | None = None
     preview_every: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
+    refiner: ModelRef | None = None
 
 
 class Controls:
@@ -62,38 +63,61 @@ class Controls:
         self.interrupted, self.skipped, self.clear_skip = interrupted, skipped, clear_skip
 
 
-class Executor:
-    def __init__(self, options: RunOptions, controls: Controls) -> None:
-        self.options, self.controls = options, controls
+class _Slot:
+    """One loaded model: its ref, pipeline, and the file's stamp when it was loaded."""
+
+    def __init__(self) -> None:
         self.model: ModelRef | None = None
         self.pipe: Pipeline | None = None
         self.stamp: tuple[int, ...] | None = None  # the loaded file's identity, size and modification time
+
+    def clear(self) -> None:
+        self.model = self.pipe = self.stamp = None
+
+    def holds(self, model: ModelRef) -> bool:
+        return self.model is not None and (self.model.path, self.model.vae) == (model.path, model.vae) \
+            and _file_stamp(model.path) == self.stamp
+
+
+class Executor:
+    def __init__(self, options: RunOptions, controls: Controls) -> None:
+        self.options, self.controls = options, controls
+        self.main, self.second = _Slot(), _Slot()  # the model, and the SDXL refiner a job names
         self.stop_inside = True  # False once sampling was interrupted: the last x0 is still decoded
+
+    @property
+    def pipe(self) -> Pipeline | None:
+        return self.main.pipe
 
     def _stop_inside(self, module: torch.nn.Module, args: tuple) -> None:
         if self.stop_inside and self.controls.interrupted():
             raise StopGeneration("interrupted")
 
-    def ensure(self, model: ModelRef) -> ModelInfo:
-        """Load ``model`` unless it is the one held; a stop is honoured inside its text encoders and VAE."""
-        stamp = _file_stamp(model.path)
-        if self.model is None or (self.model.path, self.model.vae) != (model.path, model.vae) or stamp != self.stamp:
-            self.pipe = self.model = None  # free the old weights before the new ones arrive
+    def _load(self, slot: _Slot, model: ModelRef) -> Pipeline:
+        """``model`` in ``slot``, loaded unless held; a stop is honoured inside its text encoders and VAE."""
+        if not slot.holds(model):
+            slot.clear()  # free the old weights before the new ones arrive
+            stamp = _file_stamp(model.path)
             pipe = self.options.load(model.path, vae=model.vae)
             pipe.vae_name = model.vae.stem if model.vae else None
-            self.stamp = stamp
             for module in [*pipe.text_encoders, pipe.vae]:
                 for block in module.modules():
                     if isinstance(block, CHECKED_BLOCKS):
                         block.register_forward_pre_hook(self._stop_inside)
-            self.pipe, self.model = pipe, model
-        self.pipe.config.name = model.name
-        return ModelInfo(model.name, self.pipe.config.image_size, self.pipe.config.is_inpainting,
-                         [tc.width for tc in self.pipe.config.text_encoders])
+            slot.model, slot.pipe, slot.stamp = model, pipe, stamp
+        slot.pipe.config.name = model.name
+        return slot.pipe
+
+    def ensure(self, model: ModelRef) -> ModelInfo:
+        """Load ``model`` unless it is the one held."""
+        pipe = self._load(self.main, model)
+        return ModelInfo(model.name, pipe.config.image_size, pipe.config.is_inpainting,
+                         [tc.width for tc in pipe.config.text_encoders])
 
     def run(self, job: Job, report: Report) -> tuple[ModelInfo | None, Any]:
         if job.kind == "unload":  # A1111's unload-checkpoint: the weights go; the next job loads them again
-            self.pipe = self.model = self.stamp = None
+            self.main.clear()
+            self.second.clear()
             return None, None
         if job.kind == "extras":  # A1111's Extras upscale: no diffusion model involved
             spec, folder = job.extra["upscale"], job.extra["models_dir"]
@@ -103,6 +127,7 @@ class Executor:
             return info, None
         pipe = self.pipe
         assert pipe is not None and job.request is not None
+        refiner = self._load(self.second, job.refiner) if job.refiner is not None else None
         self.stop_inside = True
 
         def on_step(step: dict) -> None:
@@ -121,7 +146,7 @@ class Executor:
                 preview = base64.b64encode(png_bytes(image)).decode()
             report({"i": step["i"], "preview": preview})
 
-        return info, generate(pipe, job.request, on_step)
+        return info, generate(pipe, job.request, on_step, refiner)
 
 
 def _file_stamp(path: Path) -> tuple[int, ...] | None:

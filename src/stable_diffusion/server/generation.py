@@ -138,6 +138,12 @@ def img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
     return fields
 
 
+def refiner_name(body: GenerationFields) -> str | None:
+    """The refiner a body names (A1111 takes None, "" and "None" for none)."""
+    name = body.refiner_checkpoint
+    return None if name in (None, "", "None", "none") else name
+
+
 def build_request(body: GenerationFields, options: dict, models_dir: Path | None, native_size: int,
                   styles: dict[str, Style] | None = None) -> GenerationRequest:
     """The resolved request a body asks for (a 422 for anything wrong, before it is queued); options are the
@@ -162,7 +168,8 @@ def build_request(body: GenerationFields, options: dict, models_dir: Path | None
         upscalers_dir=str(models_dir) if models_dir else None,
         eta=body.eta, clip_skip=body.clip_skip or settings.CLIP_stop_at_last_layers,
         lora_dir=str(lora_dir) if lora_dir else None, embeddings_dir=str(embeddings_dir) if embeddings_dir else None,
-        tiled_vae=body.tiled_vae, vae_tile_size=body.vae_tile_size, **guidance_skip(settings, body), **images)
+        tiled_vae=body.tiled_vae, vae_tile_size=body.vae_tile_size, **guidance_skip(settings, body), **images,
+        refiner_switch_at=body.refiner_switch_at or 0.0)
     try:
         return request.resolved(native_size)
     except ValueError as error:

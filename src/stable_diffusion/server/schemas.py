@@ -1,7 +1,7 @@
 """Request bodies of the AUTOMATIC1111 API (/sdapi/v1), with its field names and defaults, and the ranges every
 value must lie in (a 422 otherwise; floats must be finite). The server's own limits (largest size, steps, images)
 are checked in generation.check_limits. A1111 fields this server does not implement (face restoration, tiling,
-the k-diffusion churn settings, scripts other than those it has, the refiner, ...) are declared with A1111's
+the k-diffusion churn settings, scripts other than those it has, ...) are declared with A1111's
 defaults, which clients send with every request and which pass; any other value is a 422 naming the field, never
 silently ignored. Keys A1111 does not know are ignored, as A1111 does."""
 
@@ -45,8 +45,8 @@ class GenerationFields(BaseModel):
     do_not_save_grid: bool = False
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)
-    refiner_checkpoint: str | None = None
-    refiner_switch_at: float | None = Field(None, ge=0, le=1)
+    refiner_checkpoint: str | None = None  # an SDXL refiner by title or name; None, "" and "None": no refiner
+    refiner_switch_at: float | None = Field(None, ge=0, le=1)  # None: the refiner from the first step (A1111)
     disable_extra_networks: bool = False
     infotext: str | None = None
     comments: dict[str, Any] | None = None
@@ -91,7 +91,7 @@ class GenerationFields(BaseModel):
 UNIMPLEMENTED: dict[str, tuple] = {  # field -> the values that pass (A1111's defaults as clients send them)
     "s_churn": (None, 0), "s_tmin": (None, 0), "s_tmax": (None, 0, math.inf), "s_noise": (None, 1),
     "restore_faces": (None, False), "tiling": (None, False), "script_name": (None, ""), "script_args": ([],),
-    "refiner_checkpoint": (None, "", "None"), "refiner_switch_at": (None,), "disable_extra_networks": (False,),
+    "disable_extra_networks": (False,),
     "infotext": (None, ""), "hr_checkpoint_name": (None, "", "Use same checkpoint"),
     "initial_noise_multiplier": (None, 1), "latent_mask": (None, ""), "firstpass_image": (None, ""),
 }

@@ -109,6 +109,9 @@ class Trainer:
 
     def _diffusion_loss(self, train_text: bool) -> DiffusionLoss:
         c, d = self.pipe.config, self.config.diffusion
+        if c.is_refiner:
+            raise ValueError("training the SDXL refiner is not supported: its y needs each image's aesthetic score, "
+                             "which captions do not carry")
         abar = model_alphas_cumprod(c).to(self.device)
         return DiffusionLoss(self.pipe.unet, self.pipe.text_encoders, abar, c.prediction, train_text,
                              d.loss_weighting, d.snr_gamma, d.snr_weight_cap or math.inf, d.snr_floor,
