@@ -80,7 +80,7 @@ def test_unload_reload_and_small_listings(client):
     assert client.post("/sdapi/v1/reload-checkpoint").json() == {}
     modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
     assert modes[0] == "Latent" and "Latent (nearest-exact)" in modes and len(modes) == 6
-    for path in ("face-restorers", "hypernetworks", "extensions", "script-info"):
+    for path in ("face-restorers", "hypernetworks", "extensions"):
         assert client.get(f"/sdapi/v1/{path}").json() == []
     for path in ("refresh-loras", "refresh-vae", "refresh-embeddings"):
         assert client.post(f"/sdapi/v1/{path}").status_code == 200

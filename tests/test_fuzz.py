@@ -74,6 +74,30 @@ def test_every_operation_survives_hostile_input(fuzz_client):
     check()
 
 
+def test_xyz_plot_script_args_and_refiner_survive_hostile_input(fuzz_client):
+    """The X/Y/Z plot's positional script_args (axis types, value texts with ranges, flags) and refiner fields."""
+    axis = st.one_of(st.integers(-3, 50), st.sampled_from(["Steps", "Seed", "Size", "Prompt S/R", "nope"]), scalars)
+    texts = st.one_of(text, st.sampled_from(["1-2", "1-3 (+1)", "1-2 [2]", "0.5-1 (+0.5)", "64x64", "a,b",
+                                             "1-99999", "9" * 30, "-1", "2-1 (+0)"]), scalars)
+
+    @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def check(data):
+        args = [item for _ in range(3) for item in (data.draw(axis), data.draw(texts), data.draw(values))]
+        args += data.draw(st.lists(scalars, min_size=0, max_size=10))
+        body = {"prompt": "a b", "steps": 1, "width": 64, "height": 64, "script_name": "x/y/z plot",
+                "script_args": args, "refiner_checkpoint": data.draw(st.one_of(st.none(), text)),
+                "refiner_switch_at": data.draw(scalars)}
+        r = fuzz_client.post("/sdapi/v1/txt2img",
+                             content=json.dumps(body, allow_nan=True).encode("utf-8", errors="surrogatepass"),
+                             headers={"content-type": "application/json"})
+        assert r.status_code < 500, (body, r.text[:300])
+        if r.status_code >= 400:
+            assert set(r.json()) == ERROR_KEYS, r.text[:300]
+
+    check()
+
+
 def test_deeply_nested_and_malformed_bodies_are_4xx(fuzz_client):
     nested = b"[" * 100_000 + b"]" * 100_000
     for path in ("/sdapi/v1/options", "/sdapi/v1/txt2img", "/sdapi/v1/png-info"):

@@ -5,6 +5,7 @@ language, model / LoRA / image failures are 4xx with a reason and no server path
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import random
@@ -58,7 +59,8 @@ def api(hostile_models, tmp_path_factory):
 
 def test_prompt_parsing_is_linear_in_the_prompt():
     """Hostile prompts (whitespace runs, deep brackets, many edits, many BREAKs) ten times longer cost at most
-    twenty times the time (the old parsers were quadratic: 336 s for 100,000 spaces)."""
+    forty times the time, where quadratic parsing costs a hundred (the old parsers were: 336 s for 100,000
+    spaces); the best of five runs with the garbage collector paused, so a collection is not counted."""
     tokenizer = CLIPTokenizer.builtin()
     makers = [lambda n: " " * n, lambda n: "(" * (n // 2) + "x" + ")" * (n // 2), lambda n: "[" * n,
               lambda n: "(a" * (n // 2), lambda n: "[a:b:0.5]" * (n // 9), lambda n: "a BREAK " * (n // 8),
@@ -66,17 +68,22 @@ def test_prompt_parsing_is_linear_in_the_prompt():
 
     def cost(text: str) -> float:
         best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            for rendered in {t for _, t in prompt_schedule(text, 20)}:
-                parse_prompt_attention(rendered)
-            chunk_tokens(tokenizer, text)
-            best = min(best, time.perf_counter() - start)
+        for _ in range(5):
+            gc.collect()
+            gc.disable()
+            try:
+                start = time.perf_counter()
+                for rendered in {t for _, t in prompt_schedule(text, 20)}:
+                    parse_prompt_attention(rendered)
+                chunk_tokens(tokenizer, text)
+                best = min(best, time.perf_counter() - start)
+            finally:
+                gc.enable()
         return best
 
     for make in makers:
         small, large = cost(make(3000)), cost(make(30000))
-        assert large <= 20 * max(small, 1e-3), (make(12), small, large)
+        assert large <= 40 * max(small, 1e-3), (make(12), small, large)
 
 
 def test_a_long_job_never_blocks_progress_and_interrupt_stops_it_inside_the_text_encoder(api):

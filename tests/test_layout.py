@@ -23,6 +23,7 @@ ALLOWED = {  # unit -> the units it may import at run time (docs/architecture.md
 }
 ALLOWED["generate"] = set().union(*ALLOWED.values(), ALLOWED) - {"generate"}
 ALLOWED["pipeline"] = {"models", "checkpoints", "request", "generate", "offload"} | ALLOWED["generate"]
+ALLOWED["xyz"] = {"images", "infotext", "request", "styles"}
 ALLOWED["metrics"] = {"models", "checkpoints", "images"}
 ALLOWED["shapes"] = {"images", "metrics", "checkpoints", "models"}
 ALLOWED["training"] = set(ALLOWED) - {"training"}

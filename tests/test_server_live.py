@@ -74,6 +74,20 @@ def test_webuiapi_hires_fix_variations_styles_and_extras(server):
     assert [im.size for im in batch.images] == [(256, 256), (128, 128)]
 
 
+def test_webuiapi_xyz_plot(server):
+    """A1111's X/Y/Z plot through webuiapi's script_name / script_args: the grid first, then the cells."""
+    import webuiapi
+
+    port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=2)
+    args = [4, "1,2", [], 6, "3,7", [], 0, "", [], True, True, False, False, False, False, False, 0, False]
+    result = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, script_name="x/y/z plot",
+                         script_args=args)
+    assert len(result.images) == 5 and result.images[0].width > 128
+    assert "Script: X/Y/Z plot, X Type: Steps" in result.info["infotexts"][0]
+    assert "Steps: 2" in result.info["infotexts"][2] and "CFG scale: 7.0" in result.info["infotexts"][4]
+
+
 def test_sdxl_refiner_over_http_is_the_python_api_image(server, models):
     """refiner_checkpoint / refiner_switch_at (webuiapi has no arguments for them: its custom_post sends them)."""
     import numpy as np

@@ -1,5 +1,6 @@
 """Images in and out, for every front end (CLI, server, training, metrics): PIL <-> tensors, PNG files and bytes
-with AUTOMATIC1111's "parameters" text chunk, image files opened with a one-line error, and grids."""
+with AUTOMATIC1111's "parameters" text chunk, image files opened with a one-line error, and grids (with A1111's
+legend for the X/Y/Z plot)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, UnidentifiedImageError
 
 from .checkpoints.io import atomic_write
 
@@ -79,6 +80,60 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
     out = Image.new("RGB", (columns * w, rows * h), "white")
     for i, image in enumerate(images):
         out.paste(image, ((i % columns) * w, (i // columns) * h))
+    return out
+
+
+def _wrapped(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+    """``text`` broken into lines no wider than ``width`` pixels (at spaces, else wherever it must)."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        candidate = f"{line} {word}" if line else word
+        if draw.textlength(candidate, font=font) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        for char in word:  # a word wider than the line is cut where it must be
+            if line and draw.textlength(line + char, font=font) > width:
+                lines.append(line)
+                line = ""
+            line += char
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def labelled_grid(cells: list[Image.Image], columns: int, column_labels: list[str], row_labels: list[str],
+                  margin: int = 0) -> Image.Image:
+    """A grid with a legend, as A1111's X/Y/Z plot draws it: a label over each column and left of each row (a
+    band only where some label is not empty), text sized to the cells, ``margin`` pixels between cells."""
+    w, h = (max(sizes) for sizes in zip(*(cell.size for cell in cells)))
+    rows = -(-len(cells) // columns)
+    font = ImageFont.load_default(size=max(8, (w + h) // 25))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    spacing = font.size // 2
+    tops = [_wrapped(measure, text, font, w) for text in column_labels]
+    left_width = w * 3 // 4 if any(row_labels) else 0
+    sides = [_wrapped(measure, text, font, max(left_width - spacing, 1)) for text in row_labels]
+
+    def height(text: str) -> int:
+        box = measure.multiline_textbbox((0, 0), text, font=font, spacing=spacing)
+        return box[3] - box[1] if text else 0
+
+    top = max(map(height, tops)) + 2 * spacing if any(column_labels) else 0
+    out = Image.new("RGB", (left_width + columns * w + margin * (columns - 1),
+                            top + rows * h + margin * (rows - 1)), "white")
+    draw = ImageDraw.Draw(out)
+    for i, cell in enumerate(cells):
+        out.paste(cell, (left_width + (i % columns) * (w + margin), top + (i // columns) * (h + margin)))
+    for col, text in enumerate(tops):
+        x = left_width + col * (w + margin) + w // 2
+        draw.multiline_text((x, top // 2), text, fill="black", font=font, anchor="mm", align="center",
+                            spacing=spacing)
+    for row, text in enumerate(sides):
+        y = top + row * (h + margin) + h // 2
+        draw.multiline_text((left_width // 2, y), text, fill="black", font=font, anchor="mm", align="center",
+                            spacing=spacing)
     return out
 
 

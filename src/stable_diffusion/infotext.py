@@ -32,6 +32,14 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -
     return "\n".join(lines)
 
 
+def append_params(infotext: str, params: dict[str, Any]) -> str:
+    """An infotext with more ``k: v`` pairs at the end of its parameters line (as A1111's scripts add theirs)."""
+    extra = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
+    if not extra:
+        return infotext
+    return f"{infotext}, {extra}" if infotext else extra
+
+
 def _pairs(line: str) -> list[tuple[str, str]]:
     """The ``key: value`` pairs of a parameters line (values JSON-quoted when they hold a comma), read in one
     pass: A1111's regex for this backtracks quadratically on a long line without colons."""

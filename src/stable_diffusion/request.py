@@ -152,6 +152,13 @@ class GenerationRequest:
             raise ValueError("steps, batch_size and n_iter must be at least 1")
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
+        for name in ("seed", "subseed"):
+            if not -1 <= getattr(self, name) < 2**63:
+                raise ValueError(f"{name} must be -1 (random) or from 0 to 2**63 - 1, got {getattr(self, name)}")
+        if self.clip_skip < 1:
+            raise ValueError(f"clip_skip must be at least 1, got {self.clip_skip}")
+        if self.eta is not None and not 0 <= self.eta < math.inf:
+            raise ValueError(f"eta must be a number >= 0, got {self.eta}")
         sampler, scheduler = resolve_sampler(self.sampler, self.scheduler)
         if not 0 <= self.s_min_uncond < math.inf:
             raise ValueError(f"s_min_uncond (NGMS) must be a sigma >= 0, got {self.s_min_uncond}")

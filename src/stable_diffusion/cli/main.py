@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..checkpoints.errors import CheckpointError
 from .generation import cmd_generate, generation_arguments
+from .grid import cmd_grid, grid_arguments
 from .options import device_arguments, guidance_arguments, guidance_skip, run_options
 from .upscale import cmd_upscale, upscale_arguments
 
@@ -130,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except KeyError as error:
         raise ValueError(error.args[0]) from None
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
-                    max_images=args.max_images)
+                    max_images=args.max_images, max_plot_cells=args.max_plot_cells)
     app = create_app(registry, limits, max_queue=args.queue, outputs=args.outputs, api_auth=args.api_auth,
                      api_token=args.api_token, max_body=args.max_body_mb * 2**20,
                      max_prompt_chars=args.max_prompt_chars, listen=args.listen)
@@ -166,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mode, help=text)
         generation_arguments(p, mode)
         p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("grid", help="A1111's X/Y/Z plot: one prompt varied along axes, laid out with a legend")
+    grid_arguments(p)
+    p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("upscale", help="upscale images with Lanczos, Nearest or an ESRGAN-family model (A1111's "
                        "Extras)")
@@ -209,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=2048, help="largest width/height a request may ask for")
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-images", type=int, default=16, help="largest batch_size * n_iter")
+    p.add_argument("--max-plot-cells", type=int, default=64, help="largest X/Y/Z plot (cells)")
     p.add_argument("--max-body-mb", type=int, default=50)
     p.add_argument("--max-prompt-chars", type=int, default=20_000, help="longest prompt a request may send")
     device_arguments(p)

@@ -35,6 +35,7 @@ from .protocol import (
 )
 from .registry import ModelEntry, ModelRegistry
 from .schemas import Img2ImgRequest, Limits, Txt2ImgRequest, limited
+from .scripts import plan_plot, run_plot
 from .worker import WorkerError, WorkerProcess
 
 STATIC = Path(__file__).parent / "static"
@@ -139,14 +140,22 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
             except KeyError as error:
                 raise ApiError(422, f"refiner_checkpoint: {error.args[0]}") from None
 
+        plotted = plan_plot(body, request, kind, registry, refiner, limits, state["model"].native_size, styles)
+
         def run(report):
             entry = chosen or registry.current_entry
             ref = entry.ref()
             ref.vae = vae
+            if plotted is not None:  # A1111's X/Y/Z plot: its cells one after another, in this queue slot
+                result = run_plot(*plotted, lambda job: worker.run(job, report), lambda: jobs.progress.interrupted,
+                                  request, ref)
+                return entry, state["model"], result
             info, result = worker.run(Job("generate", ref, request, refiner=refiner), report)
             return entry, info, result
 
-        entry, info, result = await queued(run, request.progress_steps(), request.n_iter, kind)
+        cells = [p.cell.request for p in plotted[1]] if plotted else [request]
+        entry, info, result = await queued(run, max(r.progress_steps() for r in cells),
+                                           sum(r.n_iter for r in cells), kind)
         return respond(body, result, (entry.name, entry.sha), kind == "img2img" and info.inpainting, outputs_dir,
                        kind, vae.stem if vae else None)
 

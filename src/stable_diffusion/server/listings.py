@@ -21,6 +21,7 @@ from .generation import decode_image
 from .protocol import ApiError
 from .registry import ModelRegistry
 from .schemas import PngInfoRequest, PngInfoResponse
+from .scripts import SCRIPTS, script_info
 
 
 async def _nothing():
@@ -103,11 +104,11 @@ def listings_router(registry: ModelRegistry, flags: dict, model_info: Callable[[
 
     @router.get("/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        return SCRIPTS
 
     @router.get("/script-info")
-    async def script_info():
-        return []  # no selectable or always-on scripts: script_name and alwayson_scripts take only their defaults
+    async def scripts_info():
+        return script_info()  # the selectable scripts; always-on ones take only their defaults
 
     @router.get("/latent-upscale-modes")
     async def latent_upscale_modes():

@@ -90,7 +90,7 @@ class GenerationFields(BaseModel):
 
 UNIMPLEMENTED: dict[str, tuple] = {  # field -> the values that pass (A1111's defaults as clients send them)
     "s_churn": (None, 0), "s_tmin": (None, 0), "s_tmax": (None, 0, math.inf), "s_noise": (None, 1),
-    "restore_faces": (None, False), "tiling": (None, False), "script_name": (None, ""), "script_args": ([],),
+    "restore_faces": (None, False), "tiling": (None, False),
     "disable_extra_networks": (False,),
     "infotext": (None, ""), "hr_checkpoint_name": (None, "", "Use same checkpoint"),
     "initial_noise_multiplier": (None, 1), "latent_mask": (None, ""), "firstpass_image": (None, ""),
@@ -183,6 +183,7 @@ class Limits(BaseModel):
     max_images: int = 16  # batch_size * n_iter
     max_batch_size: int = 8
     max_upscaled: int = 8192  # the largest side an Extras upscale may produce
+    max_plot_cells: int = 64  # cells of an X/Y/Z plot
 
 
 class Options(BaseModel):
