@@ -53,7 +53,7 @@ def test_defaults_pass_and_unimplemented_values_are_named(client):
     from .test_extras import _b64, _image
 
     r = client.post("/sdapi/v1/img2img", json={**BODY, "init_images": [_b64(_image(0, (64, 64)))] * 2})
-    assert r.status_code == 422 and "one init image" in r.json()["detail"]
+    assert r.status_code == 422 and "2 images for a batch of 1" in r.json()["detail"]  # A1111's rule
 
 
 def test_sd_vae_per_request_and_server_wide(client):

@@ -98,6 +98,34 @@ def test_xyz_plot_script_args_and_refiner_survive_hostile_input(fuzz_client):
     check()
 
 
+def test_outpainting_script_and_latent_mask_survive_hostile_input(fuzz_client):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(buffer, "PNG")
+    png = base64.b64encode(buffer.getvalue()).decode()
+
+    @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.one_of(scalars, st.lists(st.sampled_from(["left", "up", "x"]), max_size=3)), max_size=5),
+           st.one_of(st.none(), st.just(png), text), st.booleans())
+    def check(args, latent_mask, with_mask):
+        body = {"prompt": "a", "steps": 1, "width": 64, "height": 64, "init_images": [png],
+                "script_name": "poor man's outpainting" if not with_mask else "", "script_args": args,
+                "latent_mask": latent_mask, "mask": png if with_mask else None}
+        if with_mask:
+            body["script_args"] = []
+        r = fuzz_client.post("/sdapi/v1/img2img", content=json.dumps(body, allow_nan=True).encode(
+            "utf-8", errors="surrogatepass"), headers={"content-type": "application/json"})
+        assert r.status_code < 500, (body, r.text[:300])
+        if r.status_code >= 400:
+            assert set(r.json()) == ERROR_KEYS, r.text[:300]
+
+    check()
+
+
 def test_deeply_nested_and_malformed_bodies_are_4xx(fuzz_client):
     nested = b"[" * 100_000 + b"]" * 100_000
     for path in ("/sdapi/v1/options", "/sdapi/v1/txt2img", "/sdapi/v1/png-info"):

@@ -9,14 +9,14 @@ from pathlib import Path
 from .helpers import ROOT
 
 PACKAGE = ROOT / "src" / "stable_diffusion"
-BASE = {"models", "diffusion", "prompts", "prompt_editing", "inpaint", "styles", "hires", "upscalers"}
+BASE = {"models", "diffusion", "prompts", "prompt_editing", "inpaint", "styles", "hires", "upscalers", "outpainting"}
 ALLOWED = {  # unit -> the units it may import at run time (docs/architecture.md, "Import rules")
     **{unit: set() for unit in BASE},
     "checkpoints": {"models"},
     "images": {"checkpoints", "models"},
     "embeddings": {"checkpoints", "models"},
     "lora": {"checkpoints", "models"},
-    "request": {"diffusion", "inpaint", "lora", "checkpoints", "models", "styles", "hires", "upscalers"},
+    "request": {"diffusion", "inpaint", "lora", "checkpoints", "models", "styles", "hires", "upscalers", "outpainting"},
     "infotext": {"diffusion", "checkpoints"},
     "conditioning": {"models", "diffusion", "prompts", "prompt_editing", "embeddings", "checkpoints"},
     "offload": {"models", "checkpoints"},

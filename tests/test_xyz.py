@@ -156,9 +156,9 @@ def test_api_xyz_plot_options_and_errors(client):
         r = post(**fields)
         assert r.status_code == 422 and text in r.json()["detail"], (fields, r.text)
     scripts = client.get("/sdapi/v1/scripts").json()
-    assert scripts == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot"]}
+    assert scripts == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot", "poor man's outpainting"]}
     info = client.get("/sdapi/v1/script-info").json()
-    assert [s["is_img2img"] for s in info] == [False, True] and len(info[0]["args"]) == 18
+    assert [s["is_img2img"] for s in info] == [False, True, True] and len(info[0]["args"]) == 18
 
 
 def test_cli_grid(tmp_path, builtin):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .conditioning import guided_denoiser
@@ -33,15 +34,20 @@ from .infotext import format_infotext, generation_parameters
 from .inpaint import (
     BlendedDenoiser,
     ConcatUNet,
+    blur_fill,
     composite,
-    fill_masked_pixels,
+    fit_image,
+    latent_side_mask,
     latent_size,
+    mask_image,
     only_masked_crop,
     paste_back,
     pixel_mask,
     start_latent,
 )
 from .lora import applied_loras, extract_lora_tags, resolve_lora
+from .outpainting import combine as combine_tiles
+from .outpainting import plan as outpaint_plan
 from .request import GenerationRequest
 from .upscalers import get_upscaler, resize_image
 
@@ -125,23 +131,54 @@ def _prepare_start(pipe: Pipeline, request: GenerationRequest) -> _Start:
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         return _encode(pipe, pixels, request.vae_tile)
 
-    init = request.init_image
-    pixels = to_batch(init, request.width, request.height) if init is not None else None
+    w, h = request.width, request.height
+    inits = request.inits  # several: image k of a batch starts from the k-th (A1111's init_images)
+    fitted = [fit_image(im, w, h, request.resize_mode if request.resize_mode != 3 else 0) for im in inits]
+    pixels = torch.cat([to_batch(im, w, h) for im in fitted]) if inits else None
+    originals = pixels
     if request.mask is not None:
-        start.pixel_mask = pixel_mask(request, request.width, request.height)
-        start.latent_mask = latent_size(start.pixel_mask, hw).to(pipe.device)
-        if request.inpainting_fill == 0:
-            pixels = fill_masked_pixels(pixels, start.pixel_mask)
-    if pixels is not None:
+        start.pixel_mask = pixel_mask(request, w, h)
+        latent_side = latent_side_mask(request, w, h)  # A1111's latent_mask, else the pixel mask
+        start.latent_mask = latent_size(latent_side, hw).to(pipe.device)
+        if request.inpainting_fill == 0:  # A1111's fill: the kept pixels blurred into the masked part
+            fill_mask = mask_image(latent_side)
+            pixels = torch.cat([to_batch(blur_fill(im, fill_mask), w, h) for im in fitted])
+    if pixels is not None and request.resize_mode == 3:  # A1111: encoded at its own size, the latent resized
+        start.init_latent = torch.cat([F.interpolate(encode(to_batch(im, im.width // 8 * 8, im.height // 8 * 8)),
+                                                     size=hw, mode="bilinear") for im in inits])
+    elif pixels is not None:
         start.init_latent = encode(pixels)
     if c.is_inpainting:  # 9-channel UNet: [x, mask, masked-image latent]; txt2img repaints everything
         binary = (start.pixel_mask >= 0.5).float() if start.pixel_mask is not None else \
             torch.ones(1, 1, request.height, request.width)
-        source = to_batch(init, request.width, request.height) if init is not None else \
-            torch.zeros(1, 3, request.height, request.width)
-        concat = torch.cat([latent_size(binary, hw).to(pipe.device), encode(source * (1 - binary))], dim=1)
+        source = originals if originals is not None else torch.zeros(1, 3, request.height, request.width)
+        masked = encode(source * (1 - binary))  # (n init images, C, h, w)
+        concat = torch.cat([latent_size(binary, hw).to(pipe.device).expand(len(masked), -1, -1, -1), masked], dim=1)
         start.unet = ConcatUNet(pipe.unet, concat)
     return start
+
+
+def _outpaint(pipe: Pipeline, request: GenerationRequest, callback: StepCallback | None,
+              refiner: Pipeline | None) -> GenerationResult:
+    """A1111's poor man's outpainting: each tile on the grown border inpainted with its own masks and the next
+    seed, the tiles joined again; the result is the one joined image with the first tile's parameters."""
+    request = replace(request.resolved(pipe.config.image_size), outpaint=request.outpaint)
+    settings = request.outpaint
+    grid, work = outpaint_plan(request.init_image, settings, request.width, request.height)
+    first = None
+    for i, (tile, mask, latent_mask) in enumerate(work):
+        part = replace(request, outpaint=None, init_image=tile.image, init_images=[], mask=mask,
+                       latent_mask=latent_mask, mask_blur=settings.mask_blur * 2,
+                       inpainting_fill=settings.inpainting_fill, inpainting_mask_invert=False, inpaint_full_res=False,
+                       resize_mode=0, n_iter=1, batch_size=1, seed=request.seed + i)
+        result = generate(pipe, part, callback, refiner)
+        if not result.images:  # stopped inside the text encoder or the VAE
+            break
+        tile.image = result.images[0]
+        first = first or result
+    if first is None:
+        return GenerationResult([], [], [], request)
+    return GenerationResult([combine_tiles(grid)], [request.seed], first.infotexts[:1], request, first.subseeds[:1])
 
 
 def _loras(request: GenerationRequest) -> tuple[list[str], str, list[tuple]]:
@@ -185,6 +222,8 @@ def generate(pipe: Pipeline, request: GenerationRequest, callback: StepCallback 
     model (SDXL's refiner) that finishes the trajectory from ``request.refiner_switch_at`` on, as A1111's."""
     if refiner is not None:
         _check_refiner(pipe, refiner)
+    if request.outpaint is not None:  # A1111's poor man's outpainting: the border's tiles, one by one
+        return _outpaint(pipe, request, callback, refiner)
     if request.mask is not None and request.inpaint_full_res:  # inpaint a crop around the mask, paste it back
         crop, box = only_masked_crop(request, pipe.config.image_size)
         result = generate(pipe, crop, callback, refiner)
@@ -244,7 +283,8 @@ def _batch(pipe: Pipeline, request: GenerationRequest, it: int, prompts: list[st
     if refined:
         params = {**params, "refiner": refiner.title}
     if request.mask is not None:
-        images = [composite(request.init_image, image, start.pixel_mask) for image in images]
+        images = [composite(fit_image(request.init_of(k), request.width, request.height, request.resize_mode), image,
+                            start.pixel_mask) for k, image in enumerate(images)]
     asked = request.prompt if isinstance(request.prompt, list) else [request.prompt] * n
     for seed, subseed, image, text in zip(seeds, subseeds, images, asked, strict=True):
         result.images.append(image)

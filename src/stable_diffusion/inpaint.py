@@ -1,7 +1,8 @@
-"""Inpainting: blended latent diffusion for any model (Avrahami et al. 2023: the known region is re-imposed
-on every x0 prediction) and the 9-channel inpainting UNets (mask + masked-image latent concatenated to the
-input). Outside the mask the final image keeps the original pixels. The mask and its options are fields of the
-GenerationRequest (A1111's names: mask_blur, inpainting_fill, inpainting_mask_invert, inpaint_full_res)."""
+"""img2img's resize modes (A1111's resize_image) and inpainting: blended latent diffusion for any model
+(Avrahami et al. 2023: the known region is re-imposed on every x0 prediction) and the 9-channel inpainting UNets
+(mask + masked-image latent concatenated to the input). Outside the mask the final image keeps the original
+pixels. The mask and its options are fields of the GenerationRequest (A1111's names: mask_blur,
+inpainting_fill, inpainting_mask_invert, inpaint_full_res)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,44 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 if TYPE_CHECKING:
     from .request import GenerationRequest
 
 FILL_MODES = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+RESIZE_MODES = {0: "Just resize", 1: "Crop and resize", 2: "Resize and fill", 3: "Just resize (latent upscale)"}
+
+
+def fit_image(image: Image.Image, width: int, height: int, mode: int = 0) -> Image.Image:
+    """A1111's resize_image (Lanczos): 0 stretch to width x height; 1 scale to cover it and crop the centre;
+    2 scale to fit inside it and fill the two empty bands with the image's edge row or column stretched across
+    them (any other mode: as 2, as A1111's function does)."""
+    if image.size == (width, height):
+        return image
+    if mode == 0:
+        return image.resize((width, height), Image.Resampling.LANCZOS)
+    ratio, src_ratio = width / height, image.width / image.height
+    cover = mode == 1
+    wide = ratio > src_ratio if cover else ratio < src_ratio  # the side that matches the target exactly
+    src_w = width if wide else image.width * height // image.height
+    src_h = height if not wide else image.height * width // image.width
+    resized = image.resize((src_w, src_h), Image.Resampling.LANCZOS)
+    out = Image.new(image.mode, (width, height))
+    out.paste(resized, (width // 2 - src_w // 2, height // 2 - src_h // 2))
+    if cover:
+        return out
+    if ratio < src_ratio:  # bands above and below: the top and bottom rows stretched
+        band = height // 2 - src_h // 2
+        if band > 0:
+            out.paste(resized.resize((width, band), box=(0, 0, width, 0)), (0, 0))
+            out.paste(resized.resize((width, band), box=(0, src_h, width, src_h)), (0, band + src_h))
+    elif ratio > src_ratio:  # bands left and right: the first and last columns stretched
+        band = width // 2 - src_w // 2
+        if band > 0:
+            out.paste(resized.resize((band, height), box=(0, 0, 0, height)), (0, 0))
+            out.paste(resized.resize((band, height), box=(src_w, 0, src_w, height)), (band + src_w, 0))
+    return out
 
 
 def check_mask(mask: Image.Image, image: Image.Image, fill: int) -> None:
@@ -38,15 +71,40 @@ def pixel_mask(request: GenerationRequest, width: int, height: int) -> torch.Ten
     mask = effective_mask(request)
     if request.mask_blur > 0:
         mask = mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
-    mask = mask.resize((width, height), Image.LANCZOS)
-    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    # A1111 fits the mask as the image (a latent-space resize, mode 3, fits it as mode 2 does)
+    return mask_tensor(fit_image(mask, width, height, request.resize_mode))
 
 
-def fill_masked_pixels(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Fill mode 0: the repainted region starts as the mean colour of the kept region."""
-    keep = 1 - mask
-    mean = (pixels * keep).sum(dim=(2, 3), keepdim=True) / keep.sum().clamp(min=1)
-    return pixels * keep + mean * mask
+def latent_side_mask(request: GenerationRequest, width: int, height: int) -> torch.Tensor:
+    """The mask the latent blending and fill mode 0 use: A1111's latent_mask when the request has one (as it is,
+    unblurred), else the blurred pixel mask."""
+    if request.latent_mask is None:
+        return pixel_mask(request, width, height)
+    return mask_tensor(fit_image(request.latent_mask.convert("L"), width, height, request.resize_mode))
+
+
+def blur_fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """Fill mode 0 as A1111's masking.fill: the masked part painted with the kept pixels blurred outward, from a
+    256-pixel blur down to none, each layer composited over the last (premultiplied alpha, so only kept pixels
+    spread)."""
+    kept = Image.new("RGBa", image.size)
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    out = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            out.alpha_composite(blurred)
+    return out.convert("RGB")
+
+
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """An 8-bit mask -> (1, 1, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
+
+
+def mask_image(mask: torch.Tensor) -> Image.Image:
+    """(1, 1, H, W) in [0, 1] -> an 8-bit mask."""
+    return Image.fromarray((mask[0, 0].numpy() * 255).round().clip(0, 255).astype(np.uint8), "L")
 
 
 def start_latent(init_latent: torch.Tensor, latent_mask: torch.Tensor, fill: int,
@@ -102,20 +160,22 @@ def composite(original: Image.Image, generated: Image.Image, mask: torch.Tensor)
 def only_masked_crop(request: GenerationRequest, native_size: int) -> tuple[GenerationRequest, tuple[int, int, int, int]]:
     """A1111's "inpaint at full resolution": the request for a crop around the mask (plus padding), resized to
     width x height (the native size when unset), and the crop's box in the original image."""
-    check_mask(request.mask, request.init_image, request.inpainting_fill)
+    for image in request.inits:
+        check_mask(request.mask, image, request.inpainting_fill)
     size = (request.width or native_size, request.height or native_size)
     box = crop_box(effective_mask(request), request.inpaint_full_res_padding, *size)
-    return replace(request, init_image=request.init_image.crop(box).resize(size, Image.LANCZOS),
+    crops = [image.crop(box).resize(size, Image.LANCZOS) for image in request.inits]
+    return replace(request, init_image=crops[0], init_images=crops if request.init_images else [],
                    mask=request.mask.crop(box).resize(size, Image.LANCZOS), inpaint_full_res=False,
                    width=size[0], height=size[1]), box
 
 
 def paste_back(request: GenerationRequest, images: list[Image.Image], box: tuple[int, int, int, int]) -> list[Image.Image]:
-    """Each crop's result scaled back into its box of the original image, blended in through the whole mask."""
-    init = request.init_image
-    full_mask = pixel_mask(request, init.width, init.height)
+    """Each crop's result scaled back into its box of its original image, blended in through the whole mask."""
+    full_mask = pixel_mask(request, request.init_of(0).width, request.init_of(0).height)
     pasted = []
-    for image in images:
+    for k, image in enumerate(images):
+        init = request.init_of(k)
         canvas = init.convert("RGB").copy()
         canvas.paste(image.resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS), box[:2])
         pasted.append(composite(init, canvas, full_mask))

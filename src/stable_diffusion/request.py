@@ -12,8 +12,9 @@ from PIL import Image
 
 from .diffusion.samplers import resolve_sampler
 from .hires import HiresFix
-from .inpaint import check_mask
+from .inpaint import RESIZE_MODES, check_mask
 from .lora import extract_lora_tags, resolve_lora
+from .outpainting import Outpaint
 from .styles import Style, apply_styles
 from .upscalers import get_upscaler
 
@@ -50,6 +51,10 @@ class GenerationRequest:
     embeddings_dir: str | None = None  # textual-inversion files, used in prompts by file name
     # img2img (SDEdit): start from this image, noised to the sigma at denoising_strength
     init_image: Image.Image | None = None
+    # A1111's several init_images: image k of each batch starts from init_images[k] (batch_size = their number;
+    # init_image is the first)
+    init_images: list[Image.Image] = field(default_factory=list)
+    resize_mode: int = 0  # A1111's: 0 just resize, 1 crop and resize, 2 resize and fill, 3 resize the latent
     denoising_strength: float = 0.75
     # inpainting: repaint the white part of the mask (inpaint.py)
     mask: Image.Image | None = None
@@ -58,6 +63,9 @@ class GenerationRequest:
     inpainting_mask_invert: bool = False
     inpaint_full_res: bool = False  # A1111's "only masked": work on a crop around the mask
     inpaint_full_res_padding: int = 32
+    latent_mask: Image.Image | None = None  # A1111's: the mask for the latent blending (default: the blurred mask)
+    # A1111's "Poor man's outpainting" script (outpainting.py): grow the init image; generate paints the border
+    outpaint: Outpaint | None = None
     # A1111's hires fix (hires.py): a second, img2img pass at a larger size, at denoising_strength
     hires: HiresFix | None = None
     upscalers_dir: str | None = None  # A1111's models folder: upscaler files in its ESRGAN/ and RealESRGAN/
@@ -76,6 +84,16 @@ class GenerationRequest:
     @property
     def prompts(self) -> list[str]:
         return list(self.prompt) if isinstance(self.prompt, list) else [self.prompt]
+
+    @property
+    def inits(self) -> list[Image.Image]:
+        """The init images of a batch's images, in order (one image: every image's)."""
+        return list(self.init_images) if self.init_images else [self.init_image] if self.init_image else []
+
+    def init_of(self, k: int) -> Image.Image:
+        """The init image of image ``k`` of a batch."""
+        inits = self.inits
+        return inits[k % len(inits)]
 
     @property
     def strength(self) -> float:
@@ -126,9 +144,10 @@ class GenerationRequest:
         A1111 label and the schedule it walks ("automatic" resolved); the request itself is left as it is. A
         ValueError names the first bad field."""
         width, height = self.width, self.height
-        if self.init_image is not None:
-            width = self.init_image.width // 8 * 8 if width is None else width
-            height = self.init_image.height // 8 * 8 if height is None else height
+        init_image = self.init_images[0] if self.init_images and self.init_image is None else self.init_image
+        if init_image is not None:
+            width = init_image.width // 8 * 8 if width is None else width
+            height = init_image.height // 8 * 8 if height is None else height
             if not 0.0 <= self.denoising_strength <= 1.0:
                 raise ValueError(f"denoising strength must be in [0, 1], got {self.denoising_strength}")
         elif self.mask is not None:
@@ -148,6 +167,12 @@ class GenerationRequest:
             if not self.prompt or not all(isinstance(p, str) for p in self.prompt):
                 raise ValueError("a prompt list must hold at least one string")
             batch_size = len(self.prompt)
+        if len(self.init_images) > 1:  # A1111: one image per batch position
+            if isinstance(self.prompt, list) and len(self.prompt) != len(self.init_images):
+                raise ValueError(f"{len(self.init_images)} init images but {len(self.prompt)} prompts")
+            if self.init_image is not None and self.init_image is not self.init_images[0]:
+                raise ValueError("give init_image or init_images, not both")
+            batch_size = len(self.init_images)
         if self.steps < 1 or batch_size < 1 or self.n_iter < 1:
             raise ValueError("steps, batch_size and n_iter must be at least 1")
         if not math.isfinite(self.cfg_scale):
@@ -166,14 +191,25 @@ class GenerationRequest:
             raise ValueError(f"skip_early_cond must be a fraction of the steps in [0, 1], got {self.skip_early_cond}")
         if not 64 <= self.vae_tile_size <= 4096 or self.vae_tile_size % 8:
             raise ValueError(f"vae_tile_size must be a multiple of 8 from 64 to 4096, got {self.vae_tile_size}")
+        if self.latent_mask is not None and self.mask is None:
+            raise ValueError("latent_mask: it needs a mask (it replaces the mask on the latent side only)")
+        if self.outpaint is not None:
+            if init_image is None or len(self.init_images) > 1 or self.mask is not None:
+                raise ValueError("outpainting takes one init image and makes its own mask")
+            self.outpaint.check(width, height)
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {sorted(RESIZE_MODES)} ({', '.join(RESIZE_MODES.values())})")
         if self.mask is not None:
-            check_mask(self.mask, self.init_image, self.inpainting_fill)
+            for image in self.inits:
+                check_mask(self.mask, image, self.inpainting_fill)
+            if self.resize_mode == 3 and not self.inpaint_full_res:
+                raise ValueError("resize_mode 3 (latent upscale) is for img2img without a mask")
         for text in [*self.prompts, self.negative_prompt]:  # every LoRA it names exists (a CheckpointError if not)
             extract_lora_tags(text, self.lora_dir)
         for name, _ in self.loras:
             resolve_lora(str(name), self.lora_dir)
         if self.hires is not None:
-            if self.init_image is not None:
+            if init_image is not None:
                 raise ValueError("the hires fix is for txt2img; img2img has no second pass")
             self.hires.check(width, height)
             resolve_sampler(self.hires.sampler or sampler, self.hires.scheduler or "automatic")
@@ -193,4 +229,5 @@ class GenerationRequest:
         seed = random.randrange(2**32) if self.seed == -1 else self.seed
         subseed = random.randrange(2**32) if self.subseed == -1 else self.subseed
         return replace(self, prompt=prompt, negative_prompt=negative, styles=[], width=width, height=height, seed=seed,
+                       init_image=init_image,
                        subseed=subseed, batch_size=batch_size, sampler=sampler, scheduler=scheduler)

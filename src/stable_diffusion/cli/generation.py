@@ -33,6 +33,23 @@ def _seed_resize(text: str | None) -> dict:
     return {"seed_resize_from_w": w, "seed_resize_from_h": h}
 
 
+def _inits(args: argparse.Namespace) -> dict:
+    """--init (one image, or several: one per batch image, as A1111's init_images) and --resize-mode."""
+    from ..images import open_image
+
+    paths = getattr(args, "init", None) or []
+    images = [open_image(path) for path in paths]
+    if not images:
+        return {}
+    chosen = {"init_image": images[0]} if len(images) == 1 else {"init_images": images}
+    if getattr(args, "outpaint", None):
+        from ..outpainting import Outpaint
+
+        chosen["outpaint"] = Outpaint(args.outpaint, args.outpaint_blur, args.outpaint_fill,
+                                      tuple(d.strip() for d in args.outpaint_directions.split(",") if d.strip()))
+    return {**chosen, "resize_mode": args.resize_mode}
+
+
 def _hires(args: argparse.Namespace):
     """The HiresFix that --hires / --hires-resize and the other --hires-* flags ask for (txt2img), or None."""
     from ..hires import HiresFix
@@ -76,7 +93,7 @@ def generation_request(args: argparse.Namespace) -> GenerationRequest:
         embeddings_dir=args.embeddings_dir, loras=[_lora_arg(text) for text in args.lora], **guidance_skip(args),
         tiled_vae=args.tiled_vae is not None, vae_tile_size=args.tiled_vae or 512,
         hires=_hires(args), upscalers_dir=args.models_dir, refiner_switch_at=args.refiner_switch_at,
-        init_image=open_image(args.init) if getattr(args, "init", None) else None,
+        **_inits(args),
         denoising_strength=getattr(args, "strength", 0.75),
         mask=open_image(args.mask) if inpainting else None,
         **({"mask_blur": args.mask_blur, "inpainting_fill": args.fill, "inpainting_mask_invert": args.invert,
@@ -96,6 +113,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     request = generation_request(args).resolved(pipe.config.image_size)  # a bad value: one line, before any work
     refiner = options.load(args.refiner) if args.refiner else None
     steps = request.progress_steps()
+    batches = request.n_iter
+    if request.outpaint is not None:  # one batch per border tile
+        from ..outpainting import plan
+
+        batches = len(plan(request.init_image, request.outpaint, request.width, request.height)[1])
     x0s = []
 
     def on_step(info: dict) -> None:
@@ -103,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.preview and len(x0s) < steps:  # the first image's x0 predictions of the first iteration
             x0s.append(info["denoised"][:1].detach().clone())
 
-    with tqdm(total=steps * request.n_iter, desc="sampling", unit="step") as bar:
+    with tqdm(total=steps * batches, desc="sampling", unit="step") as bar:
         result = generate(pipe, request, on_step, refiner)  # checks the request before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +184,17 @@ def generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
         _hires_arguments(p)
         p.add_argument("--strength", type=float, default=0.75, help="the hires fix's denoising strength")
     if mode in ("img2img", "inpaint"):
-        p.add_argument("--init", required=True, help="the starting image")
+        p.add_argument("--init", required=True, nargs="+", help="the starting image (several: one per batch image)")
+        p.add_argument("--resize-mode", type=int, default=0, choices=[0, 1, 2, 3],
+                       help="fitting --init to --width x --height: 0 just resize, 1 crop and resize, 2 resize and "
+                       "fill (edges stretched), 3 resize the latent")
+    if mode == "img2img":
+        p.add_argument("--outpaint", type=int, metavar="PIXELS", help="A1111's poor man's outpainting: grow --init "
+                       "by PIXELS and paint the border tile by tile (tiles of --width x --height)")
+        p.add_argument("--outpaint-directions", default="left,right,up,down", help="which sides to grow")
+        p.add_argument("--outpaint-blur", type=int, default=4, help="the outpainting mask's blur")
+        p.add_argument("--outpaint-fill", type=int, default=0, choices=[0, 1, 2, 3],
+                       help="the border starts as: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
         p.add_argument("--strength", type=float, default=0.75, help="denoising strength: 0 keeps, 1 repaints")
     if mode == "inpaint":
         p.add_argument("--mask", required=True, help="same size as --init; white = repaint, black = keep")

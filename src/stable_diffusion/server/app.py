@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..outpainting import plan as outpaint_plan
 from .executor import Job
 from .extras import extras_router
 from .generation import VERSION, build_request, check_limits, refiner_name, respond, settings_for
@@ -154,8 +155,13 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
             return entry, info, result
 
         cells = [p.cell.request for p in plotted[1]] if plotted else [request]
-        entry, info, result = await queued(run, max(r.progress_steps() for r in cells),
-                                           sum(r.n_iter for r in cells), kind)
+        batches = sum(r.n_iter for r in cells)
+        if request.outpaint is not None:  # poor man's outpainting: one batch per border tile
+            batches = len(outpaint_plan(request.init_image, request.outpaint, request.width, request.height)[1])
+            if batches > limits.max_plot_cells:
+                raise ApiError(422, f"poor man's outpainting: {batches} tiles, over this server's limit of "
+                                    f"{limits.max_plot_cells}")
+        entry, info, result = await queued(run, max(r.progress_steps() for r in cells), batches, kind)
         return respond(body, result, (entry.name, entry.sha), kind == "img2img" and info.inpainting, outputs_dir,
                        kind, vae.stem if vae else None)
 

@@ -24,6 +24,7 @@ from ..request import GenerationRequest
 from ..styles import Style, find_styles
 from .protocol import ApiError, non_finite
 from .schemas import GenerationFields, Img2ImgRequest, Limits, Options, Txt2ImgRequest
+from .scripts import outpaint_settings
 
 VERSION = f"stable_diffusion {__version__}"
 
@@ -98,43 +99,38 @@ def guidance_skip(settings: Options, body: GenerationFields | None = None) -> di
             "skip_early_cond": settings.skip_early_cond}
 
 
-def fit_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
-    """A1111's resize modes: 0 stretch, 1 crop to fill, 2 fit inside and pad with the stretched edges."""
-    if image.size == (width, height):
-        return image
-    if mode == 1:
-        return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
-    if mode == 2:
-        inner = ImageOps.contain(image, (width, height), Image.Resampling.LANCZOS)
-        canvas = image.resize((width, height), Image.Resampling.LANCZOS)
-        canvas.paste(inner, ((width - inner.width) // 2, (height - inner.height) // 2))
-        return canvas
-    return image.resize((width, height), Image.Resampling.LANCZOS)
-
-
 def img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
-    """The init image and the inpainting fields of an img2img body, decoded and fitted to width x height."""
+    """The init images and the inpainting fields of an img2img body, decoded (generate fits them to width x height
+    with the body's resize_mode). A1111's rule for several: one is every image's, up to batch_size are one each."""
     if body.init_images is None:
         raise ApiError(404, "Init image not found")  # A1111's answer
     if not body.init_images:
         raise ApiError(422, "init_images: at least one image is required")
-    if len(body.init_images) > 1:  # not silently ignored: A1111 spreads several over the batch, this server cannot
-        raise ApiError(422, "init_images: this server takes one init image per request")
-    init = decode_image(body.init_images[0], "init_images[0]")
-    fields: dict[str, Any] = {}
+    if len(body.init_images) > body.batch_size:
+        raise ApiError(422, f"init_images: {len(body.init_images)} images for a batch of {body.batch_size}; one "
+                            f"image (every image's) or up to batch_size (one each), as A1111")
+    inits = [decode_image(data, f"init_images[{i}]").convert("RGB") for i, data in enumerate(body.init_images)]
+    fields: dict[str, Any] = {"resize_mode": body.resize_mode}
     if body.mask:
         mask = decode_image(body.mask, "mask")
         try:
-            check_mask(mask, init, body.inpainting_fill)
+            for init in inits:
+                check_mask(mask, init, body.inpainting_fill)
         except ValueError as error:
             raise ApiError(422, str(error)) from None
         alpha = mask.getchannel("A") if mask.mode == "RGBA" else None
-        mask = mask.convert("L") if alpha is None else Image.composite(mask.convert("L"), alpha, alpha)
-        fields.update(mask=fit_image(mask, body.width, body.height, body.resize_mode),
+        if body.latent_mask:
+            fields["latent_mask"] = decode_image(body.latent_mask, "latent_mask").convert("L")
+        fields.update(mask=mask.convert("L") if alpha is None else Image.composite(mask.convert("L"), alpha, alpha),
                       mask_blur=body.mask_blur_x if body.mask_blur_x is not None else body.mask_blur,
                       inpainting_fill=body.inpainting_fill, inpainting_mask_invert=bool(body.inpainting_mask_invert),
                       inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding)
-    fields["init_image"] = fit_image(init.convert("RGB"), body.width, body.height, body.resize_mode)
+    elif body.latent_mask:
+        raise ApiError(422, "latent_mask: it needs a mask (it replaces the mask on the latent side only)")
+    if len(inits) == 1:
+        fields["init_image"] = inits[0]
+    else:
+        fields["init_images"] = inits
     return fields
 
 
@@ -153,6 +149,10 @@ def build_request(body: GenerationFields, options: dict, models_dir: Path | None
     width, height = first_pass_size(body)
     lora_dir, embeddings_dir = (models_dir / "Lora", models_dir / "embeddings") if models_dir else (None, None)
     images = img2img_fields(body) if isinstance(body, Img2ImgRequest) else {}
+    if isinstance(body, Img2ImgRequest) and (outpaint := outpaint_settings(body)) is not None:
+        if body.mask:
+            raise ApiError(422, "mask: poor man's outpainting makes its own mask")
+        images["outpaint"] = outpaint
     try:
         chosen_styles = find_styles(body.styles or [], styles or {})
     except ValueError as error:

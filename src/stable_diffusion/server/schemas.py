@@ -93,7 +93,7 @@ UNIMPLEMENTED: dict[str, tuple] = {  # field -> the values that pass (A1111's de
     "restore_faces": (None, False), "tiling": (None, False),
     "disable_extra_networks": (False,),
     "infotext": (None, ""), "hr_checkpoint_name": (None, "", "Use same checkpoint"),
-    "initial_noise_multiplier": (None, 1), "latent_mask": (None, ""), "firstpass_image": (None, ""),
+    "initial_noise_multiplier": (None, 1), "firstpass_image": (None, ""),
 }
 
 
@@ -122,7 +122,7 @@ class Txt2ImgRequest(GenerationFields):
 class Img2ImgRequest(GenerationFields):
     init_images: list[str] | None = None
     mask: str | None = None
-    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill (3: as 0)
+    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent resize
     mask_blur: int = Field(4, ge=0, le=256)
     mask_blur_x: int | None = Field(None, ge=0, le=256)
     mask_blur_y: int | None = Field(None, ge=0, le=256)
@@ -133,7 +133,7 @@ class Img2ImgRequest(GenerationFields):
     include_init_images: bool = False
     image_cfg_scale: float | None = None  # instruct-pix2pix only: no effect on other models, as in A1111
     initial_noise_multiplier: float | None = None
-    latent_mask: str | None = None
+    latent_mask: str | None = None  # a second mask for the latent side (base64 image; with a mask)
     mask_round: bool = True
 
 
@@ -183,7 +183,7 @@ class Limits(BaseModel):
     max_images: int = 16  # batch_size * n_iter
     max_batch_size: int = 8
     max_upscaled: int = 8192  # the largest side an Extras upscale may produce
-    max_plot_cells: int = 64  # cells of an X/Y/Z plot
+    max_plot_cells: int = 64  # cells of an X/Y/Z plot, tiles of a poor man's outpainting
 
 
 class Options(BaseModel):

@@ -1,7 +1,8 @@
-"""A1111's selectable scripts over HTTP (``script_name`` + ``script_args``): the X/Y/Z plot (xyz.py). Every cell
-is planned and checked before anything is queued (a 422 names the problem), then runs as an ordinary generation
-job on the worker, one after another inside the request's queue slot; an Interrupt ends the plot after the cell
-it stops (the cells not run stay black, as A1111's)."""
+"""A1111's selectable scripts over HTTP (``script_name`` + ``script_args``): the X/Y/Z plot (xyz.py) and, for
+img2img, poor man's outpainting (outpainting.py, which ``generate`` runs). Every plot cell is planned and checked
+before anything is queued (a 422 names the problem), then runs as an ordinary generation job on the worker, one
+after another inside the request's queue slot; an Interrupt ends the plot after the cell it stops (the cells not
+run stay black, as A1111's)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..generate import GenerationResult
+from ..inpaint import FILL_MODES
+from ..outpainting import DIRECTIONS, Outpaint
+from ..outpainting import TITLE as OUTPAINT
 from ..request import GenerationRequest
 from ..styles import Style
 from ..xyz import SCRIPT_NAMES, TITLE, Cell, Plot, assemble, axes, from_script_args, plan
@@ -19,7 +23,7 @@ from .protocol import ApiError
 from .registry import ModelRegistry
 from .schemas import Limits
 
-SCRIPTS = {"txt2img": [TITLE.lower()], "img2img": [TITLE.lower()]}  # GET /scripts
+SCRIPTS = {"txt2img": [TITLE.lower()], "img2img": [TITLE.lower(), OUTPAINT.lower()]}  # GET /scripts
 
 
 def script_info() -> list[dict[str, Any]]:
@@ -38,7 +42,33 @@ def script_info() -> list[dict[str, Any]]:
                  arg("Use text inputs instead of dropdowns", False)]
         out.append({"name": TITLE.lower(), "is_alwayson": False, "is_img2img": mode == "img2img",
                     "args": axis_args + flags})
+    out.append({"name": OUTPAINT.lower(), "is_alwayson": False, "is_img2img": True, "args": [
+        {**arg("Pixels to expand", 128), "minimum": 8, "maximum": 256, "step": 8},
+        {**arg("Mask blur", 4), "minimum": 0, "maximum": 64, "step": 1},
+        arg("Masked content", "fill", list(FILL_MODES.values())),
+        arg("Outpainting direction", list(DIRECTIONS), list(DIRECTIONS))]})
     return out
+
+
+def outpaint_settings(body: Any) -> Outpaint | None:
+    """A1111's poor man's outpainting from an img2img body's script_args [pixels, mask_blur, masked content (its
+    index or name), directions], or None when the body names another script."""
+    if (body.script_name or "").strip().lower() != OUTPAINT.lower():
+        return None
+    args = list(body.script_args) + [None] * (4 - len(body.script_args))
+    if len(body.script_args) > 4:
+        raise ApiError(422, "script_args: poor man's outpainting takes [pixels, mask_blur, inpainting_fill, "
+                            "direction]")
+    pixels, blur, fill, directions = (128 if args[0] is None else args[0], 4 if args[1] is None else args[1],
+                                      0 if args[2] is None else args[2], DIRECTIONS if args[3] is None else args[3])
+    names = {name: index for index, name in FILL_MODES.items()}
+    fill = names.get(fill, fill) if isinstance(fill, str) else fill
+    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (pixels, blur, fill)) and \
+        isinstance(directions, list | tuple) and all(isinstance(d, str) for d in directions)
+    if not ok or fill not in FILL_MODES:
+        raise ApiError(422, "script_args: poor man's outpainting takes [pixels (int), mask_blur (int), "
+                            "inpainting_fill (0-3 or its name), direction (a list of left, right, up, down)]")
+    return Outpaint(pixels, blur, fill, tuple(directions))
 
 
 @dataclass
@@ -54,6 +84,8 @@ def plan_plot(body: Any, request: GenerationRequest, mode: str, registry: ModelR
               limits: Limits, native_size: int, styles: dict[str, Style]) -> tuple[Plot, list[PlannedCell]] | None:
     """The plot a body asks for (None: no script), every cell resolved and within the limits."""
     name = (body.script_name or "").strip().lower()
+    if name == OUTPAINT.lower() and mode == "img2img":
+        return None  # generate runs it (outpaint_settings)
     if not name:
         if body.script_args:
             raise ApiError(422, "script_args: given without a script_name")
