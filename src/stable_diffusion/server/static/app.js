@@ -20,11 +20,21 @@ function option(select, value, label) {
   select.appendChild(o);
 }
 
+let scriptInfo = [];
+
 async function loadLists() {
-  const [models, samplers, schedulers, options, current] = await Promise.all([
+  const [models, samplers, schedulers, options, current, styles, latent, upscalers, scripts] = await Promise.all([
     api("sd-models"), api("samplers"), api("schedulers"), api("options"), fetch("/ui/model").then((r) => r.json()),
+    api("prompt-styles"), api("latent-upscale-modes"), api("upscalers"), api("script-info"),
   ]);
-  models.forEach((m) => option($("model"), m.title));
+  models.forEach((m) => { option($("model"), m.title); option($("refiner_checkpoint"), m.title); });
+  styles.forEach((s) => option($("styles"), s.name));
+  latent.forEach((m) => option($("hr_upscaler"), m.name));
+  upscalers.filter((u) => u.name !== "None").forEach((u) => {
+    option($("hr_upscaler"), u.name); option($("upscaler_1"), u.name);
+  });
+  scriptInfo = scripts;
+  showScripts();
   $("model").value = options.sd_model_checkpoint;
   samplers.forEach((s) => option($("sampler_name"), s.name));
   $("sampler_name").value = "Euler a";
@@ -51,6 +61,52 @@ function showTab(name) {
   $("source").hidden = name === "txt2img";
   $("brush").hidden = name !== "inpaint";
   $("mask").style.display = name === "inpaint" ? "block" : "none";
+  $("hires").hidden = name !== "txt2img";
+  showScripts();
+}
+
+// --- A1111's scripts: the ones /script-info offers for this tab; the X/Y/Z plot's axes in A1111's order ---
+function showScripts() {
+  const img2img = tab !== "txt2img";
+  // poor man's outpainting makes its own mask: offered on the img2img tab only
+  const offered = scriptInfo.filter((s) => s.is_img2img === img2img &&
+    !(tab === "inpaint" && s.name === "poor man's outpainting"));
+  const select = $("script_name");
+  const keep = select.value;
+  select.innerHTML = "";
+  option(select, "", "None");
+  offered.forEach((s) => option(select, s.name));
+  select.value = offered.some((s) => s.name === keep) ? keep : "";
+  const xyz = offered.find((s) => s.name === "x/y/z plot");
+  if (xyz) {
+    for (const axis of ["x", "y", "z"]) {
+      const el = $(axis + "_type"), was = el.value;
+      el.innerHTML = "";
+      xyz.args[0].choices.forEach((label, i) => option(el, String(i), label));
+      el.value = was && Number(was) < el.options.length ? was : (axis === "x" ? "1" : "0");
+    }
+  }
+  showScriptFields();
+}
+function showScriptFields() {
+  $("xyz").hidden = $("script_name").value !== "x/y/z plot";
+  $("outpaint").hidden = $("script_name").value !== "poor man's outpainting";
+}
+$("script_name").addEventListener("change", showScriptFields);
+
+function scriptFields() {
+  const name = $("script_name").value;
+  if (name === "x/y/z plot") {
+    const axis = (a) => [Number($(a + "_type").value), $(a + "_values").value, []];
+    return {script_name: name, script_args: [...axis("x"), ...axis("y"), ...axis("z"), $("draw_legend").checked,
+      $("include_lone_images").checked, false, false, false, false, false, 0, true]};
+  }
+  if (name === "poor man's outpainting") {
+    const directions = [...document.querySelectorAll("#outpaint_directions input:checked")].map((c) => c.value);
+    return {script_name: name, script_args: [Number($("outpaint_pixels").value), Number($("outpaint_blur").value),
+      Number($("inpainting_fill").value), directions]};
+  }
+  return {};
 }
 document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
 
@@ -121,11 +177,22 @@ function request() {
     scheduler: $("scheduler").value, steps: num("steps"), cfg_scale: num("cfg_scale"), seed: num("seed"),
     width: num("width"), height: num("height"), batch_size: num("batch_size"),
     s_min_uncond: num("s_min_uncond"), override_settings: {s_min_uncond_all: $("s_min_uncond_all").checked},
+    styles: [...$("styles").selectedOptions].map((o) => o.value),
+    subseed: num("subseed"), subseed_strength: num("subseed_strength"),
+    ...scriptFields(),
   };
+  if ($("refiner_checkpoint").value) {
+    Object.assign(body, {refiner_checkpoint: $("refiner_checkpoint").value, refiner_switch_at: num("refiner_switch_at")});
+  }
+  if (tab === "txt2img" && $("enable_hr").checked) {
+    Object.assign(body, {enable_hr: true, hr_upscaler: $("hr_upscaler").value, hr_scale: num("hr_scale"),
+      hr_second_pass_steps: num("hr_second_pass_steps"), denoising_strength: num("hr_denoising")});
+  }
   if (tab !== "txt2img") {
     if (!$("init").src) throw new Error("choose an init image first");
     body.init_images = [$("init").src];
     body.denoising_strength = num("denoising_strength");
+    body.resize_mode = num("resize_mode");
   }
   if (tab === "inpaint") {
     Object.assign(body, {mask: maskDataUrl(), mask_blur: num("mask_blur"), inpainting_fill: num("inpainting_fill"),
@@ -165,6 +232,20 @@ $("generate").addEventListener("click", async () => {
   }
 });
 $("interrupt").addEventListener("click", () => api("interrupt", {}));
+
+// --- A1111's Extras: upscale the chosen image ---
+$("upscale").addEventListener("click", async () => {
+  if (chosen < 0) return;
+  status("upscaling ...");
+  try {
+    const r = await api("extra-single-image", {image: results[chosen].src, upscaler_1: $("upscaler_1").value,
+      upscaling_resize: Number($("upscaling_resize").value)});
+    results.push({src: "data:image/png;base64," + r.image, params: r.html_info || "upscaled"});
+    showResults();
+    choose(results.length - 1);
+    status("upscaled");
+  } catch (e) { status("error: " + e.message); }
+});
 
 function showResults() {
   const gallery = $("gallery");
