@@ -127,7 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     resolve_device(args.device)
     try:
-        registry = ModelRegistry(args.models_dir, run_options(args), default=args.model, styles_file=args.styles_file)
+        registry = ModelRegistry(args.models_dir, run_options(args), default=args.model, styles_file=args.styles_file,
+                                 clip=args.clip)
     except KeyError as error:
         raise ValueError(error.args[0]) from None
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
@@ -138,6 +139,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     print(f"sd serve: {registry.current_entry.title} on http://{host}:{args.port}/ (API docs at /docs)")
     uvicorn.run(app, host=host, port=args.port, log_level="warning")
+
+
+def cmd_interrogate(args: argparse.Namespace) -> None:
+    from ..images import open_image
+    from ..metrics.interrogate import Interrogator
+
+    images = [open_image(path) for path in args.images]
+    interrogator = Interrogator.from_folders(args.clip, args.categories)
+    for path, image in zip(args.images, images, strict=True):
+        print(f"{path}: {interrogator.interrogate(image, args.ranks)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     upscale_arguments(p)
     p.set_defaults(func=cmd_upscale)
 
+    p = sub.add_parser("interrogate", help="CLIP interrogation: rank A1111's term lists against images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--clip", required=True, help="a CLIP model folder (transformers' layout)")
+    p.add_argument("--categories", default="models/interrogate", help="A1111's term lists (*.txt; name.topN.txt "
+                   "keeps N terms)")
+    p.add_argument("--ranks", action="store_true", help="write each term's probability, (term:0.123)")
+    p.set_defaults(func=cmd_interrogate)
+
     p = sub.add_parser("train", help="train a model, a VAE or a LoRA from a TOML config (torchrun for several)")
     p.add_argument("config", help="the TOML config ([train], [data], [unet], [diffusion], [vae], ...)")
     p.add_argument("--resume", action="store_true", help="continue from the stage checkpoints in save_path")
@@ -207,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", default="models", help="A1111 layout: Stable-diffusion/, VAE/, Lora/, embeddings/")
     p.add_argument("--styles-file", default="styles.csv", help="A1111's prompt styles (name,prompt,negative_prompt)")
     p.add_argument("--model", help="the model to start with (a listed name; default: the built-in model)")
+    p.add_argument("--clip", help="a CLIP model folder (transformers' layout) for /interrogate, with A1111's term "
+                   "lists in MODELS_DIR/interrogate/*.txt")
     p.add_argument("--api-auth", help="user:pass[,user2:pass2] for HTTP basic auth")
     p.add_argument("--api-token", help="a bearer token accepted instead of basic auth")
     p.add_argument("--outputs", default="outputs", help="where save_images writes")

@@ -236,7 +236,8 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         await queued(load, 1, 1, "load model")
         return {}
 
-    app.include_router(extras_router(registry, queued, worker.run, limits))
+    app.include_router(extras_router(registry, queued, worker.run, limits,
+                                     lambda: bool(options.get("interrogate_return_ranks", False))))
 
     @app.get("/", include_in_schema=False)
     async def index():

@@ -16,6 +16,7 @@ import torch
 
 from ..generate import StopGeneration, StopSampling, decode_latents, generate
 from ..images import png_bytes
+from ..metrics.interrogate import Interrogator
 from ..models.clip import CLIPMLP, CLIPAttention
 from ..models.vae import AttnBlock, ResnetBlock
 from ..pipeline import Pipeline, RunOptions
@@ -46,7 +47,7 @@ class ModelInfo:
 @dataclass
 class Job:
     """``generate`` a request with a model (and an SDXL refiner), ``load`` a model (a model switch), ``unload``
-    the models, or ``extras`` (upscale images)."""
+    the models, ``extras`` (upscale images) or ``interrogate`` (CLIP interrogation)."""
     kind: str
     model: ModelRef | None
     request: GenerationRequest | None = None
@@ -83,6 +84,7 @@ class Executor:
     def __init__(self, options: RunOptions, controls: Controls) -> None:
         self.options, self.controls = options, controls
         self.main, self.second = _Slot(), _Slot()  # the model, and the SDXL refiner a job names
+        self.interrogator: tuple[tuple, Interrogator] | None = None
         self.stop_inside = True  # False once sampling was interrupted: the last x0 is still decoded
 
     @property
@@ -122,6 +124,13 @@ class Executor:
         if job.kind == "extras":  # A1111's Extras upscale: no diffusion model involved
             spec, folder = job.extra["upscale"], job.extra["models_dir"]
             return None, [spec.apply(image, folder) for image in job.extra["images"]]
+        if job.kind == "interrogate":  # CLIP interrogation, the model kept for the next image
+            key = (job.extra["clip"], job.extra["categories"])
+            if self.interrogator is None or self.interrogator[0] != key:
+                self.interrogator = None
+                self.interrogator = (key, Interrogator.from_folders(*key))
+            with torch.inference_mode():
+                return None, self.interrogator[1].interrogate(job.extra["image"], job.extra["ranks"])
         info = self.ensure(job.model)
         if job.kind == "load":
             return info, None

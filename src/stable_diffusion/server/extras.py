@@ -1,6 +1,7 @@
 """A1111's Extras endpoints: POST /extra-single-image and /extra-batch-images (upscaler 1, upscaler 2 blended
 at its visibility, by a factor or to a size), run in the worker process like every computation; GET
-/realesrgan-models. The upscalers themselves: upscalers/."""
+/realesrgan-models; POST /interrogate (CLIP interrogation, metrics/interrogate.py, with ``sd serve --clip``). The
+upscalers themselves: upscalers/."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .executor import Job
 from .generation import decode_image
 from .protocol import ApiError
 from .registry import ModelRegistry
-from .schemas import ExtrasBatchImagesRequest, ExtrasFields, ExtrasSingleImageRequest, Limits
+from .schemas import ExtrasBatchImagesRequest, ExtrasFields, ExtrasSingleImageRequest, InterrogateRequest, Limits
 
 Queued = Callable[..., Awaitable[Any]]
 
@@ -40,7 +41,7 @@ def _html_info(info: dict[str, Any]) -> str:
 
 
 def extras_router(registry: ModelRegistry, queued: Queued, run_job: Callable[[Job], Any],
-                  limits: Limits) -> APIRouter:
+                  limits: Limits, return_ranks: Callable[[], bool] = lambda: False) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
     async def upscale_all(body: ExtrasFields, images: list) -> list[tuple]:
@@ -66,6 +67,23 @@ def extras_router(registry: ModelRegistry, queued: Queued, run_job: Callable[[Jo
         done = await upscale_all(body, images) if images else []
         return {"html_info": _html_info(done[0][1]) if done else "",
                 "images": [base64.b64encode(png_bytes(image)).decode() for image, _ in done]}
+
+    @router.post("/interrogate")
+    async def interrogate(body: InterrogateRequest):
+        if body.model != "clip":
+            raise ApiError(422, f"interrogate: model {body.model!r} is not available; this server has \"clip\"")
+        if registry.clip is None:
+            raise ApiError(422, "interrogate: no CLIP model on this server (start it with sd serve --clip FOLDER, a "
+                                "CLIP model in transformers' layout); png-info reads the prompt of images made here")
+        categories = registry.folder("interrogate")
+        if categories is None or not any(categories.glob("*.txt")):
+            raise ApiError(422, "interrogate: no term lists in the models folder's interrogate/ (A1111's *.txt)")
+        if not body.image:
+            raise ApiError(404, "Image not found")  # A1111's answer
+        image = decode_image(body.image, "image")
+        job = Job("interrogate", None, extra={"image": image, "clip": registry.clip, "ranks": return_ranks(),
+                                              "categories": categories})
+        return {"caption": await queued(lambda report: run_job(job)[1], 1, 1, "interrogate")}
 
     @router.get("/realesrgan-models")
     async def realesrgan_models():

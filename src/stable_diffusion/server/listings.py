@@ -133,11 +133,6 @@ def listings_router(registry: ModelRegistry, flags: dict, model_info: Callable[[
     for name in ("refresh-loras", "refresh-vae", "refresh-embeddings"):  # listed from disk on every call already
         router.add_api_route(f"/{name}", _nothing, methods=["POST"], name=name.replace("-", "_"))
 
-    @router.post("/interrogate")
-    async def interrogate():
-        raise ApiError(422, "interrogate: CLIP interrogation is not available on this server (no interrogation "
-                            "model); png-info reads the prompt of images this server or A1111 made")
-
     @router.get("/cmd-flags")
     async def cmd_flags():
         return flags

@@ -36,9 +36,11 @@ class ModelEntry:
 
 class ModelRegistry:
     def __init__(self, models_dir: str | Path | None, options: RunOptions | None = None,
-                 default: str | None = None, styles_file: str | Path | None = None) -> None:
+                 default: str | None = None, styles_file: str | Path | None = None,
+                 clip: str | Path | None = None) -> None:
         self.models_dir = Path(models_dir) if models_dir else None
         self.styles_file = Path(styles_file) if styles_file else None  # A1111's styles.csv
+        self.clip = Path(clip) if clip else None  # a CLIP model folder for /interrogate
         self.options = options or RunOptions()  # how the worker loads and runs every model
         self.entries: list[ModelEntry] = []
         self.refresh()
@@ -47,7 +49,7 @@ class ModelRegistry:
         self.current_entry = self.find(default) if default else self.entries[0]
 
     def folder(self, kind: str) -> Path | None:
-        """``Stable-diffusion``, ``VAE``, ``Lora`` or ``embeddings`` under the models folder."""
+        """``Stable-diffusion``, ``VAE``, ``Lora``, ``embeddings`` or ``interrogate`` under the models folder."""
         return self.models_dir / kind if self.models_dir else None
 
     def refresh(self) -> None:

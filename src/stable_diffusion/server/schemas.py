@@ -137,6 +137,11 @@ class Img2ImgRequest(GenerationFields):
     mask_round: bool = True
 
 
+class InterrogateRequest(BaseModel):
+    image: str = ""  # base64, or a data URL
+    model: str = "clip"  # A1111: clip or deepdanbooru
+
+
 class ExtrasFields(BaseModel):
     """A1111's Extras tab: upscale (and face restoration, which this server does not have: visibility 0 only)."""
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
