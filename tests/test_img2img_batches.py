@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -134,3 +135,18 @@ def test_latent_mask_is_the_latent_side_only(builtin, models_dir):
     assert np.array_equal(_px(latent)[:4], _px(init)[:4])  # outside the mask: the original pixels
     with pytest.raises(ValueError, match="latent_mask"):
         GenerationRequest(init_image=init, latent_mask=wider).resolved(64)
+
+
+def test_latent_blend_mask_is_a1111s_rounded_bicubic_mask(builtin):
+    from stable_diffusion.inpaint import latent_blend_mask, latent_size, mask_tensor
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (10, 10, 40, 40))
+    soft = mask_tensor(mask.resize((16, 16), Image.Resampling.BICUBIC))  # A1111: PIL's resize, /255, np.around
+    assert torch.equal(latent_blend_mask(mask_tensor(mask), (16, 16)), soft.round())
+    assert torch.equal(latent_blend_mask(mask_tensor(mask), (16, 16), round_mask=False), soft)
+    assert set(latent_size(mask_tensor(mask), (16, 16)).unique().tolist()) == {0.0, 1.0}  # nearest: the 9-ch input
+    fields = dict(init_image=_noise_image(8), mask=mask, seed=2, mask_blur=6, **PLAIN)
+    hard = generate(builtin, GenerationRequest(**fields)).images[0]
+    soft_image = generate(builtin, GenerationRequest(**fields, mask_round=False)).images[0]
+    assert not np.array_equal(_px(hard), _px(soft_image))

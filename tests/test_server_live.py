@@ -33,6 +33,8 @@ def models(tmp_path_factory) -> Path:
     models = esrgan_models(tiny_models(tmp_path_factory.mktemp("models")))
     for name in ("tiny-sdxl", "tiny-sdxl-refiner"):  # an SDXL base + refiner pair (random weights)
         Pipeline.from_config(preset(name), seed=5).save(models / "Stable-diffusion" / f"{name}.safetensors")
+    (models / "interrogate").mkdir()  # A1111's term lists, for the domain CLIP
+    (models / "interrogate" / "colours.txt").write_text("a red shape\na blue shape\na green shape\n")
     return models
 
 
@@ -40,7 +42,10 @@ def models(tmp_path_factory) -> Path:
 def server(models, tmp_path_factory):
     styles = tmp_path_factory.mktemp("styles") / "styles.csv"
     styles.write_text("name,prompt,negative_prompt\nShapes,\"{prompt}, on a black background\",blurry\n")
-    with live_server(models, tmp_path_factory.mktemp("out"), "--styles-file", str(styles)) as running:
+    from stable_diffusion.shapes import DOMAIN_CLIP
+
+    with live_server(models, tmp_path_factory.mktemp("out"), "--styles-file", str(styles),
+                     "--clip", str(DOMAIN_CLIP)) as running:
         yield running
 
 
@@ -86,6 +91,25 @@ def test_webuiapi_xyz_plot(server):
     assert len(result.images) == 5 and result.images[0].width > 128
     assert "Script: X/Y/Z plot, X Type: Steps" in result.info["infotexts"][0]
     assert "Steps: 2" in result.info["infotexts"][2] and "CFG scale: 7.0" in result.info["infotexts"][4]
+
+
+def test_webuiapi_init_image_batch_outpainting_scripts_and_interrogate(server):
+    import numpy as np
+    import webuiapi
+
+    from stable_diffusion.shapes.scenes import Scene, Thing, render
+
+    port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=3)
+    red, blue = render(Scene((Thing("red", "circle"),), "white")), render(Scene((Thing("blue", "star"),), "black"))
+    batch = api.img2img(images=[red, blue], batch_size=2, seed=4, width=64, height=64, denoising_strength=0.5)
+    assert len(batch.images) == 2 and batch.info["all_seeds"] == [4, 5]
+    assert np.asarray(batch.images[0])[..., 0].mean() > np.asarray(batch.images[1])[..., 0].mean()  # each its own
+    wide = api.img2img(images=[red], seed=4, width=64, height=64, denoising_strength=0.8,
+                       script_name="poor man's outpainting", script_args=[16, 4, "fill", ["left", "right"]])
+    assert wide.image.size == (128, 64)
+    assert api.get_scripts() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot", "poor man's outpainting"]}
+    assert api.interrogate(red).info == "a red shape" and api.interrogate(blue).info == "a blue shape"
 
 
 def test_sdxl_refiner_over_http_is_the_python_api_image(server, models):

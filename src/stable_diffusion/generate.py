@@ -37,6 +37,7 @@ from .inpaint import (
     blur_fill,
     composite,
     fit_image,
+    latent_blend_mask,
     latent_side_mask,
     latent_size,
     mask_image,
@@ -139,7 +140,7 @@ def _prepare_start(pipe: Pipeline, request: GenerationRequest) -> _Start:
     if request.mask is not None:
         start.pixel_mask = pixel_mask(request, w, h)
         latent_side = latent_side_mask(request, w, h)  # A1111's latent_mask, else the pixel mask
-        start.latent_mask = latent_size(latent_side, hw).to(pipe.device)
+        start.latent_mask = latent_blend_mask(latent_side, hw, request.mask_round).to(pipe.device)
         if request.inpainting_fill == 0:  # A1111's fill: the kept pixels blurred into the masked part
             fill_mask = mask_image(latent_side)
             pixels = torch.cat([to_batch(blur_fill(im, fill_mask), w, h) for im in fitted])

@@ -146,7 +146,16 @@ class ConcatUNet(torch.nn.Module):
 
 
 def latent_size(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(mask, size=shape, mode="bilinear", align_corners=False)
+    """A binary pixel mask at the latent's size, nearest-neighbour (the 9-channel UNet's mask input, as A1111 and
+    diffusers make it)."""
+    return F.interpolate(mask, size=shape, mode="nearest")
+
+
+def latent_blend_mask(mask: torch.Tensor, shape: tuple[int, int], round_mask: bool = True) -> torch.Tensor:
+    """A1111's latent mask for the blending: the 8-bit pixel mask resized to the latent's size (bicubic, as PIL
+    resizes), rounded to 0 and 1 unless ``mask_round`` is off (soft blending)."""
+    small = mask_tensor(mask_image(mask).resize((shape[1], shape[0]), Image.Resampling.BICUBIC))
+    return small.round() if round_mask else small
 
 
 def composite(original: Image.Image, generated: Image.Image, mask: torch.Tensor) -> Image.Image:

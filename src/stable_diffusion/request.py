@@ -64,6 +64,7 @@ class GenerationRequest:
     inpaint_full_res: bool = False  # A1111's "only masked": work on a crop around the mask
     inpaint_full_res_padding: int = 32
     latent_mask: Image.Image | None = None  # A1111's: the mask for the latent blending (default: the blurred mask)
+    mask_round: bool = True  # A1111's: the latent blending mask rounded to 0 / 1 (off: soft blending)
     # A1111's "Poor man's outpainting" script (outpainting.py): grow the init image; generate paints the border
     outpaint: Outpaint | None = None
     # A1111's hires fix (hires.py): a second, img2img pass at a larger size, at denoising_strength

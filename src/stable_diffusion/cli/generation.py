@@ -97,7 +97,8 @@ def generation_request(args: argparse.Namespace) -> GenerationRequest:
         denoising_strength=getattr(args, "strength", 0.75),
         mask=open_image(args.mask) if inpainting else None,
         **({"mask_blur": args.mask_blur, "inpainting_fill": args.fill, "inpainting_mask_invert": args.invert,
-            "inpaint_full_res": args.only_masked, "inpaint_full_res_padding": args.padding} if inpainting else {}))
+            "inpaint_full_res": args.only_masked, "inpaint_full_res_padding": args.padding,
+            "mask_round": not args.soft_mask} if inpainting else {}))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -204,3 +205,5 @@ def generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
         p.add_argument("--invert", action="store_true", help="repaint the black part instead")
         p.add_argument("--only-masked", action="store_true", help="work on a crop around the mask at full size")
         p.add_argument("--padding", type=int, default=32, help="context pixels around the mask with --only-masked")
+        p.add_argument("--soft-mask", action="store_true", help="blend the latents through the blurred mask as it "
+                       "is (A1111's mask_round off) instead of rounding it to 0 / 1")

@@ -124,7 +124,8 @@ def img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
         fields.update(mask=mask.convert("L") if alpha is None else Image.composite(mask.convert("L"), alpha, alpha),
                       mask_blur=body.mask_blur_x if body.mask_blur_x is not None else body.mask_blur,
                       inpainting_fill=body.inpainting_fill, inpainting_mask_invert=bool(body.inpainting_mask_invert),
-                      inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding)
+                      inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding,
+                      mask_round=body.mask_round)
     elif body.latent_mask:
         raise ApiError(422, "latent_mask: it needs a mask (it replaces the mask on the latent side only)")
     if len(inits) == 1:

@@ -134,7 +134,7 @@ class Img2ImgRequest(GenerationFields):
     image_cfg_scale: float | None = None  # instruct-pix2pix only: no effect on other models, as in A1111
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None  # a second mask for the latent side (base64 image; with a mask)
-    mask_round: bool = True
+    mask_round: bool = True  # A1111's: the latent blending mask rounded to 0 / 1 (False: soft blending)
 
 
 class InterrogateRequest(BaseModel):
