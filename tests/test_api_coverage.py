@@ -45,7 +45,7 @@ def test_defaults_pass_and_unimplemented_values_are_named(client):
                          ("script_name", "prompt matrix"), ("refiner_checkpoint", "sdxl-refiner"),
                          ("hr_checkpoint_name", "other"), ("infotext", "Steps: 5"),
                          ("disable_extra_networks", True),
-                         ("alwayson_scripts", {"controlnet": {"args": [{"enabled": True}]}})):
+                         ("alwayson_scripts", {"ADetailer": {"args": [{"enabled": True}]}})):
         r = _txt2img(client, **{field: value})
         assert r.status_code == 422 and field in r.json()["detail"], (field, r.text)
     r = client.post("/sdapi/v1/img2img", json={**BODY, "init_images": [], "initial_noise_multiplier": 0.5})

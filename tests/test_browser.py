@@ -27,6 +27,7 @@ def page(tmp_path_factory):
 
     models = tiny_models(tmp_path_factory.mktemp("models"))
     Pipeline.from_config(preset("tiny-sdxl-refiner"), seed=2).save(models / "Stable-diffusion" / "refiner.safetensors")
+    _controlnet_file(models / "ControlNet" / "control_tiny.safetensors")
     styles = tmp_path_factory.mktemp("styles") / "styles.csv"
     styles.write_text("name,prompt,negative_prompt\nNight,\"{prompt}, at night\",day\n")
     with live_server(models, tmp_path_factory.mktemp("out"), "--styles-file", str(styles)) as (port, _), \
@@ -170,3 +171,49 @@ def test_xyz_plot_and_outpainting_scripts(page, tmp_path):
     out = _generate(page)
     assert out.size == (128, 64)  # 64 + 2 * 16, rounded up to a multiple of 64
     page.select_option("#script_name", "")
+
+
+def _controlnet_file(path) -> None:
+    """A random-weight ControlNet for the tiny SD1 models (2x hint encoder, as their VAE)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from stable_diffusion.models.configs import preset
+    from stable_diffusion.models.controlnet import ControlNet, ControlNetConfig
+
+    torch.manual_seed(3)
+    net = ControlNet(ControlNetConfig(preset("tiny-sd1").unet, hint_widths=(16, 32)))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+
+
+def test_controlnet_panel(page, tmp_path):
+    from PIL import ImageDraw
+
+    control = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(control).rectangle((10, 10, 40, 40), outline="white", width=3)
+    path = tmp_path / "control.png"
+    control.save(path)
+    page.click("button[data-tab=txt2img]")
+    models = page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
+    page.select_option("#model", next(v for v in models if v.startswith("tiny.safetensors")))
+    page.wait_for_function("document.getElementById('status').textContent === ''", timeout=60_000)
+    page.fill("#steps", "3")
+    page.fill("#seed", "4")
+    plain = _generate(page)
+    page.click("#controlnet summary")
+    page.set_input_files("#cn_file", str(path))
+    page.wait_for_function("document.getElementById('cn_image').naturalWidth === 64")
+    page.select_option("#cn_module", "invert")
+    page.click("#cn_preview")
+    page.wait_for_function("document.getElementById('cn_map').naturalWidth > 0", timeout=60_000)
+    assert _image(page.get_attribute("#cn_map", "src")).getpixel((0, 0)) == (255, 255, 255)  # inverted
+    page.check("#cn_enabled")
+    controlled = _generate(page)
+    assert 'ControlNet 0: "Module: invert, Model: control_tiny' in page.inner_text("#params")
+    assert controlled.tobytes() != plain.tobytes()
+    assert len(page.query_selector_all("#gallery img.result")) == 2  # the image and the detected map
+    page.uncheck("#cn_enabled")

@@ -126,6 +126,25 @@ def test_outpainting_script_and_latent_mask_survive_hostile_input(fuzz_client):
     check()
 
 
+def test_controlnet_units_survive_hostile_input(fuzz_client):
+    keys = st.sampled_from(["image", "module", "model", "weight", "resize_mode", "control_mode", "guidance_start",
+                            "guidance_end", "processor_res", "threshold_a", "threshold_b", "pixel_perfect",
+                            "hr_option", "enabled", "mask"])
+
+    @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.one_of(values, st.dictionaries(keys, values, max_size=8)), max_size=3),
+           st.sampled_from(["controlnet", "ControlNet"]))
+    def check(units, key):
+        body = {"prompt": "a", "steps": 1, "width": 64, "height": 64, "alwayson_scripts": {key: {"args": units}}}
+        r = fuzz_client.post("/sdapi/v1/txt2img", content=json.dumps(body, allow_nan=True).encode(
+            "utf-8", errors="surrogatepass"), headers={"content-type": "application/json"})
+        assert r.status_code < 500, (body, r.text[:300])
+        if r.status_code >= 400:
+            assert set(r.json()) == ERROR_KEYS, r.text[:300]
+
+    check()
+
+
 def test_deeply_nested_and_malformed_bodies_are_4xx(fuzz_client):
     nested = b"[" * 100_000 + b"]" * 100_000
     for path in ("/sdapi/v1/options", "/sdapi/v1/txt2img", "/sdapi/v1/png-info"):

@@ -16,8 +16,10 @@ ALLOWED = {  # unit -> the units it may import at run time (docs/architecture.md
     "images": {"checkpoints", "models"},
     "embeddings": {"checkpoints", "models"},
     "lora": {"checkpoints", "models"},
-    "request": {"diffusion", "inpaint", "lora", "checkpoints", "models", "styles", "hires", "upscalers", "outpainting"},
-    "infotext": {"diffusion", "checkpoints"},
+    "control": {"checkpoints", "inpaint", "models"},
+    "request": {"diffusion", "inpaint", "lora", "checkpoints", "models", "styles", "hires", "upscalers", "outpainting",
+                "control"},
+    "infotext": {"diffusion", "checkpoints", "control"},
     "conditioning": {"models", "diffusion", "prompts", "prompt_editing", "embeddings", "checkpoints"},
     "offload": {"models", "checkpoints"},
 }

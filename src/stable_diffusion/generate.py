@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .conditioning import guided_denoiser
+from .control import add_controls
 from .diffusion.denoiser import Denoiser, GuidanceSkip, RefinerSwitch
 from .diffusion.noise import BrownianNoise, PerImageNoise, initial_noise
 from .diffusion.samplers import SAMPLERS, sampling_sigmas
@@ -254,6 +255,7 @@ def _sample(pipe: Pipeline, request: GenerationRequest, prompts: list[str], nega
         sigmas = sampling_sigmas(request.sampler, request.scheduler, request.steps, denoiser.schedule,
                                  pipe.config.family).to(pipe.device)
         sigmas = sigmas[len(sigmas) - 1 - request.sampling_steps():]  # img2img: the schedule's last steps
+        add_controls(pipe, request, denoiser, sigmas)  # ControlNet units, if any
         second = _second_pass(pipe, request)
         expert = _Refiner(refiner, Denoiser.from_config(refiner.unet, refiner.config)) if refiner else None
         for it in range(request.n_iter):  # 5, 6
@@ -320,6 +322,7 @@ def _second_pass(pipe: Pipeline, request: GenerationRequest) -> _SecondPass | No
         length, run = second_pass_steps(second.steps, request.denoising_strength)
         sigmas = sampling_sigmas(second.sampler, second.scheduler, length, denoiser.schedule, pipe.config.family)
         sigmas = sigmas[len(sigmas) - 1 - run:].to(pipe.device)
+        add_controls(pipe, second, denoiser, sigmas, hires_pass=True)
     prompts, negative, _ = _loras(second)
     return _SecondPass(second, start, denoiser, sigmas, prompts, negative)
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .checkpoints.hashes import lora_hash
+from .control import CONTROL_MODES, RESIZE_MODES
 from .diffusion.schedules import SCHEDULERS
 
 if TYPE_CHECKING:
@@ -113,6 +114,19 @@ def hires_params(request: GenerationRequest) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
+def control_params(request: GenerationRequest) -> dict[str, str]:
+    """The sd-webui-controlnet extension's keys: ``ControlNet i`` with each unit's settings."""
+    out = {}
+    for i, u in enumerate(request.controls):
+        fields = (("Module", u.module), ("Model", Path(u.model).stem), ("Weight", u.weight),
+                  ("Resize Mode", RESIZE_MODES[u.resize_mode]), ("Processor Res", u.processor_res),
+                  ("Threshold A", u.threshold_a), ("Threshold B", u.threshold_b), ("Guidance Start", u.guidance_start),
+                  ("Guidance End", u.guidance_end), ("Pixel Perfect", u.pixel_perfect),
+                  ("Control Mode", CONTROL_MODES[u.control_mode]))
+        out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields)
+    return out
+
+
 def generation_parameters(request: GenerationRequest, seed: int, model: str | None, model_hash: str | None = None,
                           loras: list[Path] = (), subseed: int | None = None, vae: str | None = None,
                           refiner: str | None = None) -> dict[str, Any]:
@@ -134,6 +148,7 @@ def generation_parameters(request: GenerationRequest, seed: int, model: str | No
         **guidance_skip_params(request),
         **hires_params(request),
         "Refiner": refiner, "Refiner switch at": request.refiner_switch_at if refiner else None,
+        **control_params(request),
         "Eta": request.eta if request.eta is not None and request.eta != 1.0 else None,
         "Lora hashes": ", ".join(f"{path.stem}: {lora_hash(path)}" for path in loras) or None,
         "Version": f"stable_diffusion {__version__}",

@@ -140,9 +140,9 @@ class ConcatUNet(torch.nn.Module):
         self.unet, self.concat = unet, concat
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, **options: object) -> torch.Tensor:
         concat = self.concat.repeat(x.shape[0] // self.concat.shape[0], 1, 1, 1).to(x)
-        return self.unet(torch.cat([x, concat], dim=1), t, context, y)
+        return self.unet(torch.cat([x, concat], dim=1), t, context, y, **options)
 
 
 def latent_size(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

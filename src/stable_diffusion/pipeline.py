@@ -54,6 +54,7 @@ class Pipeline:
         self.stored_dtype = unet.dtype  # the dtype the weights had in the file they came from
         self.source_file: Path | None = None  # the single file it was loaded from (for A1111's "Model hash")
         self.offload: Offload | None = None  # set by enable_offload
+        self.control_models: dict = {}  # ControlNets loaded for this pipeline's generations (control.py)
 
     @property
     def family(self) -> str:

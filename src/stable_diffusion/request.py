@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
+from .control import ControlUnit
 from .diffusion.samplers import resolve_sampler
 from .hires import HiresFix
 from .inpaint import RESIZE_MODES, check_mask
@@ -73,6 +74,8 @@ class GenerationRequest:
     # the SDXL refiner (a Pipeline given to generate) takes over at this fraction of the diffusion (A1111's UI
     # default); with the hires fix it refines the second pass
     refiner_switch_at: float = 0.8
+    # ControlNet units (control.py): each a control image through its preprocessor and a ControlNet file
+    controls: list[ControlUnit] = field(default_factory=list)
     # low memory: the VAE encodes and decodes in tiles of vae_tile_size pixels (models/tiled_vae.py)
     tiled_vae: bool = False
     vae_tile_size: int = 512
@@ -216,6 +219,8 @@ class GenerationRequest:
             resolve_sampler(self.hires.sampler or sampler, self.hires.scheduler or "automatic")
             if self.hires.latent_mode is None:
                 get_upscaler(self.hires.upscaler, self.upscalers_dir)
+        for unit in self.controls:
+            unit.check()
         if not 0 <= self.refiner_switch_at <= 1:
             raise ValueError(f"refiner_switch_at must be a fraction in [0, 1], got {self.refiner_switch_at}")
         if not 0 <= self.subseed_strength <= 1:

@@ -95,7 +95,8 @@ def detect_unet(sd: Shapes, prefix: str = UNET_PREFIX, given_heads: dict[str, in
             f"do not divide, and the head count is not stored in the weights: put a model.yaml beside the file "
             f"with num_head_channels (or num_heads), as A1111 does, or load it from a diffusers folder")
     return UNetConfig(
-        in_channels=in_channels, out_channels=shape("out.2.weight")[0], model_channels=mc,
+        in_channels=in_channels, model_channels=mc,
+        out_channels=shape("out.2.weight")[0] if "out.2.weight" in keys else in_channels,  # ControlNet: no out
         channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks, attention_resolutions=tuple(attn_res),
         transformer_depth=tuple(depths), transformer_depth_middle=middle_depth, context_dim=context_dim,
         use_linear_in_transformer=linear, adm_in_channels=adm,

@@ -50,6 +50,44 @@ def _inits(args: argparse.Namespace) -> dict:
     return {**chosen, "resize_mode": args.resize_mode}
 
 
+def _controls(args: argparse.Namespace) -> list:
+    """ControlNet units: the n-th --control image with the n-th of each --control-* flag (the last one given
+    repeats for later units)."""
+    from ..control import ControlUnit
+    from ..images import open_image
+
+    images = getattr(args, "control", None) or []
+    if images and not args.control_model:
+        raise ValueError("--control needs --control-model (a ControlNet file or folder)")
+
+    def nth(values: list, i: int, default: object) -> object:
+        return values[min(i, len(values) - 1)] if values else default
+
+    return [ControlUnit(open_image(path).convert("RGB"), nth(args.control_model, i, None),
+                        nth(args.control_module, i, "none"), nth(args.control_weight, i, 1.0),
+                        nth(args.control_start, i, 0.0), nth(args.control_end, i, 1.0), nth(args.control_mode, i, 0),
+                        nth(args.control_resize, i, 1), nth(args.control_res, i, 512),
+                        nth(args.control_threshold_a, i, 100.0), nth(args.control_threshold_b, i, 200.0))
+            for i, path in enumerate(images)]
+
+
+def _control_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control", action="append", metavar="IMAGE", help="a ControlNet control image (repeatable: "
+                   "one unit each)")
+    p.add_argument("--control-model", action="append", metavar="PATH", help="its ControlNet (cldm or diffusers)")
+    p.add_argument("--control-module", action="append", help="its preprocessor: none, canny, invert, binary")
+    p.add_argument("--control-weight", action="append", type=float, help="its weight (1)")
+    p.add_argument("--control-start", action="append", type=float, help="from this fraction of the steps (0)")
+    p.add_argument("--control-end", action="append", type=float, help="until this fraction of the steps (1)")
+    p.add_argument("--control-mode", action="append", type=int, choices=[0, 1, 2],
+                   help="0 Balanced, 1 My prompt is more important, 2 ControlNet is more important")
+    p.add_argument("--control-resize", action="append", type=int, choices=[0, 1, 2],
+                   help="0 just resize, 1 crop and resize (default), 2 resize and fill")
+    p.add_argument("--control-res", action="append", type=int, help="the preprocessor's resolution (512)")
+    p.add_argument("--control-threshold-a", action="append", type=float, help="canny low / binary threshold")
+    p.add_argument("--control-threshold-b", action="append", type=float, help="canny high threshold")
+
+
 def _hires(args: argparse.Namespace):
     """The HiresFix that --hires / --hires-resize and the other --hires-* flags ask for (txt2img), or None."""
     from ..hires import HiresFix
@@ -93,6 +131,7 @@ def generation_request(args: argparse.Namespace) -> GenerationRequest:
         embeddings_dir=args.embeddings_dir, loras=[_lora_arg(text) for text in args.lora], **guidance_skip(args),
         tiled_vae=args.tiled_vae is not None, vae_tile_size=args.tiled_vae or 512,
         hires=_hires(args), upscalers_dir=args.models_dir, refiner_switch_at=args.refiner_switch_at,
+        controls=_controls(args),
         **_inits(args),
         denoising_strength=getattr(args, "strength", 0.75),
         mask=open_image(args.mask) if inpainting else None,
@@ -177,6 +216,7 @@ def generation_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--tiled-vae", type=int, nargs="?", const=512, default=None, metavar="PX",
                    help="low memory: the VAE encodes and decodes in tiles of PX pixels (default 512)")
     p.add_argument("--models-dir", default="models", help="A1111's models folder (upscalers in ESRGAN/, RealESRGAN/)")
+    _control_arguments(p)
     p.add_argument("--refiner", metavar="MODEL", help="an SDXL refiner (file or folder) that finishes the image: "
                    "it takes over at --refiner-switch-at (with --hires: in the second pass)")
     p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="FRACTION",

@@ -101,11 +101,9 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class UNetModel(nn.Module):
-    """``unet(x, timesteps, context, y=None)`` -> the eps (or v) prediction, shaped like ``x``.
-
-    x: (B, in_channels, H, W) latent; timesteps: (B,) in [0, 1000); context: (B, T, context_dim) text
-    tokens; y: (B, adm_in_channels) SDXL pooled-text + size embedding."""
+class Encoder(nn.Module):
+    """The UNet's timestep (and SDXL vector) embedding, input blocks and middle block, with LDM's names; the
+    UNet adds the output blocks, ControlNet (models/controlnet.py) its hint encoder and zero convolutions."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -117,38 +115,59 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Sequential(
                 nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             )
-
-        def res(ch_in: int, ch_out: int, **kw: bool) -> ResBlock:
-            return ResBlock(ch_in, emb_dim, ch_out, c.dropout, c.use_scale_shift_norm, **kw)
-
-        def attn(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = c.heads_for(ch)
-            return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer,
-                                      c.dropout)
-
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
-        skip_channels = [mc]
+        self.skip_channels = [mc]  # each input block's output width, in order
         ch = mc
         last = len(c.channel_mult) - 1
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                layers: list[nn.Module] = [res(ch, mc * mult)]
+                layers: list[nn.Module] = [self.res(ch, mc * mult)]
                 ch = mc * mult
                 if c.depth_at(level):
-                    layers.append(attn(ch, c.depth_at(level)))
+                    layers.append(self.attn(ch, c.depth_at(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
+                self.skip_channels.append(ch)
             if level != last:
-                down = res(ch, ch, down=True) if c.resblock_updown else Downsample(ch)
+                down = self.res(ch, ch, down=True) if c.resblock_updown else Downsample(ch)
                 self.input_blocks.append(TimestepEmbedSequential(down))
-                skip_channels.append(ch)
-
-        middle: list[nn.Module] = [res(ch, ch)]
+                self.skip_channels.append(ch)
+        middle: list[nn.Module] = [self.res(ch, ch)]
         if c.transformer_depth_middle:
-            middle.append(attn(ch, c.transformer_depth_middle))
-        middle.append(res(ch, ch))
+            middle.append(self.attn(ch, c.transformer_depth_middle))
+        middle.append(self.res(ch, ch))
         self.middle_block = TimestepEmbedSequential(*middle)
+        self.middle_channels = ch
 
+    def res(self, ch_in: int, ch_out: int, **kw: bool) -> ResBlock:
+        c = self.config
+        return ResBlock(ch_in, c.model_channels * 4, ch_out, c.dropout, c.use_scale_shift_norm, **kw)
+
+    def attn(self, ch: int, depth: int) -> SpatialTransformer:
+        c = self.config
+        heads, dim_head = c.heads_for(ch)
+        return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer, c.dropout)
+
+    def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The timestep embedding, plus SDXL's vector y through label_emb."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if self.config.adm_in_channels:
+            if y is None:
+                raise ValueError("this UNet needs the SDXL vector conditioning y (pooled text + size embedding)")
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        return emb
+
+
+class UNetModel(Encoder):
+    """``unet(x, timesteps, context, y=None)`` -> the eps (or v) prediction, shaped like ``x``.
+
+    x: (B, in_channels, H, W) latent; timesteps: (B,) in [0, 1000); context: (B, T, context_dim) text
+    tokens; y: (B, adm_in_channels) SDXL pooled-text + size embedding."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__(config)
+        c, mc = config, config.model_channels
+        res, attn = self.res, self.attn
+        skip_channels, ch = list(self.skip_channels), self.middle_channels
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
@@ -174,15 +193,13 @@ class UNetModel(nn.Module):
         return self.out[2].weight.dtype
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``control``: ControlNet's residuals, one per input block and the middle's last (Zhang et al. 2023),
+        added to the middle block's output and to each skip connection."""
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
         x = x.to(self.dtype)  # latents may come in fp32 while the network runs in half precision
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
-        if self.config.adm_in_channels:
-            if y is None:
-                raise ValueError("this UNet needs the SDXL vector conditioning y (pooled text + size embedding)")
-            emb = emb + self.label_emb(y.to(emb.dtype))
+        emb = self.embed(timesteps, y, x.dtype)
         if context is not None:
             context = context.to(x.dtype)
         skips = []
@@ -191,6 +208,10 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            control = list(control)
+            h = h + control.pop().to(h.dtype)
+            skips = [s + c.to(s.dtype) for s, c in zip(skips, control, strict=True)]
         for block in self.output_blocks:
             skip = skips.pop()
             if h.shape[-2:] != skip.shape[-2:]:  # a latent side not divisible by 2^levels: match the skip, as A1111

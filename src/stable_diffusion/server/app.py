@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..outpainting import plan as outpaint_plan
+from .controlnet import control_units, controlnet_router
 from .executor import Job
 from .extras import extras_router
 from .generation import VERSION, build_request, check_limits, refiner_name, respond, settings_for
@@ -131,7 +132,8 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
             styles = registry.styles()
         except ValueError as error:  # the server's styles file, not the request, is at fault
             raise ApiError(500, str(error)) from None
-        request = build_request(body, options, registry.models_dir, state["model"].native_size, styles)
+        controls = control_units(body, registry)  # sd-webui-controlnet's units in alwayson_scripts
+        request = build_request(body, options, registry.models_dir, state["model"].native_size, styles, controls)
 
         vae = chosen_vae((body.override_settings or {}).get("sd_vae", options["sd_vae"]))
         refiner = None
@@ -162,8 +164,10 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
                 raise ApiError(422, f"poor man's outpainting: {batches} tiles, over this server's limit of "
                                     f"{limits.max_plot_cells}")
         entry, info, result = await queued(run, max(r.progress_steps() for r in cells), batches, kind)
+        maps = await asyncio.to_thread(lambda: [unit.control_map(request.width, request.height)  # as the extension
+                                                for unit in request.controls])
         return respond(body, result, (entry.name, entry.sha), kind == "img2img" and info.inpainting, outputs_dir,
-                       kind, vae.stem if vae else None)
+                       kind, vae.stem if vae else None, maps)
 
     async def txt2img(body: Txt2ImgRequest):
         return await generation(body, "txt2img")
@@ -236,6 +240,7 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         await queued(load, 1, 1, "load model")
         return {}
 
+    app.include_router(controlnet_router(registry, queued, worker.run))
     app.include_router(extras_router(registry, queued, worker.run, limits,
                                      lambda: bool(options.get("interrogate_return_ranks", False))))
 

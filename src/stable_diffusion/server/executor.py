@@ -124,6 +124,8 @@ class Executor:
         if job.kind == "extras":  # A1111's Extras upscale: no diffusion model involved
             spec, folder = job.extra["upscale"], job.extra["models_dir"]
             return None, [spec.apply(image, folder) for image in job.extra["images"]]
+        if job.kind == "detect":  # ControlNet's preprocessors (/controlnet/detect)
+            return None, [unit.detect() for unit in job.extra["units"]]
         if job.kind == "interrogate":  # CLIP interrogation, the model kept for the next image
             key = (job.extra["clip"], job.extra["categories"])
             if self.interrogator is None or self.interrogator[0] != key:

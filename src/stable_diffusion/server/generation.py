@@ -142,7 +142,7 @@ def refiner_name(body: GenerationFields) -> str | None:
 
 
 def build_request(body: GenerationFields, options: dict, models_dir: Path | None, native_size: int,
-                  styles: dict[str, Style] | None = None) -> GenerationRequest:
+                  styles: dict[str, Style] | None = None, controls: list | None = None) -> GenerationRequest:
     """The resolved request a body asks for (a 422 for anything wrong, before it is queued); options are the
     server's, with the body's ``override_settings`` on top; LoRAs, embeddings and upscalers come from
     ``models_dir``'s A1111 folders."""
@@ -170,7 +170,7 @@ def build_request(body: GenerationFields, options: dict, models_dir: Path | None
         eta=body.eta, clip_skip=body.clip_skip or settings.CLIP_stop_at_last_layers,
         lora_dir=str(lora_dir) if lora_dir else None, embeddings_dir=str(embeddings_dir) if embeddings_dir else None,
         tiled_vae=body.tiled_vae, vae_tile_size=body.vae_tile_size, **guidance_skip(settings, body), **images,
-        refiner_switch_at=body.refiner_switch_at or 0.0)
+        refiner_switch_at=body.refiner_switch_at or 0.0, controls=controls or [])
     try:
         return request.resolved(native_size)
     except ValueError as error:
@@ -204,7 +204,9 @@ def info_dict(body: GenerationFields, result: GenerationResult, model: tuple[str
 
 
 def respond(body: GenerationFields, result: GenerationResult, model: tuple[str, str], inpainting: bool,
-            outputs: Path | None, kind: str, vae: str | None = None) -> dict[str, Any]:
+            outputs: Path | None, kind: str, vae: str | None = None,
+            extra_images: list[Image.Image] = ()) -> dict[str, Any]:
+    """A1111's answer; ``extra_images`` (ControlNet's detected maps, as the extension adds them) follow the images."""
     timestamp = time.strftime("%Y%m%d%H%M%S")
     if body.save_images and outputs is not None:
         folder = outputs / f"{kind}-images"
@@ -213,7 +215,7 @@ def respond(body: GenerationFields, result: GenerationResult, model: tuple[str, 
         for i, (image, seed, text) in enumerate(zip(result.images, result.seeds, result.infotexts)):
             save_png(image, folder / f"{start + i:05d}-{seed}.png", text)
     images = [base64.b64encode(png_bytes(im, text)).decode() for im, text in zip(result.images, result.infotexts)] \
-        if body.send_images else []
+        + [base64.b64encode(png_bytes(im)).decode() for im in extra_images] if body.send_images else []
     info = info_dict(body, result, model, inpainting, timestamp, vae)
     parameters = body.model_dump(exclude={"init_images", "mask"})
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}

@@ -83,6 +83,10 @@ class GenerationFields(BaseModel):
     def _no_active_scripts(cls, scripts: dict[str, Any]) -> dict[str, Any]:
         """Always-on scripts (extensions) this server does not have pass only when they carry no arguments."""
         for name, entry in scripts.items():
+            if name in ("controlnet", "ControlNet") and isinstance(entry, dict):
+                if not isinstance(entry.get("args", []), list):
+                    raise ValueError(f"{name!r}: args must be a list of ControlNet units")
+                continue  # server/controlnet.py reads its units
             if not isinstance(entry, dict) or entry.get("args"):
                 raise ValueError(f"{name!r}: always-on scripts are not implemented by this server")
         return scripts

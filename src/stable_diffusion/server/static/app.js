@@ -35,6 +35,10 @@ async function loadLists() {
   });
   scriptInfo = scripts;
   showScripts();
+  const [cnModels, cnModules] = await Promise.all([fetch("/controlnet/model_list").then((r) => r.json()),
+    fetch("/controlnet/module_list").then((r) => r.json())]);
+  cnModels.model_list.forEach((m) => option($("cn_model"), m));
+  cnModules.module_list.forEach((m) => option($("cn_module"), m));
   $("model").value = options.sd_model_checkpoint;
   samplers.forEach((s) => option($("sampler_name"), s.name));
   $("sampler_name").value = "Euler a";
@@ -181,6 +185,13 @@ function request() {
     subseed: num("subseed"), subseed_strength: num("subseed_strength"),
     ...scriptFields(),
   };
+  if ($("cn_enabled").checked) {
+    if (!$("cn_image").src) throw new Error("choose a ControlNet control image first");
+    body.alwayson_scripts = {controlnet: {args: [{image: $("cn_image").src, module: $("cn_module").value,
+      model: $("cn_model").value, weight: num("cn_weight"), guidance_start: num("cn_start"),
+      guidance_end: num("cn_end"), control_mode: num("cn_mode"), resize_mode: num("cn_resize"),
+      processor_res: Math.min(num("width"), num("height")), enabled: true}]}};
+  }
   if ($("refiner_checkpoint").value) {
     Object.assign(body, {refiner_checkpoint: $("refiner_checkpoint").value, refiner_switch_at: num("refiner_switch_at")});
   }
@@ -219,7 +230,8 @@ $("generate").addEventListener("click", async () => {
   try {
     const r = await api(tab === "txt2img" ? "txt2img" : "img2img", body);
     const info = JSON.parse(r.info);
-    results = r.images.map((b64, i) => ({src: "data:image/png;base64," + b64, params: info.infotexts[i]}));
+    results = r.images.map((b64, i) => ({src: "data:image/png;base64," + b64,
+      params: info.infotexts[i] || "ControlNet's detected map"}));
     showResults();
     status(`done: seeds ${info.all_seeds.join(", ")}`);
   } catch (e) {
@@ -232,6 +244,22 @@ $("generate").addEventListener("click", async () => {
   }
 });
 $("interrupt").addEventListener("click", () => api("interrupt", {}));
+
+// --- ControlNet: the control image and its detected map ---
+$("cn_file").addEventListener("change", (e) => e.target.files[0] && readFile(e.target.files[0], (url) => {
+  $("cn_image").src = url; $("cn_image").hidden = false;
+}));
+$("cn_preview").addEventListener("click", async () => {
+  if (!$("cn_image").src) { status("choose a ControlNet control image first"); return; }
+  try {
+    const r = await fetch("/controlnet/detect", {method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({controlnet_module: $("cn_module").value, controlnet_input_images: [$("cn_image").src],
+        controlnet_processor_res: Math.min(Number($("width").value), Number($("height").value)),
+        controlnet_threshold_a: -1, controlnet_threshold_b: -1})}).then((x) => x.json());
+    if (!r.images) throw new Error(r.detail || "detect failed");
+    $("cn_map").src = "data:image/png;base64," + r.images[0]; $("cn_map").hidden = false;
+  } catch (e) { status("error: " + e.message); }
+});
 
 // --- A1111's Extras: upscale the chosen image ---
 $("upscale").addEventListener("click", async () => {
