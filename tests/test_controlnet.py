@@ -214,3 +214,47 @@ def test_cli_control(tmp_path):
     text = Image.open(next(out.glob("*.png"))).text["parameters"]
     assert 'ControlNet 0: "Module: invert, Model: cn, Weight: 0.7, Resize Mode: Crop and Resize' in text
     assert main(["txt2img", PROMPT, "--control", str(tmp_path / "control.png"), "--out", str(out)]) == 1
+
+
+@torch.no_grad()
+def test_controlled_sdxl_txt2img_matches_diffusers_pipeline(tmp_path):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from stable_diffusion.diffusion.denoiser import Denoiser
+    from stable_diffusion.diffusion.schedules import make_sigmas
+
+    base = build_diffusers_pipeline("sdxl")
+    controlnet = _diffusers_controlnet(base.unet)
+    controlnet.save_pretrained(tmp_path / "cn")
+    ours = load_pipeline(save(base, tmp_path / "xl"))
+    unit = ControlUnit(_control_image(), tmp_path / "cn", resize_mode=0, control_mode=0)
+    image = generate(ours, GenerationRequest(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, sampler="Euler",
+                                             scheduler="uniform", seed=SEED, width=64, height=64,
+                                             controls=[unit])).images[0]
+    sigma_max = make_sigmas("uniform", STEPS, Denoiser.from_config(ours.unet, ours.config).schedule)[0]
+    noise, _ = initial_noise([SEED], (4, 32, 32))
+    pipe = StableDiffusionXLControlNetPipeline(**base.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPT, image=_control_image(), negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                     guidance_scale=7.0, height=64, width=64,
+                     latents=noise * sigma_max / (sigma_max**2 + 1) ** 0.5).images[0]
+    diff = np.abs(np.asarray(image, dtype=int) - np.asarray(reference, dtype=int))
+    assert diff.max() <= 1, f"max difference {diff.max()} levels"
+
+
+def test_full_size_cldm_keys_convert_to_diffusers_key_set():
+    """An SD1.5 ControlNet's cldm keys (ours, full size on the meta device) through diffusers' own converter give
+    exactly the key set of diffusers' ControlNetModel for SD1.5."""
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    from stable_diffusion.models.configs import preset
+    from stable_diffusion.models.controlnet import ControlNetConfig
+
+    with torch.device("meta"):
+        ours = ControlNet(ControlNetConfig(preset("sd1").unet))
+        theirs = ControlNetModel(cross_attention_dim=768, attention_head_dim=8)
+    checkpoint = {"control_model." + k: v for k, v in ours.state_dict().items()}
+    converted = convert_controlnet_checkpoint(checkpoint, {"layers_per_block": 2, "down_block_types":
+                                                           ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]})
+    assert set(converted) == set(theirs.state_dict())

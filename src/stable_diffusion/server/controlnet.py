@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..checkpoints.hashes import model_hash
 from ..control import CONTROL_MODES, PREPROCESSORS, RESIZE_MODES, ControlUnit
@@ -27,6 +27,7 @@ _HASH = re.compile(r"\s*\[[0-9a-fA-F]+\]$")
 
 
 class DetectRequest(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)  # the schema's types, no coercion
     controlnet_module: str = "none"
     controlnet_input_images: list[str] = Field(default_factory=list)
     controlnet_processor_res: int = Field(512, ge=-1, le=2048)

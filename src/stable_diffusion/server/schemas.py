@@ -142,6 +142,7 @@ class Img2ImgRequest(GenerationFields):
 
 
 class InterrogateRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
     image: str = ""  # base64, or a data URL
     model: str = "clip"  # A1111: clip or deepdanbooru
 
