@@ -33,6 +33,9 @@ def models(tmp_path_factory) -> Path:
     models = esrgan_models(tiny_models(tmp_path_factory.mktemp("models")))
     for name in ("tiny-sdxl", "tiny-sdxl-refiner"):  # an SDXL base + refiner pair (random weights)
         Pipeline.from_config(preset(name), seed=5).save(models / "Stable-diffusion" / f"{name}.safetensors")
+    from .test_browser import _controlnet_file
+
+    _controlnet_file(models / "ControlNet" / "control_tiny.safetensors")  # for the tiny SD1 models
     (models / "interrogate").mkdir()  # A1111's term lists, for the domain CLIP
     (models / "interrogate" / "colours.txt").write_text("a red shape\na blue shape\na green shape\n")
     return models
@@ -110,6 +113,34 @@ def test_webuiapi_init_image_batch_outpainting_scripts_and_interrogate(server):
     assert wide.image.size == (128, 64)
     assert api.get_scripts() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot", "poor man's outpainting"]}
     assert api.interrogate(red).info == "a red shape" and api.interrogate(blue).info == "a blue shape"
+
+
+def test_webuiapi_controlnet_unit_is_the_python_api_image(server, models):
+    import numpy as np
+    import webuiapi
+    from PIL import ImageDraw
+
+    from stable_diffusion import load_pipeline
+    from stable_diffusion.control import ControlUnit
+    from stable_diffusion.generate import generate
+    from stable_diffusion.request import GenerationRequest
+
+    port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=3)
+    assert api.controlnet_model_list()[0].startswith("control_tiny [")
+    control = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(control).ellipse((8, 8, 40, 40), fill="white")
+    unit = webuiapi.ControlNetUnit(image=control, module="canny", model="control_tiny", weight=0.9,
+                                   resize_mode="Just Resize", processor_res=64, threshold_a=100, threshold_b=200)
+    # a fresh alwayson_scripts: webuiapi adds the units to the dict it is given (its default is shared)
+    result = api.txt2img(prompt="a cat", seed=6, width=64, height=64, controlnet_units=[unit],
+                         override_settings={"sd_model_checkpoint": "tiny"}, alwayson_scripts={})
+    assert len(result.images) == 2 and 'ControlNet 0: "Module: canny' in result.info["infotexts"][0]
+    direct = generate(load_pipeline(models / "Stable-diffusion" / "tiny.safetensors"), GenerationRequest(
+        "a cat", seed=6, steps=3, width=64, height=64, sampler="Euler", eta=1.0, controls=[ControlUnit(
+            control, models / "ControlNet" / "control_tiny.safetensors", "canny", 0.9, resize_mode=0,
+            processor_res=64)]))
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(direct.images[0]))
 
 
 def test_sdxl_refiner_over_http_is_the_python_api_image(server, models):
