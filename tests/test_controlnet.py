@@ -258,3 +258,40 @@ def test_full_size_cldm_keys_convert_to_diffusers_key_set():
     converted = convert_controlnet_checkpoint(checkpoint, {"layers_per_block": 2, "down_block_types":
                                                            ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]})
     assert set(converted) == set(theirs.state_dict())
+
+
+def test_more_preprocessors():
+    image = Image.new("RGB", (128, 128), "white")
+    ImageDraw.Draw(image).line((10, 64, 118, 64), fill="black", width=3)
+    lines = np.asarray(PREPROCESSORS["scribble_xdog"](image, 32, 0).convert("L"))
+    assert lines[64, 64] == 255 and lines[20, 64] == 0  # the drawn line, white on black
+    assert PREPROCESSORS["tile_resample"](image, 2.0, 0).size == (64, 64)
+    assert PREPROCESSORS["tile_resample"](image, 1.0, 0).size == (128, 128)
+    blurred = np.asarray(PREPROCESSORS["blur_gaussian"](image, 4, 0).convert("L"))
+    assert 0 < blurred[64, 64] < 255
+    grid = np.asarray(PREPROCESSORS["t2ia_color_grid"](image, 0, 0))
+    assert grid.shape == (128, 128, 3) and len(np.unique(grid.reshape(-1, 3), axis=0)) <= 4  # 2 x 2 colour cells
+
+
+def test_controls_in_img2img_inpainting_and_the_hires_pass(tmp_path):
+    from stable_diffusion.hires import HiresFix
+
+    base = build_diffusers_pipeline("sd1")
+    _diffusers_controlnet(base.unet).save_pretrained(tmp_path / "cn")
+    ours = load_pipeline(save(base, tmp_path / "sd1"))
+    init = Image.fromarray(np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+
+    def run(hr_option: str | None = None, **fields) -> np.ndarray:
+        controls = [ControlUnit(_control_image(), tmp_path / "cn", hr_option=hr_option)] if hr_option else []
+        request = GenerationRequest(PROMPT, steps=4, sampler="Euler", seed=2, controls=controls, **fields)
+        return np.asarray(generate(ours, request).images[0], dtype=int)
+
+    for fields in ({"init_image": init, "denoising_strength": 0.6},
+                   {"init_image": init, "mask": mask, "denoising_strength": 0.8}):
+        assert not np.array_equal(run("Both", **fields), run(None, **fields))
+    hires = {"width": 64, "height": 64, "hires": HiresFix(scale=1.5), "denoising_strength": 0.5}
+    both, low, high, none = (run(o, **hires) for o in ("Both", "Low res only", "High res only", None))
+    assert both.shape == (96, 96, 3)
+    assert len({a.tobytes() for a in (both, low, high, none)}) == 4  # each pass's control shows

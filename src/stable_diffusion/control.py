@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from torch import nn
 
 from .checkpoints.controlnet import read_controlnet
@@ -31,13 +31,45 @@ RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # the exte
 HR_OPTIONS = ("Both", "Low res only", "High res only")
 
 
-def _canny(image: Image.Image, low: float, high: float) -> Image.Image:
+def _cv2(module: str):
     try:
         import cv2
     except ImportError:
-        raise ValueError("the canny preprocessor needs OpenCV: pip install opencv-python-headless") from None
-    edges = cv2.Canny(np.asarray(image.convert("RGB")), int(low), int(high))
+        raise ValueError(f"the {module} preprocessor needs OpenCV: pip install opencv-python-headless") from None
+    return cv2
+
+
+def _canny(image: Image.Image, low: float, high: float) -> Image.Image:
+    edges = _cv2("canny").Canny(np.asarray(image.convert("RGB")), int(low), int(high))
     return Image.fromarray(edges).convert("RGB")
+
+
+def _scribble_xdog(image: Image.Image, threshold: float) -> Image.Image:
+    """Lines by XDoG (a difference of Gaussians, sigma 0.5 and 5), kept where 2 * response > threshold."""
+    cv2 = _cv2("scribble_xdog")
+    pixels = np.asarray(image.convert("RGB")).astype(np.float32)
+    fine, coarse = cv2.GaussianBlur(pixels, (0, 0), 0.5), cv2.GaussianBlur(pixels, (0, 0), 5.0)
+    dog = (255 - np.min(coarse - fine, axis=2)).clip(0, 255).astype(np.uint8)
+    lines = (2 * (255 - dog.astype(np.int32)) > threshold).astype(np.uint8) * 255
+    return Image.fromarray(lines).convert("RGB")
+
+
+def _tile_resample(image: Image.Image, rate: float) -> Image.Image:
+    """The tile model's input: the image shrunk by the down-sampling rate (area average); below 1.1 unchanged."""
+    if rate < 1.1:
+        return image.convert("RGB")
+    w, h = int(image.width / rate), int(image.height / rate)
+    return Image.fromarray(_cv2("tile_resample").resize(np.asarray(image.convert("RGB")), (max(w, 1), max(h, 1)),
+                                                       interpolation=_cv2("tile_resample").INTER_AREA))
+
+
+def _color_grid(image: Image.Image) -> Image.Image:
+    """T2I-Adapter's colour grid: the image at 1/64 of its size (bicubic), blown back up (nearest)."""
+    cv2 = _cv2("t2ia_color_grid")
+    pixels = np.asarray(image.convert("RGB"))
+    h, w = pixels.shape[:2]
+    small = cv2.resize(pixels, (max(w // 64, 1), max(h // 64, 1)), interpolation=cv2.INTER_CUBIC)
+    return Image.fromarray(cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST))
 
 
 def _binary(image: Image.Image, threshold: float) -> Image.Image:
@@ -51,6 +83,10 @@ PREPROCESSORS: dict[str, Callable[[Image.Image, float, float], Image.Image]] = {
     "invert": lambda image, a, b: ImageOps.invert(image.convert("RGB")),  # white-background line art -> lines on black
     "canny": _canny,  # threshold_a / threshold_b: the low and high hysteresis thresholds (100, 200)
     "binary": lambda image, a, b: _binary(image, a),  # threshold_a: the grey level above which a pixel is white
+    "scribble_xdog": lambda image, a, b: _scribble_xdog(image, a),  # threshold_a: the XDoG threshold (32)
+    "tile_resample": lambda image, a, b: _tile_resample(image, a),  # threshold_a: the down-sampling rate (1)
+    "blur_gaussian": lambda image, a, b: image.convert("RGB").filter(ImageFilter.GaussianBlur(a)),  # sigma (9)
+    "t2ia_color_grid": lambda image, a, b: _color_grid(image),
 }
 
 

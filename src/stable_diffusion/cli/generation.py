@@ -75,7 +75,8 @@ def _control_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", action="append", metavar="IMAGE", help="a ControlNet control image (repeatable: "
                    "one unit each)")
     p.add_argument("--control-model", action="append", metavar="PATH", help="its ControlNet (cldm or diffusers)")
-    p.add_argument("--control-module", action="append", help="its preprocessor: none, canny, invert, binary")
+    p.add_argument("--control-module", action="append", help="its preprocessor: none, invert, binary, canny, "
+                   "scribble_xdog, tile_resample, blur_gaussian, t2ia_color_grid")
     p.add_argument("--control-weight", action="append", type=float, help="its weight (1)")
     p.add_argument("--control-start", action="append", type=float, help="from this fraction of the steps (0)")
     p.add_argument("--control-end", action="append", type=float, help="until this fraction of the steps (1)")

@@ -95,7 +95,8 @@ def control_units(body: Any, registry: ModelRegistry) -> list[ControlUnit]:
     return units
 
 
-DEFAULT_THRESHOLDS = {"canny": (100.0, 200.0), "binary": (127.0, 0.0)}
+DEFAULT_THRESHOLDS = {"canny": (100.0, 200.0), "binary": (127.0, 0.0), "scribble_xdog": (32.0, 0.0),
+                      "tile_resample": (1.0, 0.0), "blur_gaussian": (9.0, 0.0)}
 
 
 def _thresholds(unit: ControlUnit) -> None:
