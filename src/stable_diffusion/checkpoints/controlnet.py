@@ -18,6 +18,7 @@ from .io import read_state_dict
 from .keymap import invert, rename, unet_module_map
 
 PREFIX = "control_model."
+CONFIG_KEY = "stable_diffusion.controlnet"  # our files' safetensors metadata: the exact config
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -66,7 +67,9 @@ def read_controlnet(path: str | Path) -> tuple[ControlNetConfig, dict[str, torch
             raise CheckpointError(f"{path.name}: not a diffusers ControlNet folder (config.json + "
                                   f"{DIFFUSERS_WEIGHTS[0]})")
         return _from_diffusers(path, weights)
-    sd = read_state_dict(path)[0]
+    sd, metadata = read_state_dict(path)
+    if metadata and CONFIG_KEY in metadata:  # trained here: the config is stored, heads included
+        return ControlNetConfig.from_dict(json.loads(metadata[CONFIG_KEY])), sd
     if any(k.startswith("controlnet_cond_embedding.") for k in sd):  # diffusers' names: its config sits beside
         if not (path.parent / "config.json").exists():
             raise CheckpointError(f"{path.name}: diffusers ControlNet weights without their config.json beside them")

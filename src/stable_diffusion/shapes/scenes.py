@@ -85,8 +85,8 @@ def star_points(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
 
 
 def _draw(draw: ImageDraw.ImageDraw, thing: Thing, cx: float, cy: float, r: float,
-          background: tuple[int, int, int]) -> None:
-    fill = COLOURS[thing.colour]
+          background: tuple[int, int, int], colour: tuple[int, int, int] | None = None) -> None:
+    fill = colour or COLOURS[thing.colour]
     box = (cx - r, cy - r, cx + r, cy + r)
     if thing.shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -111,21 +111,21 @@ def place_centre(place: str, size: int) -> tuple[float, float]:
     return (0.25 + 0.25 * col) * size, (0.25 + 0.25 * row) * size
 
 
-def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
-    """Draw the scene at ``supersample`` x the size and box-filter it down, for anti-aliased edges."""
+def render(scene: Scene, size: int = 64, supersample: int = 4, layout: bool = False) -> Image.Image:
+    """Draw the scene at ``supersample`` x the size and box-filter it down, for anti-aliased edges. ``layout``:
+    the objects' filled silhouettes, white on black (a ControlNet's control image of where they go)."""
     big = size * supersample
-    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    background = (0, 0, 0) if layout else BACKGROUNDS[scene.background]
+    image = Image.new("RGB", (big, big), background)
     draw = ImageDraw.Draw(image)
     if scene.relation is None:
-        thing = scene.objects[0]
-        cx, cy = place_centre(thing.place, big)
-        _draw(draw, thing, cx, cy, SIZES[thing.size] * big, BACKGROUNDS[scene.background])
+        placed = [(scene.objects[0], scene.objects[0].place, SIZES[scene.objects[0].size])]
     else:
-        a, b = scene.objects
         first, second = ("left", "right") if scene.relation == "left of" else ("top", "bottom")
-        for thing, place in ((a, first), (b, second)):
-            cx, cy = place_centre(place, big)
-            _draw(draw, thing, cx, cy, TWO_OBJECT_RADIUS * big, BACKGROUNDS[scene.background])
+        placed = [(scene.objects[0], first, TWO_OBJECT_RADIUS), (scene.objects[1], second, TWO_OBJECT_RADIUS)]
+    for thing, place, radius in placed:
+        cx, cy = place_centre(place, big)
+        _draw(draw, thing, cx, cy, radius * big, background, (255, 255, 255) if layout else None)
     return image.resize((size, size), Image.Resampling.BOX)
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..models.configs import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
-Stage = Literal["vae", "unet", "refine", "lora", "clip"]
+Stage = Literal["vae", "unet", "refine", "lora", "clip", "controlnet"]
 Fraction = Field(ge=0.0, le=1.0)
 
 
@@ -188,6 +188,17 @@ class ClipSection(_Section):
     output: str = Field("clip", min_length=1)  # folder under save_path (transformers' CLIPModel layout)
 
 
+class ControlNetSection(_Section):
+    """The "controlnet" stage (Zhang et al. 2023): a ControlNet for the (frozen) model, its encoder copied from the
+    UNet, its zero convolutions at zero; the control image of a shapes scene is its layout (the objects' filled
+    silhouettes, white on black); of a folder dataset, the same-named file under ``control_path``."""
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    control_path: str = ""  # folder datasets: the control images, at the images' relative paths
+    output: str = Field("controlnet.safetensors", min_length=1)
+
+
 class TrainConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -198,11 +209,17 @@ class TrainConfig(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     clip: ClipSection = Field(default_factory=ClipSection)
     refine: RefineSection = Field(default_factory=RefineSection)
+    controlnet: ControlNetSection = Field(default_factory=ControlNetSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.data.kind == "folder" and not self.data.path:
             raise ValueError("[data] kind = \"folder\" needs [data] path")
+        if "controlnet" in self.train.stages and self.data.kind == "folder" and not self.controlnet.control_path:
+            raise ValueError("[controlnet] control_path: a folder dataset needs its control images")
+        if "controlnet" in self.train.stages and not self.train.base_model and \
+                "unet" not in self.train.stages[:self.train.stages.index("controlnet")]:
+            raise ValueError("[train] stages: \"controlnet\" needs a model: base_model, or the \"unet\" stage before")
         if "refine" in self.train.stages and "unet" not in self.train.stages[:self.train.stages.index("refine")]:
             raise ValueError("[train] stages: \"refine\" continues the \"unet\" stage, so it must come after it")
         if not self.train.base_model and ({"unet", "refine"} & set(self.train.stages)):

@@ -24,6 +24,7 @@ class FolderDataset:
         root = Path(path)
         if not root.is_dir():
             raise ValueError(f"dataset folder {root} does not exist")
+        self.root = root
         self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
@@ -54,12 +55,28 @@ class FolderDataset:
         return to_tensor(image)
 
 
+def control_folder(folder: FolderDataset, path: str | Path) -> FolderDataset:
+    """The control images of a folder dataset: the same relative paths under ``path`` (each must exist)."""
+    root = Path(path)
+    controls = FolderDataset.__new__(FolderDataset)
+    controls.size, controls.random_crop, controls.flip = folder.size, folder.random_crop, folder.flip
+    controls.files = [root / f.relative_to(folder.root) for f in folder.files]
+    missing = [str(f) for f in controls.files if not f.exists()]
+    if missing:
+        raise ValueError(f"{len(missing)} control images missing under {root}, e.g. {missing[0]}")
+    controls.root = root
+    return controls
+
+
 def make_batch(data: DataSection, folder: FolderDataset | None, step: int, batch_size: int, rank: int = 0,
-               world: int = 1, caption_dropout: float | None = None) -> tuple[torch.Tensor, list[str]]:
-    """Batch ``step`` of ``rank``: images (B, 3, S, S) in [-1, 1] and captions, some emptied for CFG."""
+               world: int = 1, caption_dropout: float | None = None, controls: FolderDataset | bool | None = None
+               ) -> tuple[torch.Tensor, ...]:
+    """Batch ``step`` of ``rank``: images (B, 3, S, S) in [-1, 1] and captions, some emptied for CFG; with
+    ``controls`` (True for shapes, the control FolderDataset for a folder) the control images too, (B, 3, S, S)
+    in [0, 1], between them: (images, controls, captions)."""
     dropout = data.caption_dropout if caption_dropout is None else caption_dropout
     rng = random.Random(f"{data.seed}/{rank}/{step}")
-    images, captions = [], []
+    images, captions, hints = [], [], []
     if folder is None:
         stream = ShapesDataset(data.size, data.seed, "train", data.two_object_fraction,
                                small_fraction=data.small_fraction).scenes(rng)
@@ -67,6 +84,8 @@ def make_batch(data: DataSection, folder: FolderDataset | None, step: int, batch
             scene = next(stream)
             images.append(to_tensor(render(scene, data.size)))
             captions.append(scene.caption)
+            if controls:
+                hints.append((to_tensor(render(scene, data.size, layout=True)) + 1) / 2)
     else:
         n = len(folder)
         for j in range(batch_size):
@@ -76,5 +95,9 @@ def make_batch(data: DataSection, folder: FolderDataset | None, step: int, batch
             item = int(order[within])
             images.append(folder.image(item, random.Random(f"{data.seed}/{index}")))
             captions.append(folder.caption(item))
+            if isinstance(controls, FolderDataset):  # the same crop and flip as its image
+                hints.append((controls.image(item, random.Random(f"{data.seed}/{index}")) + 1) / 2)
     captions = ["" if rng.random() < dropout else c for c in captions]
+    if controls:
+        return torch.stack(images), torch.stack(hints), captions
     return torch.stack(images), captions

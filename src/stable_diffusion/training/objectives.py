@@ -167,6 +167,28 @@ class DiffusionLoss(nn.Module):
         return (sample_weights * per_sample).sum() / sample_weights.sum()
 
 
+class HintedUNet(nn.Module):
+    """The frozen UNet with a ControlNet's residuals for the batch's control images (``hint``, set per batch)."""
+
+    def __init__(self, unet: nn.Module, controlnet: nn.Module) -> None:
+        super().__init__()
+        self.unet, self.controlnet = unet, controlnet
+        self.hint: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, t, context, y, control=self.controlnet(x, self.hint, t, context, y))
+
+
+class ControlNetLoss(DiffusionLoss):
+    """Algorithm 1 through the frozen UNet with a ControlNet: only the ControlNet learns (Zhang et al. 2023)."""
+
+    def forward(self, latents: torch.Tensor, ids: torch.Tensor, generator: torch.Generator,
+                hints: torch.Tensor) -> torch.Tensor:
+        self.denoiser.unet.hint = hints
+        return super().forward(latents, ids, generator)
+
+
 class ContrastiveLoss(nn.Module):
     """CLIP's symmetric InfoNCE over a batch of (image, caption) pairs (Radford et al. 2021)."""
 

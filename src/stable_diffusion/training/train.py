@@ -5,6 +5,7 @@ existing model), written to ``[train] save_path``: ``model.safetensors`` (a sing
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,9 +17,17 @@ from ..diffusion.schedules import model_alphas_cumprod
 from ..lora import add_lora, lora_state_dict, remove_lora
 from ..pipeline import Pipeline, load_pipeline
 from .config import TrainConfig
-from .data import FolderDataset, make_batch
+from .data import FolderDataset, control_folder, make_batch
 from .loop import Dist, LossLog, StageRunner, StageSpec, init_distributed
-from .objectives import ContrastiveLoss, DiffusionLoss, VAELoss, caption_loss_weights, step_generator
+from .objectives import (
+    ContrastiveLoss,
+    ControlNetLoss,
+    DiffusionLoss,
+    HintedUNet,
+    VAELoss,
+    caption_loss_weights,
+    step_generator,
+)
 from .plots import loss_curve, sample_grid
 
 
@@ -107,13 +116,14 @@ class Trainer:
                                  for i in range(4)])
         self.pipe.config.vae.scaling_factor = float((latent_std or 1.0) / latents.std())
 
-    def _diffusion_loss(self, train_text: bool) -> DiffusionLoss:
+    def _diffusion_loss(self, train_text: bool, unet: torch.nn.Module | None = None,
+                        kind: type[DiffusionLoss] = DiffusionLoss) -> DiffusionLoss:
         c, d = self.pipe.config, self.config.diffusion
         if c.is_refiner:
             raise ValueError("training the SDXL refiner is not supported: its y needs each image's aesthetic score, "
                              "which captions do not carry")
         abar = model_alphas_cumprod(c).to(self.device)
-        return DiffusionLoss(self.pipe.unet, self.pipe.text_encoders, abar, c.prediction, train_text,
+        return kind(unet or self.pipe.unet, self.pipe.text_encoders, abar, c.prediction, train_text,
                              d.loss_weighting, d.snr_gamma, d.snr_weight_cap or math.inf, d.snr_floor,
                              c.size_embed_dim if c.unet.adm_in_channels else 0, self.config.data.size)
 
@@ -169,6 +179,44 @@ class Trainer:
             write_safetensors(self.out / lo.output, lora_state_dict(wrapped),
                               metadata={"ss_network_dim": str(lo.rank), "ss_network_alpha": str(lo.alpha)})
         remove_lora(self.pipe.unet, wrapped)
+
+    def train_controlnet(self) -> None:
+        """A ControlNet for the model (frozen): the encoder copied from its UNet, the hint encoder sized to its VAE's
+        downscale, zero convolutions at zero; written to ``[controlnet] output`` with its config."""
+        from ..checkpoints.controlnet import CONFIG_KEY
+        from ..models.controlnet import ControlNet, ControlNetConfig
+
+        c, t = self.config.controlnet, self.config.train
+        self.pipe.vae.requires_grad_(False)
+        self.pipe.unet.requires_grad_(False)
+        levels = self.pipe.vae.downscale.bit_length() - 1  # 8 -> (16, 32, 96, 256) as cldm; 2 -> (16, 32)
+        config = ControlNetConfig(dataclasses.replace(self.pipe.config.unet, in_channels=4, out_channels=4),
+                                  hint_widths=(16, 32, 96, 256, 512)[:levels + 1])
+        with torch.random.fork_rng():
+            torch.manual_seed(t.seed)
+            net = ControlNet(config).to(self.device)
+        encoder = {k: v for k, v in self.pipe.unet.state_dict().items() if k in net.state_dict()
+                   and v.shape == net.state_dict()[k].shape}  # the copy (a 9-channel UNet's first conv excepted)
+        net.load_state_dict(encoder, strict=False)
+        loss = self._diffusion_loss(False, HintedUNet(self.pipe.unet, net), ControlNetLoss)
+        spec = self._spec("controlnet", loss, c.steps, c.learning_rate)
+        controls = control_folder(self.folder, c.control_path) if self.folder is not None else True
+        scale = self.pipe.config.vae.scaling_factor
+
+        def batch(step: int, micro: int):
+            index = step * t.grad_accum + micro
+            images, hints, captions = make_batch(self.config.data, self.folder, index, c.batch_size, self.dist.rank,
+                                                 self.dist.world, controls=controls)
+            generator = self._generator(step, micro)
+            with torch.no_grad():
+                latents = self.pipe.vae.encode(images.to(self.device)).sample(generator) * scale
+            ids = torch.stack([tokenizer(captions) for tokenizer in self.pipe.tokenizers]).to(self.device)
+            return latents, ids, generator, hints.to(self.device)
+
+        self._run(spec, batch).copy_to(loss)
+        if self.dist.main:
+            write_safetensors(self.out / c.output, {k: v.contiguous() for k, v in net.state_dict().items()},
+                              metadata={CONFIG_KEY: json.dumps(config.to_dict())})
 
     def train_clip(self) -> None:
         """A domain CLIP, contrastive on the training data; saved in transformers' CLIPModel layout."""

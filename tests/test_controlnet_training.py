@@ -1,0 +1,74 @@
+"""Training a ControlNet (``stages = ["controlnet"]``): the copy starts as the UNet's encoder with zero
+convolutions at zero (so it changes nothing), only the ControlNet learns, the file it writes loads and steers
+generation; on shapes (the control image is the scene's layout: filled silhouettes, white on black) and on a
+folder of (image, control image, caption) triples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stable_diffusion import load_pipeline
+from stable_diffusion.checkpoints.controlnet import read_controlnet
+from stable_diffusion.control import ControlUnit
+from stable_diffusion.generate import generate
+from stable_diffusion.request import GenerationRequest
+from stable_diffusion.shapes.scenes import Scene, Thing, render
+from stable_diffusion.training.config import parse_config
+from stable_diffusion.training.train import train
+
+
+def _config(tmp_path, steps: int, lr: float, **data) -> dict:
+    return {"train": {"stages": ["controlnet"], "base_model": "tiny-sd1", "save_path": str(tmp_path), "steps": 1,
+                      "device": "cpu", "log_every": 1},
+            "data": {"size": 64, **data}, "controlnet": {"steps": steps, "batch_size": 2, "learning_rate": lr}}
+
+
+def _layout() -> Image.Image:
+    return render(Scene((Thing("red", "circle", place="left"),), "white"), 64, layout=True)
+
+
+def test_controlnet_stage_starts_as_the_unet_and_learns_alone(tmp_path):
+    base = load_pipeline("tiny-sd1")
+    train(parse_config(_config(tmp_path / "start", 1, 1e-9)), progress=False)
+    config, state = read_controlnet(tmp_path / "start" / "controlnet.safetensors")
+    assert config.hint_widths == (16, 32) and config.unet == base.config.unet  # the stored config, heads too
+    unet = base.unet.state_dict()
+    assert all(torch.allclose(state[k], unet[k], atol=1e-6) for k in state if k.startswith("input_blocks."))
+    assert max(state[k].abs().max() for k in state if k.startswith(("zero_convs.", "middle_block_out."))) < 1e-6
+    request = dict(prompt="a red circle", steps=3, sampler="Euler", seed=1, width=64, height=64)
+    plain = generate(base, GenerationRequest(**request)).images[0]
+    unit = ControlUnit(_layout(), tmp_path / "start" / "controlnet.safetensors")
+    start = np.asarray(generate(base, GenerationRequest(**request, controls=[unit])).images[0], dtype=int)
+    assert np.abs(start - np.asarray(plain, dtype=int)).max() <= 1  # zero convolutions: no change yet
+
+    train(parse_config(_config(tmp_path / "run", 3, 1e-3)), progress=False)
+    trained = read_controlnet(tmp_path / "run" / "controlnet.safetensors")[1]
+    assert min(trained[k].abs().max() for k in trained if k.startswith("zero_convs.")) > 0
+    assert torch.equal(load_pipeline("tiny-sd1").unet.state_dict()["out.2.weight"], unet["out.2.weight"])
+    unit = ControlUnit(_layout(), tmp_path / "run" / "controlnet.safetensors")
+    steered = generate(base, GenerationRequest(**request, controls=[unit])).images[0]
+    assert not np.array_equal(np.asarray(steered), np.asarray(plain))
+    assert '"controlnet"' in (tmp_path / "run" / "loss.jsonl").read_text()
+
+
+def test_controlnet_stage_on_a_folder_of_triples(tmp_path):
+    images, controls = tmp_path / "images", tmp_path / "controls"
+    images.mkdir()
+    controls.mkdir()
+    for i, colour in enumerate([(250, 20, 20), (20, 20, 250)]):
+        Image.new("RGB", (64, 64), colour).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text("a square")
+        _layout().save(controls / f"{i}.png")
+    train(parse_config(_config(tmp_path / "run", 2, 1e-3, kind="folder", path=str(images))
+                       | {"controlnet": {"steps": 2, "batch_size": 2, "control_path": str(controls)}}),
+          progress=False)
+    assert (tmp_path / "run" / "controlnet.safetensors").exists()
+    (controls / "1.png").unlink()
+    with pytest.raises(ValueError, match="control images missing"):
+        train(parse_config(_config(tmp_path / "again", 2, 1e-3, kind="folder", path=str(images))
+                           | {"controlnet": {"steps": 2, "control_path": str(controls)}}), progress=False)
+    with pytest.raises(ValueError, match="control_path"):
+        parse_config(_config(tmp_path / "x", 2, 1e-3, kind="folder", path=str(images)))
