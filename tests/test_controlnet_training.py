@@ -72,3 +72,28 @@ def test_controlnet_stage_on_a_folder_of_triples(tmp_path):
                            | {"controlnet": {"steps": 2, "control_path": str(controls)}}), progress=False)
     with pytest.raises(ValueError, match="control_path"):
         parse_config(_config(tmp_path / "x", 2, 1e-3, kind="folder", path=str(images)))
+
+
+def test_eval_control_measures_placement(tmp_path, capsys):
+    """``sd eval --control``: IoU of the objects with the drawn layouts, per weight (weight 0: the model alone)."""
+    import json
+
+    from stable_diffusion.cli import main
+    from stable_diffusion.shapes.control_eval import iou, object_mask
+
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    assert iou(mask, mask) == 1.0 and iou(mask, ~mask) == 0.0
+    image = render(Scene((Thing("red", "circle"),), "white"), 64)
+    layout = np.asarray(render(Scene((Thing("red", "circle"),), "white"), 64, layout=True).convert("L")) > 127
+    assert iou(object_mask(image, (245, 245, 245)), layout) > 0.9  # a drawn scene is where its layout says
+    train(parse_config(_config(tmp_path / "run", 1, 1e-3)), progress=False)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "tiny-sd1", "--control", str(tmp_path / "run" / "controlnet.safetensors"),
+                 "--n", "2", "--steps", "2", "--samplers", "Euler", "--control-weights", "1,0",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| weight | one object placed |" in printed and "| 0 |" in printed
+    rows = json.loads((out / "control.json").read_text())["rows"]
+    assert [r["weight"] for r in rows] == [1.0, 0.0]
+    assert all(0 <= r[k]["mean_iou"] <= 1 for r in rows for k in ("one_object", "two_object"))

@@ -105,6 +105,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ..shapes.evaluate import evaluate, table, write_report
 
     pipe = run_options(args).load(args.model)
+    if args.control:  # where a ControlNet puts the objects: IoU with the drawn layouts, per weight
+        from ..checkpoints.io import write_json
+        from ..shapes.control_eval import control_evaluate, control_table
+
+        try:
+            weights = [float(w) for w in args.control_weights.split(",")]
+            steps = int(args.steps.split(",")[0])
+        except ValueError:
+            raise ValueError("--control-weights takes comma-separated numbers, --steps an integer") from None
+        result = control_evaluate(pipe, args.control, weights, n=args.n, seed=args.seed, steps=steps,
+                                  sampler=args.samplers.split(",")[0].strip(), cfg=args.cfg)
+        write_json(Path(args.out) / "control.json", result)
+        print(control_table(result), end="")
+        print(f"written: {args.out}/control.json")
+        return
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     try:
         steps = [int(s) for s in args.steps.split(",")]
@@ -216,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", help="InceptionV3 FID weights (.pth/.safetensors, pytorch-fid/torch-fidelity "
                    "layout): adds FID with Inception features")
     p.add_argument("--clip", help="CLIP folder for FID features and CLIP score (default: the domain CLIP)")
+    p.add_argument("--control", metavar="FILE", help="evaluate this ControlNet instead: objects placed where the "
+                   "layout draws them (IoU >= 0.7), per --control-weights, with the first sampler and step count")
+    p.add_argument("--control-weights", default="1,0", help="ControlNet weights to compare (0: the model alone)")
     device_arguments(p)
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=cmd_eval)
