@@ -68,32 +68,33 @@ def test_controlnet_module_matches_diffusers(family, tmp_path):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @torch.no_grad()
-def test_controlled_txt2img_matches_diffusers_pipeline(tmp_path):
-    from diffusers import StableDiffusionControlNetPipeline
+def test_controlled_txt2img_matches_diffusers_pipeline(family, tmp_path):
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-    base = build_diffusers_pipeline("sd1")
-    controlnet = _diffusers_controlnet(base.unet)
-    controlnet.save_pretrained(tmp_path / "cn")
-    ours = load_pipeline(save(base, tmp_path / "sd1"))
-    unit = ControlUnit(_control_image(), tmp_path / "cn", resize_mode=0)
-    image = generate(ours, GenerationRequest(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=7.0,
-                                             sampler="Euler", scheduler="uniform", seed=SEED, width=64, height=64,
-                                             controls=[unit])).images[0]
     from stable_diffusion.diffusion.denoiser import Denoiser
     from stable_diffusion.diffusion.schedules import make_sigmas
 
+    base = build_diffusers_pipeline(family)
+    controlnet = _diffusers_controlnet(base.unet)
+    controlnet.save_pretrained(tmp_path / "cn")
+    ours = load_pipeline(save(base, tmp_path / family))
+    request = dict(negative_prompt=NEGATIVE, steps=STEPS, sampler="Euler", scheduler="uniform", seed=SEED, width=64,
+                   height=64)
+    unit = ControlUnit(_control_image(), tmp_path / "cn", resize_mode=0)
+    image = generate(ours, GenerationRequest(PROMPT, controls=[unit], **request)).images[0]
     sigma_max = make_sigmas("uniform", STEPS, Denoiser.from_config(ours.unet, ours.config).schedule)[0]
     noise, _ = initial_noise([SEED], (4, 32, 32))
-    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
+    cls = StableDiffusionXLControlNetPipeline if family == "sdxl" else StableDiffusionControlNetPipeline
+    pipe = cls(**base.components, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     reference = pipe(PROMPT, image=_control_image(), negative_prompt=NEGATIVE, num_inference_steps=STEPS,
                      guidance_scale=7.0, height=64, width=64,
                      latents=noise * sigma_max / (sigma_max**2 + 1) ** 0.5).images[0]
     diff = np.abs(np.asarray(image, dtype=int) - np.asarray(reference, dtype=int))
     assert diff.max() <= 1, f"max difference {diff.max()} levels"
-    plain = generate(ours, GenerationRequest(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, sampler="Euler",
-                                             scheduler="uniform", seed=SEED, width=64, height=64)).images[0]
+    plain = generate(ours, GenerationRequest(PROMPT, **request)).images[0]
     assert np.abs(np.asarray(plain, dtype=int) - np.asarray(image, dtype=int)).max() > 3  # the control shows
 
 
@@ -214,32 +215,6 @@ def test_cli_control(tmp_path):
     text = Image.open(next(out.glob("*.png"))).text["parameters"]
     assert 'ControlNet 0: "Module: invert, Model: cn, Weight: 0.7, Resize Mode: Crop and Resize' in text
     assert main(["txt2img", PROMPT, "--control", str(tmp_path / "control.png"), "--out", str(out)]) == 1
-
-
-@torch.no_grad()
-def test_controlled_sdxl_txt2img_matches_diffusers_pipeline(tmp_path):
-    from diffusers import StableDiffusionXLControlNetPipeline
-
-    from stable_diffusion.diffusion.denoiser import Denoiser
-    from stable_diffusion.diffusion.schedules import make_sigmas
-
-    base = build_diffusers_pipeline("sdxl")
-    controlnet = _diffusers_controlnet(base.unet)
-    controlnet.save_pretrained(tmp_path / "cn")
-    ours = load_pipeline(save(base, tmp_path / "xl"))
-    unit = ControlUnit(_control_image(), tmp_path / "cn", resize_mode=0, control_mode=0)
-    image = generate(ours, GenerationRequest(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, sampler="Euler",
-                                             scheduler="uniform", seed=SEED, width=64, height=64,
-                                             controls=[unit])).images[0]
-    sigma_max = make_sigmas("uniform", STEPS, Denoiser.from_config(ours.unet, ours.config).schedule)[0]
-    noise, _ = initial_noise([SEED], (4, 32, 32))
-    pipe = StableDiffusionXLControlNetPipeline(**base.components, controlnet=controlnet)
-    pipe.set_progress_bar_config(disable=True)
-    reference = pipe(PROMPT, image=_control_image(), negative_prompt=NEGATIVE, num_inference_steps=STEPS,
-                     guidance_scale=7.0, height=64, width=64,
-                     latents=noise * sigma_max / (sigma_max**2 + 1) ** 0.5).images[0]
-    diff = np.abs(np.asarray(image, dtype=int) - np.asarray(reference, dtype=int))
-    assert diff.max() <= 1, f"max difference {diff.max()} levels"
 
 
 def test_full_size_cldm_keys_convert_to_diffusers_key_set():

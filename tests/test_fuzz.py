@@ -74,6 +74,15 @@ def test_every_operation_survives_hostile_input(fuzz_client):
     check()
 
 
+def _survives(client: TestClient, path: str, body: dict) -> None:
+    """A hostile JSON body (NaN, lone surrogates kept) gets no 5xx, and any error has A1111's body."""
+    r = client.post(path, content=json.dumps(body, allow_nan=True).encode("utf-8", errors="surrogatepass"),
+                    headers={"content-type": "application/json"})
+    assert r.status_code < 500, (body, r.text[:300])
+    if r.status_code >= 400:
+        assert set(r.json()) == ERROR_KEYS, r.text[:300]
+
+
 def test_xyz_plot_script_args_and_refiner_survive_hostile_input(fuzz_client):
     """The X/Y/Z plot's positional script_args (axis types, value texts with ranges, flags) and refiner fields."""
     axis = st.one_of(st.integers(-3, 50), st.sampled_from(["Steps", "Seed", "Size", "Prompt S/R", "nope"]), scalars)
@@ -88,12 +97,7 @@ def test_xyz_plot_script_args_and_refiner_survive_hostile_input(fuzz_client):
         body = {"prompt": "a b", "steps": 1, "width": 64, "height": 64, "script_name": "x/y/z plot",
                 "script_args": args, "refiner_checkpoint": data.draw(st.one_of(st.none(), text)),
                 "refiner_switch_at": data.draw(scalars)}
-        r = fuzz_client.post("/sdapi/v1/txt2img",
-                             content=json.dumps(body, allow_nan=True).encode("utf-8", errors="surrogatepass"),
-                             headers={"content-type": "application/json"})
-        assert r.status_code < 500, (body, r.text[:300])
-        if r.status_code >= 400:
-            assert set(r.json()) == ERROR_KEYS, r.text[:300]
+        _survives(fuzz_client, "/sdapi/v1/txt2img", body)
 
     check()
 
@@ -117,11 +121,7 @@ def test_outpainting_script_and_latent_mask_survive_hostile_input(fuzz_client):
                 "latent_mask": latent_mask, "mask": png if with_mask else None}
         if with_mask:
             body["script_args"] = []
-        r = fuzz_client.post("/sdapi/v1/img2img", content=json.dumps(body, allow_nan=True).encode(
-            "utf-8", errors="surrogatepass"), headers={"content-type": "application/json"})
-        assert r.status_code < 500, (body, r.text[:300])
-        if r.status_code >= 400:
-            assert set(r.json()) == ERROR_KEYS, r.text[:300]
+        _survives(fuzz_client, "/sdapi/v1/img2img", body)
 
     check()
 
@@ -136,11 +136,7 @@ def test_controlnet_units_survive_hostile_input(fuzz_client):
            st.sampled_from(["controlnet", "ControlNet"]))
     def check(units, key):
         body = {"prompt": "a", "steps": 1, "width": 64, "height": 64, "alwayson_scripts": {key: {"args": units}}}
-        r = fuzz_client.post("/sdapi/v1/txt2img", content=json.dumps(body, allow_nan=True).encode(
-            "utf-8", errors="surrogatepass"), headers={"content-type": "application/json"})
-        assert r.status_code < 500, (body, r.text[:300])
-        if r.status_code >= 400:
-            assert set(r.json()) == ERROR_KEYS, r.text[:300]
+        _survives(fuzz_client, "/sdapi/v1/txt2img", body)
 
     check()
 

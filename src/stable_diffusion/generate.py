@@ -164,7 +164,7 @@ def _outpaint(pipe: Pipeline, request: GenerationRequest, callback: StepCallback
               refiner: Pipeline | None) -> GenerationResult:
     """A1111's poor man's outpainting: each tile on the grown border inpainted with its own masks and the next
     seed, the tiles joined again; the result is the one joined image with the first tile's parameters."""
-    request = replace(request.resolved(pipe.config.image_size), outpaint=request.outpaint)
+    request = request.resolved(pipe.config.image_size)
     settings = request.outpaint
     grid, work = outpaint_plan(request.init_image, settings, request.width, request.height)
     first = None

@@ -29,13 +29,17 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None))
+    lines.append(_params_line(params))
     return "\n".join(lines)
+
+
+def _params_line(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
 
 
 def append_params(infotext: str, params: dict[str, Any]) -> str:
     """An infotext with more ``k: v`` pairs at the end of its parameters line (as A1111's scripts add theirs)."""
-    extra = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
+    extra = _params_line(params)
     if not extra:
         return infotext
     return f"{infotext}, {extra}" if infotext else extra

@@ -109,10 +109,6 @@ _FLOAT_COUNT = re.compile(r"\s*([+-]?\s*\d+(?:.\d*)?)\s*-\s*([+-]?\s*\d+(?:.\d*)
 MAX_VALUES = 256  # per axis: a range cannot ask for millions of cells
 
 
-def _number(text: str) -> str:
-    return text.replace(" ", "")
-
-
 def parse_values(axis: Axis, text: str | list[str]) -> list[Any]:
     """An axis's values from A1111's comma-separated text (or a dropdown's list), ranges expanded, typed."""
     if axis.target == "nothing":
@@ -140,27 +136,25 @@ def parse_values(axis: Axis, text: str | list[str]) -> list[Any]:
 def _expand(item: str, integer: bool) -> list[int | float]:
     """A1111's ranges: ``a-b`` (integers: every one), ``a-b (+s)`` by steps of s, ``a-b [n]`` n evenly spaced."""
     span, count = (_INT_RANGE, _INT_COUNT) if integer else (_FLOAT_RANGE, _FLOAT_COUNT)
-    cast = int if integer else float
-    try:
-        if m := span.fullmatch(item):
-            start, end = cast(_number(m.group(1))), cast(_number(m.group(2)))
-            step = cast(m.group(3)) if m.group(3) else 1
-            if step == 0 or abs((end - start) / step) > MAX_VALUES:
-                raise ValueError(f"range {item!r} has too many values")
-            if integer:
-                return list(range(start, end + 1, step))
-            return np.arange(start, end + step, step).tolist()
-        if m := count.fullmatch(item):
-            n = int(float(m.group(3))) if m.group(3) else 1
-            if not 0 < n <= MAX_VALUES:
-                raise ValueError(f"range {item!r}: the count must be 1 to {MAX_VALUES}")
-            spaced = np.linspace(cast(_number(m.group(1))), cast(_number(m.group(2))), n).tolist()
-            return [int(v) for v in spaced] if integer else spaced
-        return [cast(item)]
-    except ValueError as error:
-        if "range" in str(error):
-            raise
-        raise ValueError(f"{item!r} is not {'an integer' if integer else 'a number'} or a range") from None
+
+    def number(text: str) -> int | float:
+        try:
+            return (int if integer else float)(text.replace(" ", ""))
+        except ValueError:
+            raise ValueError(f"{item!r} is not {'an integer' if integer else 'a number'} or a range") from None
+
+    if m := span.fullmatch(item):
+        start, end, step = number(m.group(1)), number(m.group(2)), number(m.group(3)) if m.group(3) else 1
+        if step == 0 or abs((end - start) / step) > MAX_VALUES:
+            raise ValueError(f"range {item!r} has too many values")
+        return list(range(start, end + 1, step)) if integer else np.arange(start, end + step, step).tolist()
+    if m := count.fullmatch(item):
+        n = int(float(m.group(3))) if m.group(3) else 1
+        if not 0 < n <= MAX_VALUES:
+            raise ValueError(f"range {item!r}: the count must be 1 to {MAX_VALUES}")
+        spaced = np.linspace(number(m.group(1)), number(m.group(2)), n).tolist()
+        return [int(v) for v in spaced] if integer else spaced
+    return [number(item)]
 
 
 @dataclass
