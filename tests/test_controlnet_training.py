@@ -15,8 +15,19 @@ from stable_diffusion.checkpoints.controlnet import read_controlnet
 from stable_diffusion.control import ControlUnit
 from stable_diffusion.generate import generate
 from stable_diffusion.request import GenerationRequest
-from stable_diffusion.shapes.scenes import Scene, Thing, render
+from stable_diffusion.shapes.control_eval import KINDS, iou, object_mask
+from stable_diffusion.shapes.scenes import (
+    BACKGROUNDS,
+    Scene,
+    Thing,
+    heldout_scenes,
+    nearest_place,
+    outline,
+    render,
+    size_word,
+)
 from stable_diffusion.training.config import parse_config
+from stable_diffusion.training.data import make_batch
 from stable_diffusion.training.train import train
 
 
@@ -36,7 +47,7 @@ def test_controlnet_stage_starts_as_the_unet_and_learns_alone(tmp_path):
     config, state = read_controlnet(tmp_path / "start" / "controlnet.safetensors")
     assert config.hint_widths == (16, 32) and config.unet == base.config.unet  # the stored config, heads too
     unet = base.unet.state_dict()
-    assert all(torch.allclose(state[k], unet[k], atol=1e-6) for k in state if k.startswith("input_blocks."))
+    assert all(torch.equal(state[k], unet[k].to(torch.float16)) for k in state if k.startswith("input_blocks."))
     assert max(state[k].abs().max() for k in state if k.startswith(("zero_convs.", "middle_block_out."))) < 1e-6
     request = dict(prompt="a red circle", steps=3, sampler="Euler", seed=1, width=64, height=64)
     plain = generate(base, GenerationRequest(**request)).images[0]
@@ -52,6 +63,30 @@ def test_controlnet_stage_starts_as_the_unet_and_learns_alone(tmp_path):
     steered = generate(base, GenerationRequest(**request, controls=[unit])).images[0]
     assert not np.array_equal(np.asarray(steered), np.asarray(plain))
     assert '"controlnet"' in (tmp_path / "run" / "loss.jsonl").read_text()
+
+
+def test_free_layouts_and_outlines():
+    """Free layouts put objects at any position and size (the caption names the nearest place and size, the
+    relation the larger offset); outlines are the silhouettes' edges; the shapes batches mix both in."""
+    for two in (False, True):
+        for scene in heldout_scenes(20, seed=3, two_object=two, free=True):
+            assert all(t.box is not None and t.place == nearest_place(*t.box[:2]) and t.size == size_word(t.box[2])
+                       for t in scene.objects)
+            drawn = np.asarray(render(scene, 64, layout=True).convert("L")) > 127
+            assert iou(object_mask(render(scene, 64), BACKGROUNDS[scene.background]), drawn) > 0.85
+            if two:
+                (xa, ya, _), (xb, yb, _) = (t.box for t in scene.objects)
+                assert (xb - xa > abs(yb - ya)) if scene.relation == "left of" else (yb - ya > abs(xb - xa))
+    places = {t.box[:2] for s in heldout_scenes(20, seed=3, free=True) for t in s.objects}
+    assert len(places) == 20  # not the grid's nine points
+    filled = _layout()
+    edges = np.asarray(outline(filled).convert("L")) > 127
+    inside = np.asarray(filled.convert("L")) > 127
+    assert 0 < edges.sum() < inside.sum() / 2 and not (edges & ~inside).any()
+    data = parse_config(_config("x", 1, 1e-3)).data
+    _, plain, _ = make_batch(data, None, 0, 4, controls=True)
+    _, mixed, _ = make_batch(data, None, 0, 4, controls=True, free_fraction=1.0, outline_fraction=1.0)
+    assert plain.shape == mixed.shape == (4, 3, 64, 64) and (mixed > 0.5).float().mean() < (plain > 0.5).float().mean()
 
 
 def test_controlnet_stage_on_a_folder_of_triples(tmp_path):
@@ -72,6 +107,9 @@ def test_controlnet_stage_on_a_folder_of_triples(tmp_path):
                            | {"controlnet": {"steps": 2, "control_path": str(controls)}}), progress=False)
     with pytest.raises(ValueError, match="control_path"):
         parse_config(_config(tmp_path / "x", 2, 1e-3, kind="folder", path=str(images)))
+    with pytest.raises(ValueError, match="only for shapes data"):
+        parse_config(_config(tmp_path / "x", 2, 1e-3, kind="folder", path=str(images))
+                     | {"controlnet": {"control_path": str(controls), "free_fraction": 0.5}})
 
 
 def test_eval_control_measures_placement(tmp_path, capsys):
@@ -79,7 +117,6 @@ def test_eval_control_measures_placement(tmp_path, capsys):
     import json
 
     from stable_diffusion.cli import main
-    from stable_diffusion.shapes.control_eval import iou, object_mask
 
     mask = np.zeros((8, 8), bool)
     mask[2:6, 2:6] = True
@@ -93,7 +130,7 @@ def test_eval_control_measures_placement(tmp_path, capsys):
                  "--n", "2", "--steps", "2", "--samplers", "Euler", "--control-weights", "1,0",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| weight | one object placed |" in printed and "| 0 |" in printed
+    assert "| weight | scenes | placed |" in printed and "| 0 | two objects, free layout |" in printed
     rows = json.loads((out / "control.json").read_text())["rows"]
-    assert [r["weight"] for r in rows] == [1.0, 0.0]
-    assert all(0 <= r[k]["mean_iou"] <= 1 for r in rows for k in ("one_object", "two_object"))
+    assert [r["weight"] for r in rows] == [1.0] * 5 + [0.0] * 5
+    assert {r["kind"] for r in rows} == set(KINDS) and all(0 <= r["mean_iou"] <= 1 for r in rows)

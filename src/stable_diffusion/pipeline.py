@@ -307,7 +307,7 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
                   dtype: str | torch.dtype | None = None, *, prediction: str | None = None,
                   vae: str | Path | None = None, offload: str | None = None,
                   attention_slicing: int | str | None = None) -> Pipeline:
-    """Load a model: a single file, a diffusers folder, a preset name, or (None) the built-in model.
+    """Load a model: a single file, a diffusers folder, a preset name, or (None or "builtin") the built-in model.
 
     ``prediction`` ("eps" or "v") overrides what the file says (SD2 768-v checkpoints look like eps ones);
     ``vae`` replaces the model's VAE with a standalone VAE file; ``offload`` ("model", "sequential") and
@@ -316,7 +316,7 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
     if offload not in (None, *OFFLOAD_MODES):
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
     offloaded = offload not in (None, "none")
-    if path_or_name is None:
+    if path_or_name is None or (str(path_or_name) == "builtin" and not Path("builtin").exists()):
         if not BUILTIN_MODEL.exists():
             raise CheckpointError(f"the built-in model is not installed ({BUILTIN_MODEL}); pass a model path")
         path_or_name = BUILTIN_MODEL

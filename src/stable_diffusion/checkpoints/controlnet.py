@@ -20,6 +20,15 @@ from .keymap import invert, rename, unet_module_map
 PREFIX = "control_model."
 CONFIG_KEY = "stable_diffusion.controlnet"  # our files' safetensors metadata: the exact config
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# the built-in model's ControlNet (configs/builtin_controlnet.toml): shapes placed where a layout draws them
+BUILTIN_CONTROLNET = Path(__file__).resolve().parents[1] / "assets" / "controlnet_layout.safetensors"
+
+
+def controlnet_path(name: str | Path) -> Path:
+    """A ControlNet's path; "builtin" or "controlnet_layout" (when no such file is here) is the built-in one."""
+    if str(name) in ("builtin", BUILTIN_CONTROLNET.stem) and not Path(name).exists():
+        return BUILTIN_CONTROLNET
+    return Path(name)
 
 
 def _hint_widths(sd: dict[str, torch.Tensor]) -> tuple[int, tuple[int, ...]]:
@@ -59,8 +68,8 @@ def _from_diffusers(folder: Path, weights: Path) -> tuple[ControlNetConfig, dict
 
 
 def read_controlnet(path: str | Path) -> tuple[ControlNetConfig, dict[str, torch.Tensor]]:
-    """(config, weights in cldm's names) of a ControlNet file or diffusers folder."""
-    path = Path(path)
+    """(config, weights in cldm's names) of a ControlNet file or diffusers folder (or "builtin")."""
+    path = controlnet_path(path)
     if path.is_dir():
         weights = next((path / n for n in DIFFUSERS_WEIGHTS if (path / n).exists()), None)
         if weights is None or not (path / "config.json").exists():

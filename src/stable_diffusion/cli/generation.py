@@ -58,7 +58,9 @@ def _controls(args: argparse.Namespace) -> list:
 
     images = getattr(args, "control", None) or []
     if images and not args.control_model:
-        raise ValueError("--control needs --control-model (a ControlNet file or folder)")
+        if args.model:
+            raise ValueError("--control needs --control-model (a ControlNet file or folder)")
+        args.control_model = ["builtin"]  # the built-in model's own: shapes where the layout draws them
 
     def nth(values: list, i: int, default: object) -> object:
         return values[min(i, len(values) - 1)] if values else default
@@ -74,7 +76,8 @@ def _controls(args: argparse.Namespace) -> list:
 def _control_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", action="append", metavar="IMAGE", help="a ControlNet control image (repeatable: "
                    "one unit each)")
-    p.add_argument("--control-model", action="append", metavar="PATH", help="its ControlNet (cldm or diffusers)")
+    p.add_argument("--control-model", action="append", metavar="PATH", help="its ControlNet (cldm or diffusers; "
+                   "with the built-in model the default is its layout ControlNet, \"builtin\")")
     p.add_argument("--control-module", action="append", help="its preprocessor: none, invert, binary, canny, "
                    "scribble_xdog, tile_resample, blur_gaussian, t2ia_color_grid")
     p.add_argument("--control-weight", action="append", type=float, help="its weight (1)")

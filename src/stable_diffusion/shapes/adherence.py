@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, star_points
+from .scenes import BACKGROUNDS, COLOURS, SHAPES, Scene, nearest_place, size_word, star_points
 
 PURE = 60.0  # an object pixel within this RGB distance of a palette colour counts as that colour
 FOREGROUND = 70.0  # a pixel this far from the background colour is foreground
@@ -30,15 +30,10 @@ class Seen:
     iou: float
 
     def size(self, image_size: int) -> str:
-        small, large = SIZES["small"] * image_size, SIZES["large"] * image_size
-        return "small" if self.radius < math.sqrt(small * large) else "large"
+        return size_word(self.radius / image_size)
 
     def place(self, image_size: int) -> str:
-        col = min(2, max(0, round(self.centre[0] / image_size * 4 - 1)))
-        row = min(2, max(0, round(self.centre[1] / image_size * 4 - 1)))
-        names = {(0, 0): "top left", (1, 0): "top", (2, 0): "top right", (0, 1): "left", (1, 1): "centre",
-                 (2, 1): "right", (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right"}
-        return names[(col, row)]
+        return nearest_place(self.centre[0] / image_size, self.centre[1] / image_size)
 
 
 @dataclass

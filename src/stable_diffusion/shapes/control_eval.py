@@ -1,8 +1,9 @@
 """``sd eval --control FILE``: does a ControlNet put the objects where its control image draws them? For held-out
-one- and two-object scenes, the control image is the scene's layout (the filled silhouettes, white on black) and
-the prompt its caption; an object lands where drawn when the generated image's object pixels (those far from the
-scene's background colour) overlap the silhouettes with IoU >= 0.7. Each ControlNet weight is a row (weight 0:
-the model alone), with the adherence checker's verdicts beside it."""
+one- and two-object scenes, at the grid's places and sizes and at free ones, the control image is the scene's
+layout (the filled silhouettes, white on black, or their outlines) and the prompt its caption; an object lands
+where drawn when the generated image's object pixels (those far from the scene's background colour) overlap the
+silhouettes with IoU >= 0.7. Each ControlNet weight and kind of scene is a row (weight 0: the model alone), with
+the adherence checker's verdicts beside it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from ..control import ControlUnit
 from .adherence import judge, read_image
-from .scenes import BACKGROUNDS, heldout_scenes, render
+from .scenes import BACKGROUNDS, heldout_scenes, outline, render
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -33,29 +34,35 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+KINDS = {  # name: (two objects, free layout, drawn as outlines)
+    "one object": (False, False, False), "two objects": (True, False, False),
+    "one object, free layout": (False, True, False), "two objects, free layout": (True, True, False),
+    "one object, free outline": (False, True, True),
+}
+
+
 def control_evaluate(pipe: Pipeline, control: str | Path, weights: list[float], n: int = 50, seed: int = 0,
                      steps: int = 20, sampler: str = "Euler a", cfg: float = 7.0) -> dict:
-    """One row per ControlNet weight: the share of one- and two-object scenes placed with IoU >= 0.7, the mean
-    IoU, and the adherence checker's verdicts (colours, shapes, relations) on the same images."""
+    """One row per ControlNet weight and kind of scene (grid places and sizes, which the prompt can say; free
+    positions and sizes, which only the layout can; a free layout drawn as outlines): the share placed with
+    IoU >= 0.7, the mean IoU, and the adherence checker's verdicts (colours, shapes, relations) on the same images."""
     size = pipe.config.image_size
-    kinds = {"one_object": heldout_scenes(n, seed=seed + 1), "two_object": heldout_scenes(n, seed=seed + 2,
-                                                                                      two_object=True)}
+    kinds = {kind: heldout_scenes(n, seed=seed + 1 + i, two_object=two, free=free)
+             for i, (kind, (two, free, _)) in enumerate(KINDS.items())}
     rows = []
     for weight in weights:
-        row: dict = {"weight": weight}
         for kind, scenes in kinds.items():
             ious, verdicts = [], []
             for i, scene in enumerate(scenes):
-                layout = render(scene, size, layout=True)
+                drawn = render(scene, size, layout=True)
+                layout = outline(drawn) if KINDS[kind][2] else drawn
                 unit = ControlUnit(layout, control, weight=weight, resize_mode=0)
                 image = pipe.txt2img(scene.caption, steps=steps, sampler=sampler, cfg_scale=cfg, seed=seed + i,
                                      width=size, height=size, controls=[unit])[0]
-                drawn = np.asarray(layout.convert("L")) > 127
-                ious.append(iou(object_mask(image, BACKGROUNDS[scene.background]), drawn))
+                ious.append(iou(object_mask(image, BACKGROUNDS[scene.background]), np.asarray(drawn.convert("L")) > 127))
                 verdicts.append(judge(read_image(image), scene)["all"])
-            row[kind] = {"placed": float(np.mean([v >= IOU_TARGET for v in ious])), "mean_iou": float(np.mean(ious)),
-                         "adherence": float(np.mean(verdicts))}
-        rows.append(row)
+            rows.append({"weight": weight, "kind": kind, "placed": float(np.mean([v >= IOU_TARGET for v in ious])),
+                         "mean_iou": float(np.mean(ious)), "adherence": float(np.mean(verdicts))})
     return {"n_per_kind": n, "steps": steps, "sampler": sampler, "cfg": cfg, "control": Path(control).name,
             "iou_target": IOU_TARGET, "rows": rows}
 
@@ -64,11 +71,8 @@ def control_table(result: dict) -> str:
     lines = [f"ControlNet {result['control']}: objects placed where drawn (IoU >= {result['iou_target']}), "
              f"{result['n_per_kind']} held-out scenes per kind, {result['sampler']} {result['steps']} steps, "
              f"CFG {result['cfg']}", "",
-             "| weight | one object placed | mean IoU | adherence | two objects placed | mean IoU | adherence |",
-             "|---|---|---|---|---|---|---|"]
+             "| weight | scenes | placed | mean IoU | adherence |", "|---|---|---|---|---|"]
     for r in result["rows"]:
-        one, two = r["one_object"], r["two_object"]
-        lines.append(f"| {r['weight']:g} | {one['placed']:.0%} | {one['mean_iou']:.2f} | {one['adherence']:.0%} | "
-                     f"{two['placed']:.0%} | {two['mean_iou']:.2f} | {two['adherence']:.0%} |")
+        lines.append(f"| {r['weight']:g} | {r['kind']} | {r['placed']:.0%} | {r['mean_iou']:.2f} | "
+                     f"{r['adherence']:.0%} |")
     return "\n".join(lines) + "\n"
-

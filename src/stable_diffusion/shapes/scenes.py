@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from ..images import to_tensor
 
@@ -47,10 +47,13 @@ TWO_OBJECT_RADIUS = 0.17
 
 @dataclass(frozen=True)
 class Thing:
+    """An object; ``box`` (centre x, centre y, radius as fractions of the side) draws it at a free position and
+    size instead of its place's grid point (``size`` and ``place`` then name the nearest ones, for the caption)."""
     colour: str
     shape: str
     size: str = "large"
     place: str = "centre"
+    box: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,17 @@ def place_centre(place: str, size: int) -> tuple[float, float]:
     return (0.25 + 0.25 * col) * size, (0.25 + 0.25 * row) * size
 
 
+def nearest_place(x: float, y: float) -> str:
+    """The grid place nearest a centre at (x, y), fractions of the side (the grid points are at 1/4, 1/2, 3/4)."""
+    col, row = (min(2, max(0, round(v * 4 - 1))) for v in (x, y))
+    return next(name for name, cell in PLACES.items() if cell == (col, row))
+
+
+def size_word(radius: float) -> str:
+    """ "small" or "large" for a radius (fraction of the side): the nearer of the two on a log scale."""
+    return "small" if radius < math.sqrt(SIZES["small"] * SIZES["large"]) else "large"
+
+
 def render(scene: Scene, size: int = 64, supersample: int = 4, layout: bool = False) -> Image.Image:
     """Draw the scene at ``supersample`` x the size and box-filter it down, for anti-aliased edges. ``layout``:
     the objects' filled silhouettes, white on black (a ControlNet's control image of where they go)."""
@@ -118,15 +132,22 @@ def render(scene: Scene, size: int = 64, supersample: int = 4, layout: bool = Fa
     background = (0, 0, 0) if layout else BACKGROUNDS[scene.background]
     image = Image.new("RGB", (big, big), background)
     draw = ImageDraw.Draw(image)
-    if scene.relation is None:
+    if all(thing.box for thing in scene.objects):
+        placed = [(thing, thing.box[:2], thing.box[2]) for thing in scene.objects]
+    elif scene.relation is None:
         placed = [(scene.objects[0], scene.objects[0].place, SIZES[scene.objects[0].size])]
     else:
         first, second = ("left", "right") if scene.relation == "left of" else ("top", "bottom")
         placed = [(scene.objects[0], first, TWO_OBJECT_RADIUS), (scene.objects[1], second, TWO_OBJECT_RADIUS)]
-    for thing, place, radius in placed:
-        cx, cy = place_centre(place, big)
+    for thing, where, radius in placed:
+        cx, cy = place_centre(where, big) if isinstance(where, str) else (where[0] * big, where[1] * big)
         _draw(draw, thing, cx, cy, radius * big, background, (255, 255, 255) if layout else None)
     return image.resize((size, size), Image.Resampling.BOX)
+
+
+def outline(layout: Image.Image) -> Image.Image:
+    """A layout's outlines instead of its filled silhouettes: the silhouettes less their 3x3 erosion."""
+    return ImageChops.subtract(layout, layout.filter(ImageFilter.MinFilter(3)))
 
 
 def _a(text: str) -> str:
@@ -185,20 +206,54 @@ def random_scene(rng: random.Random, two_object_fraction: float = 0.4, small_fra
     return Scene(objects, background, rng.choice(RELATIONS))
 
 
+FREE_RADIUS = {1: (0.1, 0.25), 2: (0.12, 0.2)}  # free layouts: radius ranges for one and two objects
+FREE_GAP = 0.03  # free two-object layouts: at least this gap between the objects (fraction of the side)
+
+
+def free_layout(rng: random.Random, scene: Scene) -> Scene:
+    """``scene``'s objects at free positions and sizes (what a prompt cannot say, a layout can): one object
+    anywhere inside the image; two apart, the first left of or above the second (whichever is the larger offset,
+    the relation the caption then states). Size words and places are the nearest ones."""
+    low, high = FREE_RADIUS[len(scene.objects)]
+    while True:
+        boxes = []
+        for _ in scene.objects:
+            r = rng.uniform(low, high)
+            boxes.append((rng.uniform(r, 1 - r), rng.uniform(r, 1 - r), r))
+        if len(boxes) == 1:
+            break
+        (xa, ya, ra), (xb, yb, rb) = boxes
+        if math.hypot(xb - xa, yb - ya) > ra + rb + FREE_GAP:
+            break
+    if len(boxes) == 2:
+        (xa, ya, _), (xb, yb, _) = boxes
+        relation = "left of" if abs(xb - xa) >= abs(yb - ya) else "above"
+        if (xb < xa) if relation == "left of" else (yb < ya):
+            boxes.reverse()
+    else:
+        relation = None
+    objects = tuple(Thing(t.colour, t.shape, size_word(box[2]), nearest_place(box[0], box[1]), box)
+                    for t, box in zip(scene.objects, boxes, strict=True))
+    return Scene(objects, scene.background, relation)
+
+
 class ShapesDataset(torch.utils.data.IterableDataset):
     """Infinite (image in [-1, 1] (3, size, size), caption) pairs. ``split``: "train" skips the held-out
-    combinations, "heldout" draws only them. Deterministic for a seed; each worker/rank gets its own stream."""
+    combinations, "heldout" draws only them. Deterministic for a seed; each worker/rank gets its own stream.
+    ``free_fraction`` of the scenes get free layouts (:func:`free_layout`); at 0 the stream is as it always was."""
 
     def __init__(self, size: int = 64, seed: int = 0, split: str = "train", two_object_fraction: float = 0.4,
-                 rank: int = 0, small_fraction: float = 0.5) -> None:
+                 rank: int = 0, small_fraction: float = 0.5, free_fraction: float = 0.0) -> None:
         if split not in ("train", "heldout"):
             raise ValueError(f"unknown split {split!r} (train or heldout)")
         self.size, self.seed, self.split, self.two = size, seed, split, two_object_fraction
-        self.rank, self.small = rank, small_fraction
+        self.rank, self.small, self.free = rank, small_fraction, free_fraction
 
     def scenes(self, rng: random.Random, full_captions: bool = False):
         while True:
             scene = random_scene(rng, self.two, self.small)
+            if self.free and rng.random() < self.free:
+                scene = free_layout(rng, scene)
             if is_held_out(scene) != (self.split == "heldout"):
                 continue
             yield Scene(scene.objects, scene.background, scene.relation, caption_for(scene, rng, full_captions))
@@ -211,8 +266,10 @@ class ShapesDataset(torch.utils.data.IterableDataset):
             yield to_tensor(render(scene, self.size)), scene.caption
 
 
-def heldout_scenes(n: int, seed: int = 1234, two_object: bool = False) -> list[Scene]:
-    """n held-out scenes with their full captions, one-object or two-object only (for evaluation)."""
-    dataset = ShapesDataset(split="heldout", two_object_fraction=1.0 if two_object else 0.0)
+def heldout_scenes(n: int, seed: int = 1234, two_object: bool = False, free: bool = False) -> list[Scene]:
+    """n held-out scenes with their full captions, one-object or two-object only (for evaluation); ``free``: all
+    with free layouts."""
+    dataset = ShapesDataset(split="heldout", two_object_fraction=1.0 if two_object else 0.0,
+                            free_fraction=1.0 if free else 0.0)
     stream = dataset.scenes(random.Random(seed), full_captions=True)
     return [next(stream) for _ in range(n)]

@@ -196,6 +196,8 @@ class ControlNetSection(_Section):
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     control_path: str = ""  # folder datasets: the control images, at the images' relative paths
+    free_fraction: float = Field(0.0, ge=0, le=1)  # shapes: scenes at free positions and sizes (free_layout)
+    outline_fraction: float = Field(0.0, ge=0, le=1)  # shapes: layouts drawn as outlines instead of filled
     output: str = Field("controlnet.safetensors", min_length=1)
 
 
@@ -217,6 +219,9 @@ class TrainConfig(_Section):
             raise ValueError("[data] kind = \"folder\" needs [data] path")
         if "controlnet" in self.train.stages and self.data.kind == "folder" and not self.controlnet.control_path:
             raise ValueError("[controlnet] control_path: a folder dataset needs its control images")
+        if self.data.kind == "folder" and (self.controlnet.free_fraction or self.controlnet.outline_fraction):
+            raise ValueError("[controlnet] free_fraction, outline_fraction: only for shapes data (a folder dataset "
+                             "brings its own control images)")
         if "controlnet" in self.train.stages and not self.train.base_model and \
                 "unet" not in self.train.stages[:self.train.stages.index("controlnet")]:
             raise ValueError("[train] stages: \"controlnet\" needs a model: base_model, or the \"unet\" stage before")

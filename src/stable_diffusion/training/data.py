@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..images import to_tensor
-from ..shapes.scenes import ShapesDataset, render
+from ..shapes.scenes import ShapesDataset, outline, render
 from .config import DataSection
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -69,23 +69,27 @@ def control_folder(folder: FolderDataset, path: str | Path) -> FolderDataset:
 
 
 def make_batch(data: DataSection, folder: FolderDataset | None, step: int, batch_size: int, rank: int = 0,
-               world: int = 1, caption_dropout: float | None = None, controls: FolderDataset | bool | None = None
-               ) -> tuple[torch.Tensor, ...]:
+               world: int = 1, caption_dropout: float | None = None, controls: FolderDataset | bool | None = None,
+               free_fraction: float = 0.0, outline_fraction: float = 0.0) -> tuple[torch.Tensor, ...]:
     """Batch ``step`` of ``rank``: images (B, 3, S, S) in [-1, 1] and captions, some emptied for CFG; with
     ``controls`` (True for shapes, the control FolderDataset for a folder) the control images too, (B, 3, S, S)
-    in [0, 1], between them: (images, controls, captions)."""
+    in [0, 1], between them: (images, controls, captions). ``free_fraction``: shapes scenes with free layouts,
+    ``outline_fraction``: their layouts drawn as outlines."""
     dropout = data.caption_dropout if caption_dropout is None else caption_dropout
     rng = random.Random(f"{data.seed}/{rank}/{step}")
     images, captions, hints = [], [], []
     if folder is None:
         stream = ShapesDataset(data.size, data.seed, "train", data.two_object_fraction,
-                               small_fraction=data.small_fraction).scenes(rng)
+                               small_fraction=data.small_fraction, free_fraction=free_fraction).scenes(rng)
         for _ in range(batch_size):
             scene = next(stream)
             images.append(to_tensor(render(scene, data.size)))
             captions.append(scene.caption)
             if controls:
-                hints.append((to_tensor(render(scene, data.size, layout=True)) + 1) / 2)
+                layout = render(scene, data.size, layout=True)
+                if outline_fraction and rng.random() < outline_fraction:
+                    layout = outline(layout)
+                hints.append((to_tensor(layout) + 1) / 2)
     else:
         n = len(folder)
         for j in range(batch_size):

@@ -15,7 +15,7 @@ import torch
 from ..checkpoints.io import write_safetensors
 from ..diffusion.schedules import model_alphas_cumprod
 from ..lora import add_lora, lora_state_dict, remove_lora
-from ..pipeline import Pipeline, load_pipeline
+from ..pipeline import DTYPES, Pipeline, load_pipeline
 from .config import TrainConfig
 from .data import FolderDataset, control_folder, make_batch
 from .loop import Dist, LossLog, StageRunner, StageSpec, init_distributed
@@ -206,7 +206,8 @@ class Trainer:
         def batch(step: int, micro: int):
             index = step * t.grad_accum + micro
             images, hints, captions = make_batch(self.config.data, self.folder, index, c.batch_size, self.dist.rank,
-                                                 self.dist.world, controls=controls)
+                                                 self.dist.world, controls=controls, free_fraction=c.free_fraction,
+                                                 outline_fraction=c.outline_fraction)
             generator = self._generator(step, micro)
             with torch.no_grad():
                 latents = self.pipe.vae.encode(images.to(self.device)).sample(generator) * scale
@@ -215,7 +216,8 @@ class Trainer:
 
         self._run(spec, batch).copy_to(loss)
         if self.dist.main:
-            write_safetensors(self.out / c.output, {k: v.contiguous() for k, v in net.state_dict().items()},
+            dtype = DTYPES[t.export_dtype]
+            write_safetensors(self.out / c.output, {k: v.to(dtype).contiguous() for k, v in net.state_dict().items()},
                               metadata={CONFIG_KEY: json.dumps(config.to_dict())})
 
     def train_clip(self) -> None:
