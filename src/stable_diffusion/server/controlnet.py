@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..checkpoints.controlnet import BUILTIN_CONTROLNET
 from ..checkpoints.hashes import model_hash
 from ..control import CONTROL_MODES, PREPROCESSORS, RESIZE_MODES, ControlUnit
 from ..images import png_bytes
@@ -36,7 +37,8 @@ class DetectRequest(BaseModel):
 
 
 def control_models(registry: ModelRegistry) -> list[Path]:
-    return registry.files("ControlNet", SUFFIXES)
+    """The models folder's ControlNet/ files, then the built-in ControlNet (for the built-in model)."""
+    return registry.files("ControlNet", SUFFIXES) + ([BUILTIN_CONTROLNET] if BUILTIN_CONTROLNET.exists() else [])
 
 
 def find_control_model(registry: ModelRegistry, name: str) -> Path:
