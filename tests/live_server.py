@@ -1,5 +1,6 @@
 """Start ``sd serve`` as a real process on a free 127.0.0.1 port: the built-in model by default, beside a models
-folder of two tiny random models."""
+folder of two tiny random models; and a broker cluster for ``sd serve --broker``: Debian's redis-server and
+``sd worker`` processes."""
 
 from __future__ import annotations
 
@@ -26,9 +27,7 @@ def tiny_models(root: Path) -> Path:
 
 @contextmanager
 def live_server(models: Path, outputs: Path, *extra: str) -> Iterator[tuple[int, subprocess.Popen]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "stable_diffusion.cli", "serve", "--port", str(port),
                              "--models-dir", str(models), "--queue", "64", "--outputs", str(outputs), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -45,5 +44,76 @@ def live_server(models: Path, outputs: Path, *extra: str) -> Iterator[tuple[int,
     try:
         yield port, proc
     finally:
+        stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(folder: Path, port: int) -> subprocess.Popen:
+    """Debian's redis-server on ``port``, persisting to ``folder`` (append-only file), answering before return."""
+    import shutil
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:  # .ci/run installs it; a machine without apt-get cannot
+        import pytest
+
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+                             "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            redis.Redis(port=port).ping()
+            return proc
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.1)
+
+
+def start_worker(url: str, models: Path, name: str, *extra: str) -> subprocess.Popen:
+    """An ``sd worker`` process; returns once RQ lists it."""
+    from redis import Redis
+    from rq import Worker
+
+    proc = subprocess.Popen([sys.executable, "-m", "stable_diffusion.cli", "worker", "--broker", url, "--models-dir",
+                             str(models), "--name", name, "--lease", "3", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    connection, deadline = Redis.from_url(url), time.time() + 120
+    while name not in [w.name for w in Worker.all(connection=connection)]:
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"sd worker did not start: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextmanager
+def broker_cluster(models: Path, folder: Path, workers: int = 3) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+    """redis-server and ``workers`` sd worker processes: (the broker URL, the workers)."""
+    port = free_port()
+    redis_proc = start_redis(folder, port)
+    url = f"redis://127.0.0.1:{port}/0"
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.extend(start_worker(url, models, f"w{i}") for i in range(workers))
+        yield url, procs
+    finally:
+        for proc in procs:
+            stop(proc)
+        stop(redis_proc)

@@ -183,6 +183,42 @@ def test_a_full_queue_answers_503_with_retry_after():
     assert jobs.submit(lambda cb: "alive", 1, 1, "after").result(10) == "alive"  # the worker survived
 
 
+def test_concurrent_jobs_progress_and_stops_are_per_caller():
+    """With several slots (a broker's front end): jobs run at once, each caller's progress and Interrupt / Skip
+    reach their own job, and the broker's waiting jobs count against the queue bound."""
+    stopped: list[tuple[str, str]] = []
+    backlog = {"n": 0}
+    jobs = JobQueue(max_queue=2, on_interrupt=lambda task: stopped.append(("interrupt", task)),
+                    on_skip=lambda task: stopped.append(("skip", task)), concurrency=2, backlog=lambda: backlog["n"])
+    gates = {name: threading.Event() for name in ("ann", "bob")}
+
+    def run(name: str):
+        def job(callback):
+            callback({"i": 0, "preview": f"{name}-preview"})
+            callback({"i": 1, "preview": None})
+            gates[name].wait(10)
+            return jobs.interrupted()
+        return job
+
+    futures = {name: jobs.submit(run(name), 4, 1, name, owner=name) for name in gates}
+    time.sleep(0.2)
+    for name in gates:
+        state = jobs.state(owner=name)
+        assert state["state"]["job"] == name and state["current_image"] == f"{name}-preview"
+        assert state["state"]["sampling_step"] == 2 and state["state"]["job_count"] == 2
+    jobs.interrupt("ann")
+    jobs.skip("bob")
+    assert [kind for kind, _ in stopped] == ["interrupt", "skip"] and stopped[0][1] != stopped[1][1]
+    jobs.interrupt("carol")  # nobody's job: with several slots, nothing stops
+    assert len(stopped) == 2
+    backlog["n"] = 2  # two jobs wait in the broker for a worker
+    with pytest.raises(QueueFull):
+        jobs.submit(lambda cb: 0, 1, 1, "refused")
+    for gate in gates.values():
+        gate.set()
+    assert futures["ann"].result(10) is True and futures["bob"].result(10) is False
+
+
 def test_basic_auth_and_bearer_token(models_dir):
     app = create_app(ModelRegistry(models_dir, default="tiny"), api_auth="ann:secret", api_token="t0ken")
     with TestClient(app) as c:

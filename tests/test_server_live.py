@@ -16,7 +16,7 @@ from PIL import Image
 from stable_diffusion.models.configs import preset
 from stable_diffusion.pipeline import Pipeline
 
-from .live_server import live_server, tiny_models
+from .live_server import broker_cluster, live_server, tiny_models
 
 
 def _rss_mb(pid: int) -> float:
@@ -41,14 +41,21 @@ def models(tmp_path_factory) -> Path:
     return models
 
 
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
+@pytest.fixture(scope="module", params=["single process", "broker + 3 workers"])
+def server(request, models, tmp_path_factory):
+    """The same API tests against the single-process server and against a front end with redis-server and three
+    ``sd worker`` processes (``sd serve --broker``)."""
     styles = tmp_path_factory.mktemp("styles") / "styles.csv"
     styles.write_text("name,prompt,negative_prompt\nShapes,\"{prompt}, on a black background\",blurry\n")
     from stable_diffusion.shapes import DOMAIN_CLIP
 
-    with live_server(models, tmp_path_factory.mktemp("out"), "--styles-file", str(styles),
-                     "--clip", str(DOMAIN_CLIP)) as running:
+    options = ("--styles-file", str(styles), "--clip", str(DOMAIN_CLIP))
+    if request.param == "single process":
+        with live_server(models, tmp_path_factory.mktemp("out"), *options) as running:
+            yield running
+        return
+    with broker_cluster(models, tmp_path_factory.mktemp("redis")) as (url, _), \
+            live_server(models, tmp_path_factory.mktemp("out"), *options, "--broker", url) as running:
         yield running
 
 

@@ -141,6 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from ..server.schemas import Limits
 
     resolve_device(args.device)
+    if args.broker:
+        require_broker()
     try:
         registry = ModelRegistry(args.models_dir, run_options(args), default=args.model, styles_file=args.styles_file,
                                  clip=args.clip)
@@ -150,10 +152,32 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     max_images=args.max_images, max_plot_cells=args.max_plot_cells)
     app = create_app(registry, limits, max_queue=args.queue, outputs=args.outputs, api_auth=args.api_auth,
                      api_token=args.api_token, max_body=args.max_body_mb * 2**20,
-                     max_prompt_chars=args.max_prompt_chars, listen=args.listen)
+                     max_prompt_chars=args.max_prompt_chars, listen=args.listen, broker=args.broker)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     print(f"sd serve: {registry.current_entry.title} on http://{host}:{args.port}/ (API docs at /docs)")
     uvicorn.run(app, host=host, port=args.port, log_level="warning")
+
+
+def require_broker() -> None:
+    """--broker needs RQ and redis-py (the broker extra): a one-line error without them."""
+    import importlib.util
+
+    if not all(importlib.util.find_spec(name) for name in ("rq", "redis")):
+        raise ValueError("--broker needs RQ and redis-py: pip install \".[broker]\"")
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    require_broker()
+    from ..pipeline import resolve_device
+    from ..server.broker import connect
+    from ..server.broker_worker import serve_worker
+    from ..server.executor import Controls, Executor
+
+    resolve_device(args.device)
+    redis = connect(args.broker)
+    executor = Executor(run_options(args), Controls(lambda: False, lambda: False, lambda: None))
+    print(f"sd worker: taking jobs from {args.broker}", flush=True)
+    serve_worker(redis, executor, args.models_dir, args.name, args.lease, args.burst)
 
 
 def cmd_interrogate(args: argparse.Namespace) -> None:
@@ -256,8 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-plot-cells", type=int, default=64, help="largest X/Y/Z plot (cells)")
     p.add_argument("--max-body-mb", type=int, default=50)
     p.add_argument("--max-prompt-chars", type=int, default=20_000, help="longest prompt a request may send")
+    p.add_argument("--broker", metavar="URL", help="redis://HOST:6379/0: put jobs on this Redis queue for `sd worker` "
+                   "processes instead of running them here")
     device_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="a generation worker for `sd serve --broker`: takes jobs from the Redis queue")
+    p.add_argument("--broker", metavar="URL", required=True, help="the front end's redis://HOST:6379/0")
+    p.add_argument("--models-dir", default="models", help="this machine's copy of the front end's models folder")
+    p.add_argument("--name", help="this worker's name (default: host-pid)")
+    p.add_argument("--lease", type=int, default=30, help="seconds after which a job of a dead worker goes back to "
+                   "the queue (heartbeats come every third of it)")
+    p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    device_arguments(p)
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("pnginfo", help="print the generation parameters stored in a PNG")
     p.add_argument("image")

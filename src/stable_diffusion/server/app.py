@@ -11,6 +11,7 @@ import asyncio
 import json
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,24 +42,40 @@ from .scripts import plan_plot, run_plot
 from .worker import WorkerError, WorkerProcess
 
 STATIC = Path(__file__).parent / "static"
+BROKER_THREADS = 64  # with a broker: requests in flight at once (each thread waits for its job's answer)
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 500, 503)}
+
+
+def caller(request: Request) -> str:
+    """Who asks: the client's address and credentials (their progress, interrupt and skip, with a broker)."""
+    return f"{request.client.host if request.client else ''}|{request.headers.get('authorization', '')}"
 
 
 def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue: int = 16,
                outputs: str | Path | None = "outputs", api_auth: str | None = None, api_token: str | None = None,
-               max_body: int = 50 * 2**20, max_prompt_chars: int = 20_000, listen: bool = False) -> FastAPI:
-    """The app, with its worker process started and the current model loaded (a ValueError if it cannot be)."""
+               max_body: int = 50 * 2**20, max_prompt_chars: int = 20_000, listen: bool = False,
+               broker: str | None = None) -> FastAPI:
+    """The app, with its worker process started and the current model loaded (a ValueError if it cannot be).
+    With ``broker`` (a Redis URL), jobs go to ``sd worker`` processes on that queue instead (server/broker.py),
+    many at once."""
     limits = limits or Limits()
     outputs_dir = Path(outputs) if outputs else None
     users = parse_users(api_auth)
     folders = [f for f in (registry.models_dir, outputs_dir) if f is not None]
-    worker = WorkerProcess(registry.options)
+    if broker:
+        from .broker import BrokerClient
+
+        worker: Any = BrokerClient(broker, registry.models_dir)
+        print(f"sd serve: waiting for a worker on {broker} to load the model", flush=True)
+    else:
+        worker = WorkerProcess(registry.options)
     try:
         model_info, _ = worker.run(Job("load", registry.current_entry.ref()))
     except WorkerError as error:
         worker.close()
         raise ValueError(f"cannot load {registry.current_entry.title}: {redact(error.detail, folders)}") from None
-    jobs = JobQueue(max_queue, *worker.stop_signals())
+    jobs = JobQueue(max_queue, *worker.stop_signals(), concurrency=BROKER_THREADS if broker else 1,
+                    backlog=(lambda: worker.queue.count) if broker else None)
     options: dict = {"sd_model_checkpoint": registry.current_entry.title, "sd_vae": "Automatic",
                      "CLIP_stop_at_last_layers": 1, "samples_save": True, "samples_format": "png",
                      "outdir_samples": str(outputs_dir or ""), "live_previews_enable": True, "eta_ddim": 0.0,
@@ -98,9 +115,9 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
             return error_response(401, "unauthorised", headers={"WWW-Authenticate": 'Basic realm="sd"'})
         return await call_next(request)
 
-    async def queued(run, steps: int, batches: int, name: str):
+    async def queued(run, steps: int, batches: int, name: str, owner: str = ""):
         try:
-            future = jobs.submit(run, steps, batches, name)
+            future = jobs.submit(run, steps, batches, name, owner)
         except QueueFull as error:
             raise ApiError(503, str(error), {"Retry-After": "5"}) from None
         try:
@@ -120,7 +137,7 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         except KeyError as error:
             raise ApiError(status, str(error.args[0])) from None
 
-    async def generation(body: Txt2ImgRequest | Img2ImgRequest, kind: str) -> dict:
+    async def generation(body: Txt2ImgRequest | Img2ImgRequest, kind: str, owner: str) -> dict:
         """txt2img and img2img: check, resolve, queue, run in the worker, answer."""
         check_limits(body, limits)
         for name, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
@@ -150,7 +167,7 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
             ref = entry.ref()
             ref.vae = vae
             if plotted is not None:  # A1111's X/Y/Z plot: its cells one after another, in this queue slot
-                result = run_plot(*plotted, lambda job: worker.run(job, report), lambda: jobs.progress.interrupted,
+                result = run_plot(*plotted, lambda job: worker.run(job, report), jobs.interrupted,
                                   request, ref)
                 return entry, state["model"], result
             info, result = worker.run(Job("generate", ref, request, refiner=refiner), report)
@@ -163,17 +180,17 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
             if batches > limits.max_plot_cells:
                 raise ApiError(422, f"poor man's outpainting: {batches} tiles, over this server's limit of "
                                     f"{limits.max_plot_cells}")
-        entry, info, result = await queued(run, max(r.progress_steps() for r in cells), batches, kind)
+        entry, info, result = await queued(run, max(r.progress_steps() for r in cells), batches, kind, owner)
         maps = await asyncio.to_thread(lambda: [unit.control_map(request.width, request.height)  # as the extension
                                                 for unit in request.controls])
         return respond(body, result, (entry.name, entry.sha), kind == "img2img" and info.inpainting, outputs_dir,
                        kind, vae.stem if vae else None, maps)
 
-    async def txt2img(body: Txt2ImgRequest):
-        return await generation(body, "txt2img")
+    async def txt2img(body: Txt2ImgRequest, request: Request):
+        return await generation(body, "txt2img", caller(request))
 
-    async def img2img(body: Img2ImgRequest):
-        return await generation(body, "img2img")
+    async def img2img(body: Img2ImgRequest, request: Request):
+        return await generation(body, "img2img", caller(request))
 
     # the bodies are classes built here with this server's limits, which a string annotation cannot name
     txt2img.__annotations__["body"], img2img.__annotations__["body"] = limited(Txt2ImgRequest, limits), \
@@ -182,17 +199,17 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
     app.post("/sdapi/v1/img2img")(img2img)
 
     @app.get("/sdapi/v1/progress")
-    async def progress(skip_current_image: bool = False):
-        return jobs.state(skip_current_image)
+    async def progress(request: Request, skip_current_image: bool = False):
+        return jobs.state(skip_current_image, caller(request))
 
     @app.post("/sdapi/v1/interrupt")
-    async def interrupt():
-        jobs.interrupt()
+    async def interrupt(request: Request):
+        jobs.interrupt(caller(request))
         return {}
 
     @app.post("/sdapi/v1/skip")
-    async def skip():
-        jobs.skip()
+    async def skip(request: Request):
+        jobs.skip(caller(request))
         return {}
 
     @app.get("/sdapi/v1/options")
@@ -227,7 +244,8 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
 
     @app.post("/sdapi/v1/unload-checkpoint")
     async def unload_checkpoint():
-        await queued(lambda report: worker.run(Job("unload", None)), 1, 1, "unload model")
+        unload = worker.broadcast if broker else worker.run  # with a broker: on every worker
+        await queued(lambda report: unload(Job("unload", None)), 1, 1, "unload model")
         return {}
 
     @app.post("/sdapi/v1/reload-checkpoint")

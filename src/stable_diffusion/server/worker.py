@@ -26,6 +26,16 @@ class WorkerError(Exception):
         self.status, self.detail = status, detail
 
 
+def run_job(executor: Executor, job: Job, report: Report) -> tuple[str, Any]:
+    """("done", (info, result)) or ("error", (HTTP status, detail)): a worker never dies of a job."""
+    try:
+        return "done", executor.run(job, report)
+    except ValueError as error:  # a bad request or model file (CheckpointError is one): the caller's fault
+        return "error", (422, first_line(error, 1000))
+    except Exception as error:  # noqa: BLE001 - the caller hears why
+        return "error", (500, f"{type(error).__name__}: {first_line(error)}")
+
+
 def _child(conn: Any, options: RunOptions, interrupt: Any, skip: Any) -> None:
     """The worker process's main loop."""
     executor = Executor(options, Controls(interrupt.is_set, skip.is_set, skip.clear))
@@ -36,13 +46,7 @@ def _child(conn: Any, options: RunOptions, interrupt: Any, skip: Any) -> None:
             return
         if job is None:
             return
-        try:
-            info, result = executor.run(job, lambda message: conn.send(("progress", message)))
-            conn.send(("done", (info, result)))
-        except ValueError as error:  # a bad request or model file (CheckpointError is one): the caller's fault
-            conn.send(("error", (422, first_line(error, 1000))))
-        except Exception as error:  # noqa: BLE001 - the worker never dies of a job; the caller hears why
-            conn.send(("error", (500, f"{type(error).__name__}: {first_line(error)}")))
+        conn.send(run_job(executor, job, lambda message: conn.send(("progress", message))))
 
 
 class WorkerProcess:
@@ -85,8 +89,9 @@ class WorkerProcess:
                 raise WorkerError(500, f"the generation worker stopped (exit code {code}); a new one was started, "
                                        f"retry the request") from None
 
-    def stop_signals(self) -> tuple[Callable[[], None], Callable[[], None]]:
-        return self.interrupt.set, self.skip.set
+    def stop_signals(self) -> tuple[Callable[[str], None], Callable[[str], None]]:
+        """Interrupt and Skip of the running job (one at a time here, whatever its task id)."""
+        return (lambda task: self.interrupt.set()), (lambda task: self.skip.set())
 
     def close(self) -> None:
         try:
