@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from stable_diffusion.checkpoints.io import read_state_dict
-from stable_diffusion.pipeline import load_pipeline
+from stable_diffusion.models.configs import preset
+from stable_diffusion.pipeline import Pipeline, load_pipeline
 from stable_diffusion.shapes.scenes import (
     BACKGROUNDS,
     COLOURS,
@@ -252,16 +253,55 @@ def test_lora_fine_tune_saves_a_kohya_file_that_generation_applies(tmp_path):
     assert changed and all(torch.equal(before[k], after[k]) for k in before if k.startswith("first_stage_model."))
 
 
-def test_two_process_data_parallel_keeps_ranks_identical(tmp_path):
-    config = tmp_path / "ddp.toml"
-    config.write_text(SMOKE.read_text().replace('save_path = "runs/smoke"', f'save_path = "{tmp_path / "run"}"'))
+def _torchrun(config: Path, out: Path, *launcher: str) -> subprocess.Popen:
     worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    "29531", str(worker), str(config), str(tmp_path)], check=True, env=env, timeout=300,
-                   capture_output=True)
-    hashes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
-    assert hashes[0] == hashes[1] and len(hashes[0]) > 10
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, str(worker), str(config),
+                             str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_data_parallel_on_one_node_and_on_two_nodes_trains_the_same_weights(tmp_path):
+    """torchrun with 2 processes on one node, and as 2 "nodes" of 1 process each (multi-node rendezvous on
+    127.0.0.1, gloo): every rank ends with the same weights, and both layouts with the same as each other."""
+    from .live_server import free_port
+
+    digests = {}
+    for layout in ("one node", "two nodes"):
+        out = tmp_path / layout.replace(" ", "_")
+        out.mkdir()
+        config = out / "ddp.toml"
+        config.write_text(SMOKE.read_text().replace('save_path = "runs/smoke"', f'save_path = "{out / "run"}"'))
+        port = str(free_port())
+        if layout == "one node":
+            launchers = [_torchrun(config, out, "--nproc_per_node", "2", "--master_port", port)]
+        else:
+            launchers = [_torchrun(config, out, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+                                   "--master_addr", "127.0.0.1", "--master_port", port) for node in (0, 1)]
+        for launcher in launchers:
+            assert launcher.wait(300) == 0, launcher.stderr.read().decode()[-2000:]
+        digests[layout] = [(out / f"rank{r}.txt").read_text() for r in range(2)]
+    assert digests["one node"][0] == digests["one node"][1] and len(digests["one node"][0]) > 10
+    assert digests["two nodes"] == digests["one node"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_weights(tmp_path):
+    """[train] gradient_checkpointing recomputes each UNet block in backward: the same gradients, the same run."""
+    from stable_diffusion.models.unet import set_gradient_checkpointing
+
+    pipe = Pipeline.from_config(preset("tiny-sd1"), seed=0)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 500])
+    context = torch.randn(2, 77, pipe.config.unet.context_dim, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for enabled in (False, True):
+        set_gradient_checkpointing(pipe.unet, enabled)
+        pipe.unet.zero_grad()
+        pipe.unet(x, t, context).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in pipe.unet.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5) for n in grads[0])
+    plain = _weights(train(smoke_config(tmp_path / "plain"), progress=False))
+    config = smoke_config(tmp_path / "ckpt", gradient_checkpointing=True)
+    checkpointed = _weights(train(config, progress=False))
+    assert all(torch.allclose(plain[k].float(), checkpointed[k].float(), atol=2e-3) for k in plain)
 
 
 def test_bf16_autocast_and_gradient_accumulation_train(tmp_path):

@@ -8,6 +8,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .attention import SpatialTransformer, group_norm
@@ -88,9 +89,18 @@ class ResBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """Runs its layers in order, giving each the inputs it takes (emb for ResBlocks, context for attention)."""
+    """Runs its layers in order, giving each the inputs it takes (emb for ResBlocks, context for attention).
+    ``checkpointing``: while gradients are on, keep only the block's inputs and recompute its activations in the
+    backward pass (gradient checkpointing, Chen et al. 2016: less memory for one more forward)."""
+
+    checkpointing = False
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._layers, x, emb, context, use_reentrant=False)
+        return self._layers(x, emb, context)
+
+    def _layers(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -99,6 +109,13 @@ class TimestepEmbedSequential(nn.Sequential):
             else:
                 x = layer(x)
         return x
+
+
+def set_gradient_checkpointing(module: nn.Module, enabled: bool = True) -> None:
+    """Gradient checkpointing on (or off) for every UNet / ControlNet block inside ``module``."""
+    for block in module.modules():
+        if isinstance(block, TimestepEmbedSequential):
+            block.checkpointing = enabled
 
 
 class Encoder(nn.Module):

@@ -49,6 +49,7 @@ class TrainSection(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     base_model: str = ""  # fine-tune: a checkpoint path or preset; "" = train from scratch
     export_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+    gradient_checkpointing: bool = False  # recompute UNet / ControlNet block activations in backward: less memory
 
     @field_validator("adam_betas")
     @classmethod

@@ -15,6 +15,7 @@ import torch
 from ..checkpoints.io import write_safetensors
 from ..diffusion.schedules import model_alphas_cumprod
 from ..lora import add_lora, lora_state_dict, remove_lora
+from ..models.unet import set_gradient_checkpointing
 from ..pipeline import DTYPES, Pipeline, load_pipeline
 from .config import TrainConfig
 from .data import FolderDataset, control_folder, make_batch
@@ -61,6 +62,7 @@ class Trainer:
                 donor = load_pipeline(config.vae.checkpoint, dtype=torch.float32)
                 self.pipe.vae.load_state_dict(donor.vae.state_dict())
                 self.pipe.config.vae.scaling_factor = donor.config.vae.scaling_factor
+        set_gradient_checkpointing(self.pipe.unet, t.gradient_checkpointing)
         d = config.data
         self.folder = FolderDataset(d.path, d.size, d.random_crop, d.flip) if d.kind == "folder" else None
         if config.vae.latent_std and (t.base_model or config.vae.checkpoint):
@@ -198,6 +200,7 @@ class Trainer:
         encoder = {k: v for k, v in self.pipe.unet.state_dict().items() if k in net.state_dict()
                    and v.shape == net.state_dict()[k].shape}  # the copy (a 9-channel UNet's first conv excepted)
         net.load_state_dict(encoder, strict=False)
+        set_gradient_checkpointing(net, t.gradient_checkpointing)
         loss = self._diffusion_loss(False, HintedUNet(self.pipe.unet, net), ControlNetLoss)
         spec = self._spec("controlnet", loss, c.steps, c.learning_rate)
         controls = control_folder(self.folder, c.control_path) if self.folder is not None else True
