@@ -38,6 +38,7 @@ test: venv
 bench: venv
 	$(PY) benchmarks/bench_components.py
 	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_workers.py
 
 lint: venv
 	.venv/bin/ruff check .

@@ -174,6 +174,12 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from ..server.executor import Controls, Executor
 
     resolve_device(args.device)
+    if args.threads < 0:
+        raise ValueError("--threads must be >= 0")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     redis = connect(args.broker)
     executor = Executor(run_options(args), Controls(lambda: False, lambda: False, lambda: None))
     print(f"sd worker: taking jobs from {args.broker}", flush=True)
@@ -292,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease", type=int, default=30, help="seconds after which a job of a dead worker goes back to "
                    "the queue (heartbeats come every third of it)")
     p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); several workers "
+                   "on one CPU share its cores")
     device_arguments(p)
     p.set_defaults(func=cmd_worker)
 
