@@ -212,9 +212,12 @@ def test_cli_control(tmp_path):
     assert main(["txt2img", PROMPT, "--model", str(tmp_path / "sd1"), "--control", str(tmp_path / "control.png"),
                  "--control-model", str(tmp_path / "cn"), "--control-module", "invert", "--control-weight", "0.7",
                  "--steps", "3", "--seed", "1", "--width", "64", "--height", "64", "--out", str(out)]) == 0
-    text = Image.open(next(out.glob("*.png"))).text["parameters"]
+    text = Image.open(out / "00000-1.png").text["parameters"]
     assert 'ControlNet 0: "Module: invert, Model: cn, Weight: 0.7, Resize Mode: Crop and Resize' in text
-    assert main(["txt2img", PROMPT, "--control", str(tmp_path / "control.png"), "--out", str(out)]) == 1
+    strip = Image.open(out / "00000-1-control.png")  # the control map as the ControlNet saw it, then the image
+    assert strip.size == (256, 128)
+    assert main(["txt2img", PROMPT, "--model", str(tmp_path / "sd1"), "--control", str(tmp_path / "control.png"),
+                 "--out", str(out)]) == 1  # another model than the built-in one: its ControlNet must be named
 
 
 def test_full_size_cldm_keys_convert_to_diffusers_key_set():

@@ -150,6 +150,31 @@ def test_webuiapi_controlnet_unit_is_the_python_api_image(server, models):
     assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(direct.images[0]))
 
 
+def test_webuiapi_drives_the_built_in_controlnet(server):
+    """The built-in model with its built-in ControlNet through webuiapi's ControlNetUnit: the Python API's image,
+    the objects where examples/layout.png draws them."""
+    import numpy as np
+    import webuiapi
+
+    from stable_diffusion import load_pipeline
+    from stable_diffusion.control import ControlUnit
+    from stable_diffusion.shapes.control_eval import iou, object_mask
+    from stable_diffusion.shapes.scenes import BACKGROUNDS
+
+    port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=20)
+    title = next(m for m in api.controlnet_model_list() if m.startswith("controlnet_layout ["))
+    layout = Image.open(Path(__file__).resolve().parents[1] / "examples" / "layout.png").convert("RGB")
+    prompt = "a yellow star on the left and a red circle on the right on a navy background"
+    unit = webuiapi.ControlNetUnit(image=layout, module="none", model=title)
+    result = api.txt2img(prompt=prompt, seed=3, width=64, height=64, controlnet_units=[unit], alwayson_scripts={})
+    direct = load_pipeline().txt2img(prompt, seed=3, steps=20, sampler="Euler a",
+                                     controls=[ControlUnit(layout, "builtin")])[0]
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(direct))
+    drawn = np.asarray(layout.convert("L").resize((64, 64), Image.Resampling.BILINEAR)) > 127
+    assert iou(object_mask(direct, BACKGROUNDS["navy"]), drawn) >= 0.7
+
+
 def test_sdxl_refiner_over_http_is_the_python_api_image(server, models):
     """refiner_checkpoint / refiner_switch_at (webuiapi has no arguments for them: its custom_post sends them)."""
     import numpy as np

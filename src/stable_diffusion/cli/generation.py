@@ -179,10 +179,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         save_png(image, path, info)
         print(path)
         index += 1
+    first = index - len(result.images)
+    if request.controls:  # each unit's control map as the ControlNet saw it, beside the first image
+        maps = [unit.control_map(request.width, request.height) for unit in request.controls]
+        path = out / f"{first:05d}-{result.seeds[0]}-control.png"
+        save_png(film_strip([*maps, result.images[0]], height=max(128, request.height)), path)
+        print(path)
     if args.preview:
         with torch.inference_mode():
             frames = [decode_latents(pipe, x0, request.vae_tile)[0] for x0 in x0s]
-        path = out / f"{index - len(result.images):05d}-{result.seeds[0]}-preview.png"
+        path = out / f"{first:05d}-{result.seeds[0]}-preview.png"
         save_png(film_strip(frames), path)
         print(path)
 

@@ -50,6 +50,7 @@ class TrainSection(_Section):
     base_model: str = ""  # fine-tune: a checkpoint path or preset; "" = train from scratch
     export_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     gradient_checkpointing: bool = False  # recompute UNet / ControlNet block activations in backward: less memory
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: the unet / refine stages DDP or FSDP-sharded
 
     @field_validator("adam_betas")
     @classmethod

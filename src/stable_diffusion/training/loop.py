@@ -1,6 +1,7 @@
 """The optimisation loop every stage shares: AdamW with linear warm-up then cosine decay, gradient
 accumulation and clipping, mixed precision, an EMA of the weights, data parallelism under torchrun
-(DistributedDataParallel; gloo on CPU, nccl on GPU), atomic checkpoints and an exact ``--resume``.
+(DistributedDataParallel, or FSDP with ``strategy = "fsdp"``; gloo on CPU, nccl on GPU), atomic checkpoints and
+an exact ``--resume``.
 
 Batches, timesteps and noise are pure functions of (seed, rank, step), so the state to restore is only the
 weights, EMA, optimiser, LR schedule, torch RNG and the step."""
@@ -107,6 +108,7 @@ class StageSpec:
     mixed_precision: str = "no"
     save_every: int = 500
     log_every: int = 10
+    strategy: str = "ddp"  # or "fsdp" (training/sharding.py) under torchrun
 
 
 class StageRunner:
@@ -116,20 +118,27 @@ class StageRunner:
                  on_sample: Callable[[int], None] | None = None, sample_every: int = 0) -> None:
         self.spec, self.out, self.device, self.world = spec, out, device, world
         self.on_sample, self.sample_every = on_sample, sample_every
+        self.sharded = world.world > 1 and spec.strategy == "fsdp"
+        if self.sharded:  # before the optimiser and the EMA: they hold the shards
+            from .sharding import shard
+
+            shard(spec.module, device, world.world)
         trainable = [p for p in spec.module.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError(f"stage {spec.name}: nothing to train")
         # the fused kernel updates every tensor in one pass: ~85 -> ~10 ms a step for the built-in UNet on 2 cores
-        fused = device.type in ("cpu", "cuda") or None
+        fused = (device.type in ("cpu", "cuda") and not self.sharded) or None
         self.optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay,
                                            betas=spec.adam_betas, fused=fused)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(spec.warmup_steps, spec.steps))
         self.ema = EMA(spec.module, spec.ema_decay)
         self.step = 0
         self.model: nn.Module = spec.module
-        if world.world > 1:
+        if world.world > 1 and not self.sharded:
             ids = [world.local_rank] if device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(spec.module, device_ids=ids)
+            # static graph: the same parameters take part every step, and some never do (an SDXL text encoder's
+            # layers after the penultimate one, whose output the UNet does not read)
+            self.model = nn.parallel.DistributedDataParallel(spec.module, device_ids=ids, static_graph=True)
         self.scaler = torch.amp.GradScaler("cuda") if spec.mixed_precision == "fp16" else None
 
     @property
@@ -137,13 +146,19 @@ class StageRunner:
         return self.out / f"{self.spec.name}-state.pt"
 
     def state(self) -> dict:
-        return {"step": self.step, "model": self.spec.module.state_dict(), "ema": self.ema.shadow,
-                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1])}
+        """The stage's state; sharded, as full tensors (a collective: every rank calls it)."""
+        model, optimizer, ema = self.spec.module.state_dict(), self.optimizer.state_dict(), self.ema.shadow
+        if self.sharded:
+            from .sharding import full_state, full_tensors
+
+            (model, optimizer), ema = full_state(self.spec.module, self.optimizer), full_tensors(ema)
+        return {"step": self.step, "model": model, "ema": ema, "optimizer": optimizer,
+                "schedule": self.schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+                "python_rng": list(random.getstate()[1])}
 
     def save(self) -> None:
+        state = self.state() if self.world.main or self.sharded else None
         if self.world.main:
-            state = self.state()
             atomic_write(self.state_path, lambda tmp: torch.save(state, tmp))
         if self.world.world > 1:
             dist.barrier()
@@ -161,9 +176,15 @@ class StageRunner:
                 raise ValueError(f"not a stage checkpoint (it lacks {sorted(keys - set(state or {}))})")
         except Exception as error:  # a truncated or foreign file: say so, never unpickle code
             raise ValueError(f"cannot resume from {self.state_path}: {first_line(error)}") from None
-        self.spec.module.load_state_dict(state["model"])
-        self.ema.shadow = {k: v.float() for k, v in state["ema"].items()}
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from .sharding import load_full_state, sharded_like
+
+            load_full_state(self.spec.module, self.optimizer, state["model"], state["optimizer"])
+            self.ema.shadow = sharded_like({k: v.float() for k, v in state["ema"].items()}, self.ema.shadow)
+        else:
+            self.spec.module.load_state_dict(state["model"])
+            self.ema.shadow = {k: v.float() for k, v in state["ema"].items()}
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"].cpu())
         random.setstate((3, tuple(int(v) for v in state["python_rng"]), None))
@@ -197,6 +218,8 @@ class StageRunner:
             grad_norm = None
             if spec.grad_clip > 0:  # the norm before clipping is logged: a spike in it shows an instability
                 grad_norm = torch.nn.utils.clip_grad_norm_(spec.module.parameters(), spec.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # sharded: gathered on every rank (a collective)
+                    grad_norm = grad_norm.full_tensor()
             if self.scaler:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -222,6 +245,10 @@ class StageRunner:
                 self.model.train()
         bar.close()
         self.model.eval()
+        if self.sharded:  # whole, for the plain modules the trainer rebuilds after a sharded stage
+            from .sharding import full_tensors
+
+            self.ema.shadow = full_tensors(self.ema.shadow)
         return self.ema
 
 

@@ -68,12 +68,13 @@ class Trainer:
         if config.vae.latent_std and (t.base_model or config.vae.checkpoint):
             self._fit_scaling_factor(config.vae.latent_std)
 
-    def _spec(self, name: str, module: torch.nn.Module, steps: int, lr: float, warmup: int | None = None) -> StageSpec:
+    def _spec(self, name: str, module: torch.nn.Module, steps: int, lr: float, warmup: int | None = None,
+              strategy: str = "ddp") -> StageSpec:
         t = self.config.train
         warmup = t.warmup_steps if warmup is None else warmup
         return StageSpec(name, module, steps, lr, t.weight_decay, tuple(t.adam_betas),
                          min(warmup, max(steps // 10, 1)), t.grad_accum, t.grad_clip, t.ema_decay,
-                         t.mixed_precision, t.save_every, t.log_every)
+                         t.mixed_precision, t.save_every, t.log_every, strategy)
 
     def _run(self, spec: StageSpec, batch, sample_every: int = 0):
         prefix = "" if spec.name == "unet" else f"{spec.name}-"  # refine's grids beside the unet stage's
@@ -156,8 +157,26 @@ class Trainer:
         t = self.config.train
         self.pipe.vae.requires_grad_(False)
         loss = self._diffusion_loss(t.train_text_encoder)
-        spec = self._spec(name, loss, steps, lr, warmup)
-        self._run(spec, self._latent_batch(batch or t.batch_size), t.sample_every).copy_to(loss)
+        spec = self._spec(name, loss, steps, lr, warmup, t.strategy)
+        ema = self._run(spec, self._latent_batch(batch or t.batch_size), t.sample_every)
+        if self.dist.world > 1 and t.strategy == "fsdp":
+            loss = self._unsharded(loss)
+        ema.copy_to(loss)
+
+    def _unsharded(self, loss: DiffusionLoss) -> DiffusionLoss:
+        """After a sharded stage: the UNet and text encoders rebuilt as plain modules from the gathered weights."""
+        from .sharding import full_weights
+
+        weights = full_weights(loss)
+        fresh = Pipeline.from_config(self.pipe.config).to(self.device)
+        fresh.unet.load_state_dict({k.removeprefix("denoiser.unet."): v for k, v in weights.items()
+                                    if k.startswith("denoiser.unet.")})
+        for i, encoder in enumerate(fresh.text_encoders):
+            encoder.load_state_dict({k.removeprefix(f"text_encoders.{i}."): v for k, v in weights.items()
+                                     if k.startswith(f"text_encoders.{i}.")})
+        self.pipe.unet, self.pipe.text_encoders = fresh.unet, fresh.text_encoders
+        set_gradient_checkpointing(self.pipe.unet, self.config.train.gradient_checkpointing)
+        return self._diffusion_loss(self.config.train.train_text_encoder)
 
     def train_unet(self) -> None:
         self._train_denoiser("unet", self._steps(), self.config.train.learning_rate)
