@@ -286,8 +286,8 @@ def test_data_parallel_on_one_node_and_on_two_nodes_trains_the_same_weights(tmp_
 
 def test_fsdp_trains_an_sdxl_layout_model_as_ddp_does_and_resumes_exactly(tmp_path):
     """[train] strategy = "fsdp" (2 processes, gloo): the tiny SDXL-layout model's loss curve and weights are
-    DDP's within float tolerance; a sharded run killed after a checkpoint and resumed ends exactly as one that
-    was not."""
+    DDP's within float tolerance; a run killed after a checkpoint and resumed ends exactly as one that was not,
+    sharded or not."""
     from .live_server import free_port
 
     def run(name: str, strategy: str, **env: str) -> Path:
@@ -317,10 +317,11 @@ save_path = "{out / 'run'}"\nexport_dtype = "fp32"\n[data]\nsize = 64\n""")
     assert max(float((theirs[k] - ours[k]).abs().max()) for k in theirs) <= steps
     assert sum(torch.allclose(theirs[k], ours[k], atol=1e-5) for k in theirs) >= 0.9 * len(theirs)
     assert (fsdp / "rank0.txt").read_text() == (fsdp / "rank1.txt").read_text()
-    run("resumed", "fsdp", SD_CRASH_AT="2")  # dies after its step-2 checkpoint
-    resumed = run("resumed", "fsdp", SD_RESUME="1")
-    assert (resumed / "rank0.txt").read_text() == (fsdp / "rank0.txt").read_text()
-    assert (resumed / "run" / "loss.jsonl").read_text() .count("\n") == 4
+    for strategy, straight in (("fsdp", fsdp), ("ddp", ddp)):  # resume, in each strategy
+        run(f"{strategy}-resumed", strategy, SD_CRASH_AT="2")  # dies after its step-2 checkpoint
+        resumed = run(f"{strategy}-resumed", strategy, SD_RESUME="1")
+        assert (resumed / "rank0.txt").read_text() == (straight / "rank0.txt").read_text()
+        assert (resumed / "run" / "loss.jsonl").read_text().count("\n") == 4
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_and_weights(tmp_path):
