@@ -1,5 +1,6 @@
 """The A1111 API in-process (FastAPI's TestClient): response shapes, PNG parameters, seeds, inpainting, every
-kind of bad request as a 4xx in A1111's error shape, auth, the queue bound, interrupt, and a fuzz run."""
+kind of bad request as a 4xx in A1111's error shape, auth, the queue bound, interrupt; each with the server's own
+worker process and with redis-server and two ``sd worker`` processes behind it."""
 
 from __future__ import annotations
 
@@ -37,11 +38,27 @@ def models_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module", params=["single process", "broker + 2 workers"])
+def broker(request, models_dir, tmp_path_factory):
+    """Every test of the app runs twice: against its own worker process, and as a front end whose jobs go through
+    redis-server to two ``sd worker`` processes (``--broker``)."""
+    if request.param == "single process":
+        yield None
+        return
+    from .live_server import broker_cluster
+
+    with broker_cluster(models_dir, tmp_path_factory.mktemp("redis"), workers=2) as (url, _):
+        yield url
+
+
+def app_for(models_dir, broker, **options):
+    return create_app(ModelRegistry(models_dir, default="tiny"), broker=broker, **options)
+
+
 @pytest.fixture(scope="module")
-def client(models_dir, tmp_path_factory):
-    registry = ModelRegistry(models_dir, default="tiny")
-    app = create_app(registry, Limits(max_width=256, max_height=256, max_steps=60, max_images=8),
-                     outputs=tmp_path_factory.mktemp("outputs"), max_body=2 * 2**20)
+def client(models_dir, broker, tmp_path_factory):
+    app = app_for(models_dir, broker, limits=Limits(max_width=256, max_height=256, max_steps=60, max_images=8),
+                  outputs=tmp_path_factory.mktemp("outputs"), max_body=2 * 2**20)
     with TestClient(app) as c:
         yield c
 
@@ -167,6 +184,24 @@ def test_interrupt_stops_at_the_next_step_and_returns_an_image(client):
     assert result["r"].status_code == 200 and len(result["r"].json()["images"]) == 1
 
 
+def test_skip_ends_the_current_batch_and_the_job_goes_on(client):
+    """Skip stops the running batch at its next step (its image is that step's x0) and the next batch runs whole."""
+    body = {"prompt": "a cat", "steps": 40, "width": 128, "height": 128, "seed": 4, "n_iter": 2}
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=client.post("/sdapi/v1/txt2img", json=body)))
+    started = time.time()
+    thread.start()
+    while client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 2:
+        assert time.time() - started < 60
+        time.sleep(0.05)
+    client.post("/sdapi/v1/skip")
+    thread.join(120)
+    skipped = result["r"].json()["images"]
+    whole = client.post("/sdapi/v1/txt2img", json=body).json()["images"]
+    assert len(skipped) == len(whole) == 2
+    assert skipped[0] != whole[0] and skipped[1] == whole[1]
+
+
 def test_a_full_queue_answers_503_with_retry_after():
     jobs = JobQueue(max_queue=1)
     gate = threading.Event()
@@ -219,8 +254,8 @@ def test_concurrent_jobs_progress_and_stops_are_per_caller():
     assert futures["ann"].result(10) is True and futures["bob"].result(10) is False
 
 
-def test_basic_auth_and_bearer_token(models_dir):
-    app = create_app(ModelRegistry(models_dir, default="tiny"), api_auth="ann:secret", api_token="t0ken")
+def test_basic_auth_and_bearer_token(models_dir, broker):
+    app = app_for(models_dir, broker, api_auth="ann:secret", api_token="t0ken")
     with TestClient(app) as c:
         assert c.get("/sdapi/v1/options").status_code == 401
         assert c.get("/sdapi/v1/options", auth=("ann", "wrong")).status_code == 401
@@ -228,8 +263,8 @@ def test_basic_auth_and_bearer_token(models_dir):
         assert c.get("/sdapi/v1/options", headers={"Authorization": "Bearer t0ken"}).status_code == 200
 
 
-def test_save_images_writes_numbered_pngs_and_send_images_false_sends_none(models_dir, tmp_path):
-    app = create_app(ModelRegistry(models_dir, default="tiny"), outputs=tmp_path)
+def test_save_images_writes_numbered_pngs_and_send_images_false_sends_none(models_dir, broker, tmp_path):
+    app = app_for(models_dir, broker, outputs=tmp_path)
     with TestClient(app) as c:
         r = c.post("/sdapi/v1/txt2img", json={"seed": 9, "steps": 1, "width": 64, "height": 64, "batch_size": 2,
                                              "save_images": True, "send_images": False})
