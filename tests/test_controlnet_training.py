@@ -127,10 +127,30 @@ def test_eval_control_measures_placement(tmp_path, capsys):
     train(parse_config(_config(tmp_path / "run", 1, 1e-3)), progress=False)
     out = tmp_path / "eval"
     assert main(["eval", "--model", "tiny-sd1", "--control", str(tmp_path / "run" / "controlnet.safetensors"),
-                 "--n", "2", "--steps", "2", "--samplers", "Euler", "--control-weights", "1,0",
+                 "--n", "2", "--steps", "2", "--samplers", "Euler", "--control-weights", "1,0", "--control-end", "0.5",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| weight | scenes | placed |" in printed and "| 0 | two objects, free layout |" in printed
-    rows = json.loads((out / "control.json").read_text())["rows"]
+    result = json.loads((out / "control.json").read_text())
+    rows = result["rows"]
+    assert result["guidance_end"] == 0.5 and "guidance end 0.5" in printed
     assert [r["weight"] for r in rows] == [1.0] * 5 + [0.0] * 5
     assert {r["kind"] for r in rows} == set(KINDS) and all(0 <= r["mean_iou"] <= 1 for r in rows)
+
+
+def test_the_built_in_controlnet_ships_and_weight_0_is_the_model_alone():
+    """The built-in ControlNet (configs/builtin_controlnet.toml) is in the package, under 15 MB; at weight 0 the
+    built-in model's image is bit for bit its own, at weight 1 the layout changes it."""
+    from stable_diffusion.checkpoints.controlnet import BUILTIN_CONTROLNET
+
+    assert BUILTIN_CONTROLNET.stat().st_size <= 15 * 2**20
+    config, _ = read_controlnet("builtin")
+    pipe = load_pipeline()
+    assert config.unet == pipe.config.unet
+    scene = heldout_scenes(1, seed=5, free=True)[0]
+    layout = render(scene, 64, layout=True)
+    plain = pipe.txt2img(scene.caption, seed=1, steps=8)[0]
+    zero = pipe.txt2img(scene.caption, seed=1, steps=8, controls=[ControlUnit(layout, "builtin", weight=0)])[0]
+    steered = pipe.txt2img(scene.caption, seed=1, steps=8, controls=[ControlUnit(layout, "builtin")])[0]
+    assert np.array_equal(np.asarray(plain), np.asarray(zero))
+    assert not np.array_equal(np.asarray(plain), np.asarray(steered))

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torch import nn
 
-from .checkpoints.controlnet import read_controlnet
+from .checkpoints.controlnet import controlnet_path, read_controlnet
 from .inpaint import fit_image
 from .models.controlnet import ControlNet
 
@@ -107,6 +107,9 @@ class ControlUnit:
     threshold_b: float = 200.0
     pixel_perfect: bool = False  # the preprocessor's resolution from the image and target sizes instead
     hr_option: str = "Both"  # with the hires fix: Both, Low res only, High res only
+
+    def __post_init__(self) -> None:
+        self.model = controlnet_path(self.model)  # "builtin": the built-in model's layout ControlNet
 
     def check(self) -> None:
         if self.hr_option not in HR_OPTIONS:

@@ -115,7 +115,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         except ValueError:
             raise ValueError("--control-weights takes comma-separated numbers, --steps an integer") from None
         result = control_evaluate(pipe, args.control, weights, n=args.n, seed=args.seed, steps=steps,
-                                  sampler=args.samplers.split(",")[0].strip(), cfg=args.cfg)
+                                  sampler=args.samplers.split(",")[0].strip(), cfg=args.cfg,
+                                  guidance_end=args.control_end)
         write_json(Path(args.out) / "control.json", result)
         print(control_table(result), end="")
         print(f"written: {args.out}/control.json")
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", metavar="FILE", help="evaluate this ControlNet instead: objects placed where the "
                    "layout draws them (IoU >= 0.7), per --control-weights, with the first sampler and step count")
     p.add_argument("--control-weights", default="1,0", help="ControlNet weights to compare (0: the model alone)")
+    p.add_argument("--control-end", type=float, default=1.0, help="the ControlNet acts until this fraction of the "
+                   "steps (its guidance_end)")
     device_arguments(p)
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=cmd_eval)

@@ -42,10 +42,11 @@ KINDS = {  # name: (two objects, free layout, drawn as outlines)
 
 
 def control_evaluate(pipe: Pipeline, control: str | Path, weights: list[float], n: int = 50, seed: int = 0,
-                     steps: int = 20, sampler: str = "Euler a", cfg: float = 7.0) -> dict:
+                     steps: int = 20, sampler: str = "Euler a", cfg: float = 7.0, guidance_end: float = 1.0) -> dict:
     """One row per ControlNet weight and kind of scene (grid places and sizes, which the prompt can say; free
     positions and sizes, which only the layout can; a free layout drawn as outlines): the share placed with
-    IoU >= 0.7, the mean IoU, and the adherence checker's verdicts (colours, shapes, relations) on the same images."""
+    IoU >= 0.7, the mean IoU, and the adherence checker's verdicts (colours, shapes, relations) on the same images.
+    ``guidance_end``: the ControlNet acts on this first fraction of the steps (the unit's guidance_end)."""
     size = pipe.config.image_size
     kinds = {kind: heldout_scenes(n, seed=seed + 1 + i, two_object=two, free=free)
              for i, (kind, (two, free, _)) in enumerate(KINDS.items())}
@@ -56,7 +57,7 @@ def control_evaluate(pipe: Pipeline, control: str | Path, weights: list[float], 
             for i, scene in enumerate(scenes):
                 drawn = render(scene, size, layout=True)
                 layout = outline(drawn) if KINDS[kind][2] else drawn
-                unit = ControlUnit(layout, control, weight=weight, resize_mode=0)
+                unit = ControlUnit(layout, control, weight=weight, resize_mode=0, guidance_end=guidance_end)
                 image = pipe.txt2img(scene.caption, steps=steps, sampler=sampler, cfg_scale=cfg, seed=seed + i,
                                      width=size, height=size, controls=[unit])[0]
                 ious.append(iou(object_mask(image, BACKGROUNDS[scene.background]), np.asarray(drawn.convert("L")) > 127))
@@ -64,13 +65,13 @@ def control_evaluate(pipe: Pipeline, control: str | Path, weights: list[float], 
             rows.append({"weight": weight, "kind": kind, "placed": float(np.mean([v >= IOU_TARGET for v in ious])),
                          "mean_iou": float(np.mean(ious)), "adherence": float(np.mean(verdicts))})
     return {"n_per_kind": n, "steps": steps, "sampler": sampler, "cfg": cfg, "control": Path(control).name,
-            "iou_target": IOU_TARGET, "rows": rows}
+            "guidance_end": guidance_end, "iou_target": IOU_TARGET, "rows": rows}
 
 
 def control_table(result: dict) -> str:
     lines = [f"ControlNet {result['control']}: objects placed where drawn (IoU >= {result['iou_target']}), "
              f"{result['n_per_kind']} held-out scenes per kind, {result['sampler']} {result['steps']} steps, "
-             f"CFG {result['cfg']}", "",
+             f"CFG {result['cfg']}, guidance end {result.get('guidance_end', 1.0):g}", "",
              "| weight | scenes | placed | mean IoU | adherence |", "|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['weight']:g} | {r['kind']} | {r['placed']:.0%} | {r['mean_iou']:.2f} | "
