@@ -89,7 +89,10 @@ def test_a_worker_killed_mid_job_gives_it_to_another(cluster, models, single):
     for i, proc in enumerate(workers):  # replace the dead worker for the tests after this one
         if proc.poll() is not None:
             workers[i] = start_worker(url, models, f"w{i}-again")
-    time.sleep(4)  # past the lease: nothing runs the answered job again
+    deadline = time.time() + 60  # RQ forgets the dead worker once its key's TTL (30 s here) runs out
+    while victim.name in [w.name for w in Worker.all(connection=connection)]:
+        assert time.time() < deadline
+        time.sleep(0.5)
     from rq import Queue
 
     queue = Queue("sd", connection=connection)

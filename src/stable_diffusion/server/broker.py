@@ -56,8 +56,10 @@ class BrokerClient:
         self.models_dir = str(Path(models_dir).resolve()) if models_dir else None
         self.lease, self.poll = lease, poll
 
-    def run(self, job: Job, report: Report | None = None, queue: Queue | None = None) -> tuple[ModelInfo, Any]:
-        task = current_task() or uuid.uuid4().hex
+    def run(self, job: Job, report: Report | None = None, queue: Queue | None = None,
+            timeout: float | None = None) -> tuple[ModelInfo, Any]:
+        """The job's (info, result); ``timeout``: give up (and cancel the job) if no worker finished it by then."""
+        task, started = current_task() or uuid.uuid4().hex, time.monotonic()
         rq_job = (queue or self.queue).enqueue(
             execute, job, task, self.models_dir, job_timeout=-1, result_ttl=RESULT_TTL, failure_ttl=RESULT_TTL,
             retry=Retry(max=RETRIES), description=f"{job.kind} ({task})")
@@ -86,16 +88,24 @@ class BrokerClient:
                     self.queue.started_job_registry.cleanup()
                     cleaned = time.monotonic()
                 unreachable = None
+                if timeout is not None and time.monotonic() - started > timeout:
+                    rq_job.cancel()
+                    raise WorkerError(503, f"no worker finished the {job.kind} job within {timeout:.0f} s")
             except (RedisConnectionError, RedisTimeoutError):
                 unreachable = unreachable or time.monotonic()
                 if time.monotonic() - unreachable > BROKER_WAIT:
                     raise WorkerError(503, f"the broker has been unreachable for {BROKER_WAIT:.0f} s") from None
             time.sleep(self.poll)
 
-    def broadcast(self, job: Job) -> None:
-        """``job`` on every live worker (A1111's unload-checkpoint), each through its own queue."""
+    def broadcast(self, job: Job, timeout: float = 60.0) -> None:
+        """``job`` on every listed worker (A1111's unload-checkpoint), each through its own queue; a worker that
+        died but is still listed (RQ forgets it within its key's TTL) is skipped after ``timeout`` seconds."""
         for worker in Worker.all(connection=self.redis):
-            self.run(job, queue=worker_queue(self.redis, worker.name))
+            try:
+                self.run(job, queue=worker_queue(self.redis, worker.name), timeout=timeout)
+            except WorkerError as error:
+                if error.status != 503:
+                    raise
 
     def stop_signals(self) -> tuple[Callable[[str], None], Callable[[str], None]]:
         """Interrupt and Skip of one task's job: flags its worker reads between steps (kept an hour at most)."""

@@ -114,6 +114,11 @@ class GenerationWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: RQJob) -> int:
         return int(self.lease)
 
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """The worker's own key lives at least ``worker_ttl`` (RQ also gives it the job's short lease), so a live
+        worker stays listed between its beats."""
+        super().heartbeat(max(timeout or 0, self.worker_ttl), pipeline)
+
     def execute_job(self, job: RQJob, queue: Queue) -> None:
         done = threading.Event()
 
@@ -139,6 +144,7 @@ def serve_worker(redis: Redis, executor: Executor, models_dir: str | Path | None
     STATE.update(executor=executor, models_dir=str(Path(models_dir).resolve()) if models_dir else None)
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     worker = GenerationWorker([worker_queue(redis, name), Queue(QUEUE, connection=redis)],  # its own jobs first
-                              connection=redis, name=name, maintenance_interval=max(lease, 1))
+                              connection=redis, name=name, maintenance_interval=max(lease, 1),
+                              worker_ttl=max(3 * lease, 30))  # an idle worker beats every worker_ttl - 15 s
     worker.lease = lease
     worker.work(burst=burst, logging_level="WARNING")
