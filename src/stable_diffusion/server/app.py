@@ -75,7 +75,7 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
         worker.close()
         raise ValueError(f"cannot load {registry.current_entry.title}: {redact(error.detail, folders)}") from None
     jobs = JobQueue(max_queue, *worker.stop_signals(), concurrency=BROKER_THREADS if broker else 1,
-                    backlog=(lambda: worker.queue.count) if broker else None)
+                    backlog=worker.waiting)
     options: dict = {"sd_model_checkpoint": registry.current_entry.title, "sd_vae": "Automatic",
                      "CLIP_stop_at_last_layers": 1, "samples_save": True, "samples_format": "png",
                      "outdir_samples": str(outputs_dir or ""), "live_previews_enable": True, "eta_ddim": 0.0,
@@ -244,8 +244,7 @@ def create_app(registry: ModelRegistry, limits: Limits | None = None, max_queue:
 
     @app.post("/sdapi/v1/unload-checkpoint")
     async def unload_checkpoint():
-        unload = worker.broadcast if broker else worker.run  # with a broker: on every worker
-        await queued(lambda report: unload(Job("unload", None)), 1, 1, "unload model")
+        await queued(lambda report: worker.broadcast(Job("unload", None)), 1, 1, "unload model")
         return {}
 
     @app.post("/sdapi/v1/reload-checkpoint")

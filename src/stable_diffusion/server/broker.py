@@ -113,8 +113,9 @@ class BrokerClient:
             return lambda task: self.redis.set(flag_key(name, task), 1, ex=3600)
         return signal("interrupt"), signal("skip")
 
-    def workers(self) -> int:
-        return len(Worker.all(connection=self.redis))
+    def waiting(self) -> int:
+        """Jobs on the queue that no worker has taken yet (they count against ``--queue``)."""
+        return self.queue.count
 
     def close(self) -> None:
         self.redis.close()

@@ -89,6 +89,14 @@ class WorkerProcess:
                 raise WorkerError(500, f"the generation worker stopped (exit code {code}); a new one was started, "
                                        f"retry the request") from None
 
+    def broadcast(self, job: Job) -> None:
+        """``job`` on every worker: here the one."""
+        self.run(job)
+
+    def waiting(self) -> int:
+        """Jobs held beyond the server's own queue: none (the broker's count its queue)."""
+        return 0
+
     def stop_signals(self) -> tuple[Callable[[str], None], Callable[[str], None]]:
         """Interrupt and Skip of the running job (one at a time here, whatever its task id)."""
         return (lambda task: self.interrupt.set()), (lambda task: self.skip.set())
