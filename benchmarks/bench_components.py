@@ -1,15 +1,19 @@
-"""Our UNet step, VAE decode, text encoder and whole txt2img against diffusers / transformers, same weights and
-inputs, one run.
+"""Our UNet step, VAE decode, text encoder and whole txt2img against diffusers / transformers and OpenVINO, same
+weights and inputs, one run.
 
 SD1.5 sizes, fp32, CPU by default: UNet at 512px (latent 64x64), batch 2 (CFG's cond + uncond) with a 77x768
-context; VAE decode of one 64x64 latent to 512x512; text encoder on 2 prompts; txt2img: a 512x512 image in 2
-Euler steps with CFG 7 and a negative prompt, ours (``Pipeline.txt2img``) against diffusers'
+context; VAE decode of one 64x64 latent to 512x512; text encoder on 2 prompts; txt2img: a 512x512 image in
+``--steps`` (20) Euler steps with CFG 7 and a negative prompt, ours (``Pipeline.txt2img``) against diffusers'
 ``StableDiffusionPipeline`` (PIL images out of both); builtin: one image from the built-in model at its native
-64x64 in 20 Euler a steps with CFG 7 (the issue's <= 0.3 s target), against diffusers' pipeline reading the same
-weights from a diffusers folder we write. Prints the best-of-N time of each,
-the ratio ours/theirs (< 1 means we are faster), achieved GFLOP/s, and the peak extra RSS during the call.
+64x64 in 20 Euler a steps with CFG 7, against diffusers' pipeline reading the same weights from a diffusers folder
+we write. Contenders: ours (torch), ours on ``--backend openvino`` (exact mode: fp32), diffusers, and, for the
+UNet and the VAE, "OpenVINO": diffusers' module converted by ``openvino.convert_model`` and compiled at fp32 as
+FastSD CPU / optimum-intel do (the two OpenVINO columns appear when openvino is installed). Prints the best-of-N
+time of each, the ratio of our best to the best peer (< 1 means we are faster), achieved GFLOP/s of ours (torch),
+and the peak extra RSS during the call.
 
-    python benchmarks/bench_components.py [--repeats 3] [--device cpu] [--components unet,vae,text,txt2img,builtin]
+    python benchmarks/bench_components.py [--repeats 3] [--txt2img-repeats 1] [--steps 20] [--device cpu]
+        [--components unet,vae,text,txt2img,builtin]
 """
 
 from __future__ import annotations
@@ -57,14 +61,13 @@ class PeakRSS:
         return self.peak - self.start
 
 
-def measure_pair(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
-                 device: torch.device) -> tuple[float, float, int, int]:
-    """Best-of-``repeats`` seconds of ours and theirs, timed alternately after a warm-up of each (so drift in
-    the machine's speed hits both alike), and the peak extra RSS of each from one more untimed run (the RSS
-    sampling thread competes for the GIL and a core, so it stays out of the timed runs)."""
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    peaks = {"ours": 0, "theirs": 0}
-    fns = {"theirs": theirs, "ours": ours}
+def measure(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
+            ) -> tuple[dict[str, float], dict[str, int]]:
+    """Best-of-``repeats`` seconds of each contender, timed alternately after a warm-up of each (so drift in the
+    machine's speed hits all alike), and the peak extra RSS of each from the warm-up run (the RSS sampling
+    thread competes for the GIL and a core, so it stays out of the timed runs)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks = {}
     for name, fn in fns.items():
         with PeakRSS() as rss:
             fn()
@@ -78,7 +81,7 @@ def measure_pair(ours: Callable[[], object], theirs: Callable[[], object], repea
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
-    return min(times["ours"]), min(times["theirs"]), peaks["ours"], peaks["theirs"]
+    return {name: min(ts) for name, ts in times.items()}, peaks
 
 
 def flops(fn: Callable[[], object]) -> int:
@@ -126,9 +129,35 @@ def diffusers_txt2img(ours: Pipeline, unet, vae, text):
     return pipe
 
 
-def builtin_pair(device: torch.device, folder: Path) -> tuple[Callable[[], object], Callable[[], object]]:
-    """One 64x64 image from the built-in model, 20 Euler a steps, CFG 7: ours and diffusers' over the same
-    weights (written to ``folder`` as a diffusers folder and read back by ``from_pretrained``)."""
+def with_backend(pipe: Pipeline, backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``pipe`` on ``backend`` (switching keeps each backend's compiled models)."""
+    def run() -> object:
+        pipe.set_backend(backend)
+        return fn()
+    return run
+
+
+def openvino_installed() -> bool:
+    from stable_diffusion.backends.openvino import openvino_version
+
+    return openvino_version() is not None
+
+
+def openvino_peer(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> Callable[[], object]:
+    """A diffusers module as FastSD CPU / optimum-intel run it: ``openvino.convert_model`` with example inputs,
+    compiled for the CPU at fp32 (dynamic shapes, the plugin's defaults otherwise)."""
+    import openvino as ov
+
+    with torch.no_grad():
+        model = ov.convert_model(module, example_input=example)
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    feeds = [t.numpy() for t in example]
+    return lambda: compiled(feeds)[0]
+
+
+def builtin_cases(device: torch.device, folder: Path) -> dict[str, Callable[[], object]]:
+    """One 64x64 image from the built-in model, 20 Euler a steps, CFG 7: ours (each backend) and diffusers'
+    over the same weights (written to ``folder`` as a diffusers folder and read back by ``from_pretrained``)."""
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
     ours = load_pipeline(device=device)
@@ -137,13 +166,17 @@ def builtin_pair(device: torch.device, folder: Path) -> tuple[Callable[[], objec
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     prompt = "a small red circle at the top left on a white background"
-    return (lambda: ours.txt2img(prompt, steps=20, cfg_scale=7.0, sampler="Euler a", seed=1),
-            lambda: pipe(prompt, num_inference_steps=20, guidance_scale=7.0, height=64, width=64,
-                         generator=torch.Generator().manual_seed(1)).images)
+    image = lambda: ours.txt2img(prompt, steps=20, cfg_scale=7.0, sampler="Euler a", seed=1)  # noqa: E731
+    cases = {"ours": with_backend(ours, "torch", image)}
+    if openvino_installed() and device.type == "cpu":
+        cases["ours openvino"] = with_backend(ours, "openvino", image)
+    cases["diffusers"] = lambda: pipe(prompt, num_inference_steps=20, guidance_scale=7.0, height=64, width=64,
+                                      generator=torch.Generator().manual_seed(1)).images
+    return cases
 
 
-def sd15_cases(device: torch.device) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
-    """The SD1.5-size components and txt2img, ours and theirs over the same random weights."""
+def sd15_cases(device: torch.device, steps: int) -> dict[str, dict[str, Callable[[], object]]]:
+    """The SD1.5-size components and txt2img: each contender over the same random weights."""
     ours, unet, vae, text = build(device)
     x = torch.randn(2, 4, 64, 64, device=device)
     t = torch.tensor([500.0, 500.0], device=device)
@@ -152,21 +185,46 @@ def sd15_cases(device: torch.device) -> dict[str, tuple[Callable[[], object], Ca
     prompt, negative = "a photo of an astronaut riding a horse on mars", "blurry, low quality"
     ids = ours.tokenizer([prompt, ""]).to(device)
     pipe = diffusers_txt2img(ours, unet, vae, text)
-    generate = dict(prompt=prompt, negative_prompt=negative, num_inference_steps=2, guidance_scale=7.0,
+    generate = dict(prompt=prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.0,
                     height=512, width=512)
-    return {
-        "unet": (lambda: ours.unet(x, t, context), lambda: unet(x, t, encoder_hidden_states=context).sample),
-        "vae": (lambda: ours.vae.decode(z), lambda: vae.decode(z).sample),
-        "text": (lambda: ours.text_encoder(ids), lambda: text(ids).last_hidden_state),
-        "txt2img": (lambda: ours.txt2img(prompt, negative_prompt=negative, steps=2, cfg_scale=7.0, sampler="Euler",
-                                         seed=1, width=512, height=512),
-                    lambda: pipe(**generate, generator=torch.Generator().manual_seed(1)).images),
+    openvino = openvino_installed() and device.type == "cpu"
+    cases: dict[str, dict[str, Callable[[], object]]] = {
+        "unet": {"ours": lambda: ours.unet(x, t, context), "diffusers": lambda: unet(x, t, context).sample},
+        "vae": {"ours": lambda: ours.vae.decode(z), "diffusers": lambda: vae.decode(z).sample},
+        "text": {"ours": lambda: ours.text_encoder(ids), "diffusers": lambda: text(ids).last_hidden_state},
+        "txt2img": {"ours": lambda: ours.txt2img(prompt, negative_prompt=negative, steps=steps, cfg_scale=7.0,
+                                                 sampler="Euler", seed=1, width=512, height=512),
+                    "diffusers": lambda: pipe(**generate, generator=torch.Generator().manual_seed(1)).images},
     }
+    for name in ("unet", "vae", "txt2img"):
+        cases[name] = {"ours": with_backend(ours, "torch", cases[name]["ours"]),
+                       **({"ours openvino": with_backend(ours, "openvino", cases[name]["ours"])} if openvino else {}),
+                       "diffusers": cases[name]["diffusers"]}
+    if openvino:
+        cases["unet"]["OpenVINO"] = openvino_peer(unet, (x, t, context))
+        cases["vae"]["OpenVINO"] = openvino_peer(_Decoder(vae), (z,))
+    return cases
+
+
+class _Decoder(torch.nn.Module):
+    """diffusers' VAE decode as a module of its own (what the converter traces)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
+
+
+COLUMNS = ("ours", "ours openvino", "diffusers", "OpenVINO")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--txt2img-repeats", type=int, default=1, help="timed runs of the whole image (minutes each)")
+    parser.add_argument("--steps", type=int, default=20, help="the txt2img row's Euler steps")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--components", default="unet,vae,text,txt2img,builtin")
     args = parser.parse_args()
@@ -176,23 +234,31 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown components {unknown}")
     torch.manual_seed(0)
-    cases: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {}
+    cases: dict[str, dict[str, Callable[[], object]]] = {}
     if set(names) - {"builtin"}:
-        cases.update(sd15_cases(device))
+        cases.update(sd15_cases(device, args.steps))
     workdir = tempfile.TemporaryDirectory()  # the built-in model as a diffusers folder, kept while timing
     if "builtin" in names:
-        cases["builtin"] = builtin_pair(device, Path(workdir.name) / "builtin")
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, fp32, "
-          f"best of {args.repeats} alternating runs after 1 warm-up")
-    print(f"{'component':<10}{'ours s':>9}{'diffusers s':>13}{'ratio':>8}{'GFLOP':>9}{'ours GFLOP/s':>14}"
-          f"{'ours +RSS MB':>14}{'theirs +RSS MB':>16}")
+        cases["builtin"] = builtin_cases(device, Path(workdir.name) / "builtin")
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, fp32, best of "
+          f"{args.repeats} ({args.txt2img_repeats} for txt2img) alternating runs after 1 warm-up; ratio = our best / "
+          "the best peer")
+    print(f"{'component':<10}" + "".join(f"{c + ' s':>17}" for c in COLUMNS)
+          + f"{'ratio':>8}{'ours GFLOP/s':>14}" + "".join(f"{c + ' +MB':>18}" for c in COLUMNS))
     with torch.inference_mode():
         for name in names:
-            ours_fn, theirs_fn = cases[name]
-            gflop = flops(ours_fn) / 1e9
-            t_ours, t_theirs, m_ours, m_theirs = measure_pair(ours_fn, theirs_fn, args.repeats, device)
-            print(f"{name:<10}{t_ours:>9.3f}{t_theirs:>13.3f}{t_ours / t_theirs:>8.3f}{gflop:>9.1f}"
-                  f"{gflop / t_ours:>14.1f}{m_ours / 2**20:>14.0f}{m_theirs / 2**20:>16.0f}", flush=True)
+            fns = cases[name]
+            ours = fns["ours"]
+            gflop = flops(ours) / 1e9
+            repeats = args.txt2img_repeats if name == "txt2img" else args.repeats
+            times, peaks = measure(fns, repeats, device)
+            best_ours = min(v for k, v in times.items() if k.startswith("ours"))
+            best_peer = min(v for k, v in times.items() if not k.startswith("ours"))
+            cell = lambda table, c, f: f"{table[c]:{f}}" if c in table else "-"  # noqa: E731
+            print(f"{name:<10}" + "".join(f"{cell(times, c, '.3f'):>17}" for c in COLUMNS)
+                  + f"{best_ours / best_peer:>8.3f}{gflop / times['ours']:>14.1f}"
+                  + "".join(f"{cell({k: v / 2**20 for k, v in peaks.items()}, c, '.0f'):>18}" for c in COLUMNS),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ ALLOWED = {  # unit -> the units it may import at run time (docs/architecture.md
     "infotext": {"diffusion", "checkpoints", "control"},
     "conditioning": {"models", "diffusion", "prompts", "prompt_editing", "embeddings", "checkpoints"},
     "offload": {"models", "checkpoints"},
+    "backends": set(),
 }
 ALLOWED["generate"] = set().union(*ALLOWED.values(), ALLOWED) - {"generate"}
-ALLOWED["pipeline"] = {"models", "checkpoints", "request", "generate", "offload"} | ALLOWED["generate"]
+ALLOWED["pipeline"] = {"models", "checkpoints", "request", "generate", "offload", "backends"} | ALLOWED["generate"]
 ALLOWED["xyz"] = {"images", "infotext", "request", "styles"}
 ALLOWED["metrics"] = {"models", "checkpoints", "images"}
 ALLOWED["shapes"] = {"images", "metrics", "checkpoints", "models", "control"}

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .backends import BACKENDS, use_backend
 from .checkpoints import diffusers_folder
 from .checkpoints.detect import VAE_PREFIX, detect_config, detect_vae
 from .checkpoints.errors import CheckpointError, first_line
@@ -55,6 +56,7 @@ class Pipeline:
         self.source_file: Path | None = None  # the single file it was loaded from (for A1111's "Model hash")
         self.offload: Offload | None = None  # set by enable_offload
         self.control_models: dict = {}  # ControlNets loaded for this pipeline's generations (control.py)
+        self.backend = "torch"  # what runs the UNet and VAE decoder (set_backend)
 
     @property
     def family(self) -> str:
@@ -113,6 +115,13 @@ class Pipeline:
                                                 self.vae.decoder]}
         entries.update({f"text_encoder_{i}": [te] for i, te in enumerate(self.text_encoders)})
         self.offload = Offload(self.modules(), entries, mode, device)
+        return self
+
+    def set_backend(self, name: str) -> Pipeline:
+        """Run the UNet and the VAE decoder on backend ``name`` (backends/: "torch", or "openvino" on the CPU,
+        converted once per weights and cached on disk); an absent backend leaves torch, with a notice.
+        ``self.backend`` says which runs."""
+        self.backend = use_backend(self.unet, self.vae, name, self.device)
         return self
 
     def set_attention_slicing(self, slicing: int | str | None) -> Pipeline:
@@ -292,12 +301,13 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
 
 @dataclass
 class RunOptions:
-    """Where and how a loaded model runs: the CLI's --device, --dtype, --offload and --attention-slicing."""
+    """Where and how a loaded model runs: the CLI's --device, --dtype, --offload, --attention-slicing, --backend."""
 
     device: str | None = None
     dtype: str | None = None
     offload: str | None = None
     attention_slicing: int | str | None = None
+    backend: str | None = None
 
     def load(self, path_or_name: str | Path | None = None, **kwargs: Any) -> Pipeline:
         return load_pipeline(path_or_name, **asdict(self), **kwargs)
@@ -306,16 +316,22 @@ class RunOptions:
 def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.device | None = None,
                   dtype: str | torch.dtype | None = None, *, prediction: str | None = None,
                   vae: str | Path | None = None, offload: str | None = None,
-                  attention_slicing: int | str | None = None) -> Pipeline:
+                  attention_slicing: int | str | None = None, backend: str | None = None) -> Pipeline:
     """Load a model: a single file, a diffusers folder, a preset name, or (None or "builtin") the built-in model.
 
     ``prediction`` ("eps" or "v") overrides what the file says (SD2 768-v checkpoints look like eps ones);
     ``vae`` replaces the model's VAE with a standalone VAE file; ``offload`` ("model", "sequential") and
-    ``attention_slicing`` (MiB or "auto") are Pipeline.enable_offload's and set_attention_slicing's. A
+    ``attention_slicing`` (MiB or "auto") are Pipeline.enable_offload's and set_attention_slicing's; ``backend``
+    is Pipeline.set_backend's ("torch" or "openvino"). A
     ``.safetensors`` file is memory-mapped: its weights are not copied unless a dtype or layout needs it."""
     if offload not in (None, *OFFLOAD_MODES):
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
     offloaded = offload not in (None, "none")
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend not in (None, "torch") and (offloaded or attention_slicing is not None):
+        raise ValueError(f"the {backend} backend holds whole compiled networks and runs attention in its own "
+                         "kernels: drop offload / attention slicing")
     if path_or_name is None or (str(path_or_name) == "builtin" and not Path("builtin").exists()):
         if not BUILTIN_MODEL.exists():
             raise CheckpointError(f"the built-in model is not installed ({BUILTIN_MODEL}); pass a model path")
@@ -366,4 +382,4 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
         pipe.to(dtype=dtype).enable_offload(offload, device)
     else:
         pipe.to(device=device, dtype=dtype)
-    return pipe.set_attention_slicing(attention_slicing)
+    return pipe.set_attention_slicing(attention_slicing).set_backend(backend or "torch")

@@ -17,6 +17,9 @@ def device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-slicing", type=_slicing_arg, default=None, metavar="MIB|auto",
                    help="low memory: attention in query slices of at most MIB of scores (auto: a quarter of the "
                         "free memory)")
+    p.add_argument("--backend", choices=["torch", "openvino"], default=None,
+                   help="what runs the UNet and VAE decoder: torch (default) or openvino (CPU, fp32, exact; pip "
+                        "install \".[openvino]\"; converted once per model and cached in ~/.cache/stable_diffusion)")
 
 
 def _slicing_arg(text: str) -> int | str:
@@ -28,10 +31,10 @@ def _slicing_arg(text: str) -> int | str:
 
 
 def run_options(args: argparse.Namespace):
-    """The RunOptions (device, dtype, offload, attention slicing) that the flags ask for."""
+    """The RunOptions (device, dtype, offload, attention slicing, backend) that the flags ask for."""
     from ..pipeline import RunOptions
 
-    return RunOptions(args.device, args.dtype, args.offload, args.attention_slicing)
+    return RunOptions(args.device, args.dtype, args.offload, args.attention_slicing, args.backend)
 
 
 def guidance_arguments(p: argparse.ArgumentParser) -> None:
