@@ -48,6 +48,7 @@ from .inpaint import (
     start_latent,
 )
 from .lora import applied_loras, extract_lora_tags, resolve_lora
+from .models.deepcache import deep_cache
 from .outpainting import combine as combine_tiles
 from .outpainting import plan as outpaint_plan
 from .request import GenerationRequest
@@ -382,7 +383,8 @@ def _denoise(pipe: Pipeline, request: GenerationRequest, prompts: list[str], neg
     noise = BrownianNoise(x, sigmas[sigmas > 0].min(), sigmas.max(), seeds) if spec.brownian \
         else PerImageNoise(generators)
     try:
-        return spec.fn(model, x, sigmas, callback=callback, noise=noise, **options), None
+        with deep_cache(pipe.unet, pipe.deepcache):  # --deepcache N: the UNet's deep features reused between steps
+            return spec.fn(model, x, sigmas, callback=callback, noise=noise, **options), None
     except StopSampling as stop:
         return stop.denoised, stop
     finally:

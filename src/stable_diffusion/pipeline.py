@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from .backends import BACKENDS, use_backend
+from .backends.int8 import calibration_run
 from .checkpoints import diffusers_folder
 from .checkpoints.detect import VAE_PREFIX, detect_config, detect_vae
 from .checkpoints.errors import CheckpointError, first_line
@@ -28,6 +29,7 @@ from .models.attention import CrossAttention
 from .models.clip import CLIPTextModel
 from .models.configs import PRESETS, ModelConfig, preset
 from .models.tokenizer import CLIPTokenizer
+from .models.tome import set_token_merging
 from .models.unet import UNetModel
 from .models.vae import AttnBlock, AutoencoderKL
 from .offload import MODES as OFFLOAD_MODES
@@ -57,6 +59,7 @@ class Pipeline:
         self.offload: Offload | None = None  # set by enable_offload
         self.control_models: dict = {}  # ControlNets loaded for this pipeline's generations (control.py)
         self.backend = "torch"  # what runs the UNet and VAE decoder (set_backend)
+        self.deepcache: int | None = None  # DeepCache's interval for every generation (models/deepcache.py)
 
     @property
     def family(self) -> str:
@@ -117,11 +120,12 @@ class Pipeline:
         self.offload = Offload(self.modules(), entries, mode, device)
         return self
 
-    def set_backend(self, name: str) -> Pipeline:
+    def set_backend(self, name: str, int8: bool = False) -> Pipeline:
         """Run the UNet and the VAE decoder on backend ``name`` (backends/: "torch", or "openvino" on the CPU,
-        converted once per weights and cached on disk); an absent backend leaves torch, with a notice.
+        converted once per weights and cached on disk); ``int8``: the UNet quantized by NNCF, calibrated on a few
+        generations of this pipeline (backends/int8.py). An absent backend leaves torch, with a notice.
         ``self.backend`` says which runs."""
-        self.backend = use_backend(self.unet, self.vae, name, self.device)
+        self.backend = use_backend(self.unet, self.vae, name, self.device, int8, calibration_run(self))
         return self
 
     def set_attention_slicing(self, slicing: int | str | None) -> Pipeline:
@@ -308,6 +312,9 @@ class RunOptions:
     offload: str | None = None
     attention_slicing: int | str | None = None
     backend: str | None = None
+    int8: bool = False
+    deepcache: int | None = None
+    tome: float | None = None
 
     def load(self, path_or_name: str | Path | None = None, **kwargs: Any) -> Pipeline:
         return load_pipeline(path_or_name, **asdict(self), **kwargs)
@@ -316,17 +323,21 @@ class RunOptions:
 def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.device | None = None,
                   dtype: str | torch.dtype | None = None, *, prediction: str | None = None,
                   vae: str | Path | None = None, offload: str | None = None,
-                  attention_slicing: int | str | None = None, backend: str | None = None) -> Pipeline:
+                  attention_slicing: int | str | None = None, backend: str | None = None,
+                  int8: bool = False, deepcache: int | None = None, tome: float | None = None) -> Pipeline:
     """Load a model: a single file, a diffusers folder, a preset name, or (None or "builtin") the built-in model.
 
     ``prediction`` ("eps" or "v") overrides what the file says (SD2 768-v checkpoints look like eps ones);
     ``vae`` replaces the model's VAE with a standalone VAE file; ``offload`` ("model", "sequential") and
     ``attention_slicing`` (MiB or "auto") are Pipeline.enable_offload's and set_attention_slicing's; ``backend``
-    is Pipeline.set_backend's ("torch" or "openvino"). A
+    and ``int8`` are Pipeline.set_backend's ("torch" or "openvino"; int8 implies openvino); ``deepcache``: a full
+    UNet pass every that many steps, DeepCache's cached deep features between (models/deepcache.py); ``tome``:
+    that share of the tokens merged in the highest-resolution self-attention (models/tome.py). A
     ``.safetensors`` file is memory-mapped: its weights are not copied unless a dtype or layout needs it."""
     if offload not in (None, *OFFLOAD_MODES):
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
     offloaded = offload not in (None, "none")
+    backend = "openvino" if int8 and backend is None else backend
     if backend not in (None, *BACKENDS):
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend not in (None, "torch") and (offloaded or attention_slicing is not None):
@@ -382,4 +393,8 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
         pipe.to(dtype=dtype).enable_offload(offload, device)
     else:
         pipe.to(device=device, dtype=dtype)
-    return pipe.set_attention_slicing(attention_slicing).set_backend(backend or "torch")
+    if deepcache is not None and (isinstance(deepcache, bool) or not isinstance(deepcache, int) or deepcache < 1):
+        raise ValueError(f"deepcache takes a whole number of steps >= 1, not {deepcache!r}")
+    pipe.deepcache = deepcache
+    set_token_merging(pipe.unet, tome)
+    return pipe.set_attention_slicing(attention_slicing).set_backend(backend or "torch", int8=int8)

@@ -8,6 +8,7 @@ one-line notice and leaves torch in place."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,35 +18,21 @@ BACKENDS = ("torch", "openvino")
 logger = logging.getLogger(__name__)
 
 
-def _unet_shape_class(levels: int):
-    """The UNet's traced graph holds for latent sides its levels divide (else it traces a resize for that size)."""
-    def shape_class(inputs) -> str:
-        h, w = inputs[0].shape[-2:]
-        return "any" if h % 2**levels == 0 and w % 2**levels == 0 else f"{h}x{w}"
-    return shape_class
-
-
-def _unet_runner(unet: nn.Module, eager, component):
-    def forward(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None, control: Any = None, **kwargs: Any) -> torch.Tensor:
-        if control is not None or kwargs or context is None:
-            return eager(x, timesteps, context, y, control=control, **kwargs)
-        t = timesteps.expand(x.shape[0]) if timesteps.dim() == 0 else timesteps
-        inputs = (x, t.float(), context) if y is None else (x, t.float(), context, y)
-        return component(*inputs).to(unet.dtype)
-    return forward
-
-
-def use_backend(unet: nn.Module, vae: nn.Module, name: str, device: torch.device) -> str:
-    """Run ``unet`` and ``vae.decode`` on backend ``name``; returns the backend in effect (``torch`` when the
-    asked one is absent or cannot run on ``device``, with a one-line notice)."""
+def use_backend(unet: nn.Module, vae: nn.Module, name: str, device: torch.device, int8: bool = False,
+                calibrate: Callable[[], Any] | None = None) -> str:
+    """Run ``unet`` and ``vae.decode`` on backend ``name``; returns the backend in effect ("torch" when the asked
+    one is absent or cannot run on ``device``, with a one-line notice). ``int8`` (openvino only; int8.py)
+    quantizes the UNet, calibrated on the UNet inputs of ``calibrate()`` (a few generations)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {name!r}")
-    for module, attr in ((unet, "forward"), (vae, "decode")):
+    if int8 and name != "openvino":
+        raise ValueError("int8 runs on the openvino backend")
+    for module, attr in ((unet, "forward"), (vae, "decode"), (unet, "deepcache_parts")):
         module.__dict__.pop(attr, None)  # back to the class's eager method
     if name == "torch":
         return name
-    from .openvino import OpenVINOComponent, openvino_version
+    from .int8 import nncf_available
+    from .openvino import openvino_version
 
     if openvino_version() is None:
         logger.warning("openvino backend: openvino is not installed (pip install \".[openvino]\"); running torch")
@@ -53,9 +40,11 @@ def use_backend(unet: nn.Module, vae: nn.Module, name: str, device: torch.device
     if device.type != "cpu":
         logger.warning("openvino backend: runs on the CPU, not %s; running torch", device)
         return "torch"
-    unet.forward = _installed(unet, name, lambda: _unet_runner(unet, unet.forward, OpenVINOComponent(
-        unet, unet.forward, "unet", _unet_shape_class(len(unet.config.channel_mult) - 1))))
-    vae.decode = _installed(vae, name, lambda: OpenVINOComponent(vae, vae.decode, "vae-decoder"))
+    from .unet_parts import install_openvino
+
+    install_openvino(unet, vae, _installed, int8 and nncf_available(), calibrate)
+    if int8 and not nncf_available():
+        logger.warning("int8: nncf is not installed (pip install \".[openvino]\"); the UNet runs in fp32")
     return name
 
 

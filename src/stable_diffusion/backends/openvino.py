@@ -6,7 +6,7 @@ input shape (static shapes let the CPU plugin pick its kernels; ~5 % faster than
 The converted IR is cached on disk (``$SD_CACHE_DIR`` or ``~/.cache/stable_diffusion``, folder ``openvino``),
 keyed by a fingerprint of the weights (weights.py), the component, its input signature, the shape class and the
 OpenVINO version: only the first run with given weights pays the conversion (about a minute at SD1.5 size);
-compiled blobs are cached by OpenVINO itself (``CACHE_DIR``). Weights changed in place (a LoRA merged for one
+compiling the IR for a shape takes seconds and is not cached. Weights changed in place (a LoRA merged for one
 generation) give another fingerprint, hence another IR. A call this backend cannot run (ControlNet residuals,
 gradients, a non-CPU tensor, a dtype other than fp32), or any failure of OpenVINO, runs the torch module; a
 failure says so once, in one line.
@@ -14,6 +14,7 @@ failure says so once, in one line.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -66,15 +67,17 @@ class OpenVINOComponent:
 
     def __init__(self, owner: nn.Module, eager: Callable[..., torch.Tensor], name: str,
                  shape_class: Callable[[Sequence[torch.Tensor]], str] = lambda inputs: "any",
-                 config: dict | None = None, transform: Callable | None = None, tag: str = "fp32") -> None:
+                 config: dict | None = None, transform: Callable | None = None, tag: str = "fp32",
+                 source: OpenVINOComponent | None = None) -> None:
         import openvino as ov
 
         self.ov = ov
-        self.core = ov.Core()
-        self.core.set_property({"CACHE_DIR": str(cache_root() / "compiled")})
+        self.core = ov.Core()  # no CACHE_DIR: a compiled blob per shape is the model's size again on disk
         self.owner, self.eager, self.name, self.shape_class = owner, eager, name, shape_class
         self.config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", **(config or {})}
-        self.transform, self.tag = transform, tag  # transform(model, inputs) -> model: int8 quantization
+        # transform(model, component, inputs) -> model (int8 quantization) applied to the IR of ``source`` (the
+        # same component in fp32, converted first if need be) instead of a trace of its own
+        self.transform, self.tag, self.source = transform, tag, source
         self.watch = WeightsWatch(owner)
         self.failed = False
         self.compiled: OrderedDict[tuple, object] = OrderedDict()
@@ -88,17 +91,19 @@ class OpenVINOComponent:
             return self.eager(*inputs)
         try:
             compiled = self._compiled(inputs)
-            result = compiled([t.detach().float().contiguous().numpy() for t in inputs])[0]
+            results = compiled([t.detach().float().contiguous().numpy() for t in inputs])
         except Exception as error:  # noqa: BLE001 - any OpenVINO failure falls back to torch, said once
             self.failed = True
             logger.warning("openvino backend: %s failed (%s); it runs in torch from now on", self.name,
                            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
             return self.eager(*inputs)
-        return torch.from_numpy(result.copy())
+        outputs = tuple(torch.from_numpy(results[i].copy()) for i in range(len(compiled.outputs)))
+        return outputs[0] if len(outputs) == 1 else outputs
 
     def ir_path(self, inputs: Sequence[torch.Tensor]) -> Path:
         signature = "-".join(str(t.dim()) for t in inputs)
-        key = f"{self.name}-{self.watch.fingerprint()}-{self.tag}-in{signature}-{self.shape_class(inputs)}"
+        variant = getattr(self.owner, "graph_variant", "")  # a changed graph (token merging) is another model
+        key = f"{self.name}{variant}-{self.watch.fingerprint()}-{self.tag}-in{signature}-{self.shape_class(inputs)}"
         return cache_root() / f"ov{openvino_version()}" / key / "model.xml"
 
     def _compiled(self, inputs: Sequence[torch.Tensor]):
@@ -118,12 +123,20 @@ class OpenVINOComponent:
         return self.compiled[key]
 
     def _convert(self, inputs: Sequence[torch.Tensor], path: Path) -> None:
-        """Trace, convert (and transform) the component; write the IR atomically (a folder renamed into place)."""
-        logger.warning("openvino backend: converting the %s for these weights (once; cached in %s)", self.name,
-                       cache_root())
-        example = tuple(t.detach().float() for t in inputs)
-        with torch.no_grad():
-            model = self.ov.convert_model(_Traced(self.owner, self.eager), example_input=example)
+        """Trace and convert the component (or read its source's IR), transform it; write the IR atomically (a
+        folder renamed into place)."""
+        if self.source is not None:
+            source_path = self.source.ir_path(inputs)
+            if not source_path.exists():
+                self.source._convert(inputs, source_path)
+            model = self.core.read_model(source_path)
+        else:
+            logger.warning("openvino backend: converting the %s for these weights (once; cached in %s)", self.name,
+                           cache_root())
+            example = tuple(t.detach().float() for t in inputs)
+            with torch.no_grad():
+                model = self.ov.convert_model(_Traced(self.owner, self.eager), example_input=example)
+            gc.collect()  # the trace's copies of the weights
         if self.transform is not None:
             model = self.transform(model, self, inputs)
         path.parent.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+FAST = {"int8": True, "deepcache": 3, "tome": 0.5}  # --fast: every lever (README, Speed: their measured cost)
+
 
 def device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
@@ -20,6 +22,18 @@ def device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["torch", "openvino"], default=None,
                    help="what runs the UNet and VAE decoder: torch (default) or openvino (CPU, fp32, exact; pip "
                         "install \".[openvino]\"; converted once per model and cached in ~/.cache/stable_diffusion)")
+    p.add_argument("--int8", action="store_true",
+                   help="fast, approximate: the UNet in int8 (NNCF post-training quantization, calibrated once per "
+                        "model on a few generations; implies --backend openvino)")
+    p.add_argument("--deepcache", type=int, default=None, metavar="N",
+                   help="fast, approximate: the whole UNet every N steps, its deep features reused between "
+                        "(DeepCache, Ma et al. 2023); 3 is about 2x faster")
+    p.add_argument("--tome", type=float, default=None, metavar="RATIO",
+                   help="fast, approximate: merge this share of the tokens (0-0.9) in the full-resolution "
+                        "self-attention (ToMe for SD, Bolya & Hoffman 2023)")
+    p.add_argument("--fast", action="store_true",
+                   help=f"every fast lever: --int8 --deepcache {FAST['deepcache']} --tome {FAST['tome']} (each "
+                        "flag given explicitly wins); quality cost in README's Speed section")
 
 
 def _slicing_arg(text: str) -> int | str:
@@ -31,10 +45,13 @@ def _slicing_arg(text: str) -> int | str:
 
 
 def run_options(args: argparse.Namespace):
-    """The RunOptions (device, dtype, offload, attention slicing, backend) that the flags ask for."""
+    """The RunOptions (device, dtype, offload, attention slicing, backend, fast levers) that the flags ask for."""
     from ..pipeline import RunOptions
 
-    return RunOptions(args.device, args.dtype, args.offload, args.attention_slicing, args.backend)
+    fast = FAST if args.fast else {"int8": False, "deepcache": None, "tome": None}
+    return RunOptions(args.device, args.dtype, args.offload, args.attention_slicing, args.backend,
+                      args.int8 or fast["int8"], args.deepcache if args.deepcache is not None else fast["deepcache"],
+                      args.tome if args.tome is not None else fast["tome"])
 
 
 def guidance_arguments(p: argparse.ArgumentParser) -> None:

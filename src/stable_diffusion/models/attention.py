@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tome import Merge, bipartite_soft_matching
+
 
 def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     """The 32-group normalisation used throughout LDM."""
@@ -95,8 +97,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                merging: tuple[Merge, Merge] | None = None) -> torch.Tensor:
+        """``merging``: token merging's (merge, unmerge) around the self-attention (models/tome.py)."""
+        if merging is None:
+            x = self.attn1(self.norm1(x)) + x
+        else:
+            merge, unmerge = merging
+            x = unmerge(self.attn1(merge(self.norm1(x)))) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -104,7 +112,10 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Feature map (B, C, H, W) -> tokens (B, H*W, C) -> transformer blocks -> feature map, plus residual.
 
-    ``use_linear`` selects the SD2/SDXL linear proj_in/proj_out instead of SD1's 1x1 convolutions."""
+    ``use_linear`` selects the SD2/SDXL linear proj_in/proj_out instead of SD1's 1x1 convolutions;
+    ``token_merge_ratio`` > 0 merges that share of the tokens in the self-attention (models/tome.py)."""
+
+    token_merge_ratio: float = 0.0
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int | None,
                  use_linear: bool = False, dropout: float = 0.0) -> None:
@@ -126,8 +137,10 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(b, height * width, -1)  # (B, H*W, C), contiguous
         if self.use_linear:
             h = self.proj_in(h)
+        ratio = self.token_merge_ratio
+        merging = bipartite_soft_matching(h, height, width, ratio) if ratio else None
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, merging)
         if self.use_linear:
             h = self.proj_out(h)
         h = h.reshape(b, height, width, -1).permute(0, 3, 1, 2)  # back to (B, C, H, W), channels-last in memory

@@ -213,6 +213,23 @@ class UNetModel(Encoder):
                 y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``control``: ControlNet's residuals, one per input block and the middle's last (Zhang et al. 2023),
         added to the middle block's output and to each skip connection."""
+        return self._run(x, timesteps, context, y, control)[0]
+
+    def forward_deep(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                     y: torch.Tensor | None = None, branch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``, and DeepCache's cache (Ma et al. 2023): the feature that output block ``-(branch + 1)``
+        receives from the deeper layers (before its skip is concatenated)."""
+        return self._run(x, timesteps, context, y, branch=branch)
+
+    def forward_shallow(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
+                        feature: torch.Tensor, y: torch.Tensor | None = None, branch: int = 0) -> torch.Tensor:
+        """DeepCache's cheap step: input blocks ``0..branch`` and the last ``branch + 1`` output blocks, with
+        ``feature`` (forward_deep's, from an earlier step) in place of everything deeper."""
+        return self._run(x, timesteps, context, y, branch=branch, feature=feature)[0]
+
+    def _run(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None,
+             control: list[torch.Tensor] | None = None, branch: int | None = None,
+             feature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
         x = x.to(self.dtype)  # latents may come in fp32 while the network runs in half precision
@@ -221,17 +238,27 @@ class UNetModel(Encoder):
             context = context.to(x.dtype)
         skips = []
         h = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-        for block in self.input_blocks:
+        shallow = feature is not None and branch is not None
+        for block in self.input_blocks[: branch + 1] if shallow else self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        if control is not None:
-            control = list(control)
-            h = h + control.pop().to(h.dtype)
-            skips = [s + c.to(s.dtype) for s, c in zip(skips, control, strict=True)]
-        for block in self.output_blocks:
+        first = len(self.output_blocks) - 1 - branch if branch is not None else -1  # DeepCache's cache point
+        if shallow:
+            h = feature.to(h.dtype)
+        else:
+            h = self.middle_block(h, emb, context)
+            if control is not None:
+                control = list(control)
+                h = h + control.pop().to(h.dtype)
+                skips = [s + c.to(s.dtype) for s, c in zip(skips, control, strict=True)]
+        cached = None
+        for i, block in enumerate(self.output_blocks):
+            if shallow and i < first:
+                continue
+            if i == first:
+                cached = h
             skip = skips.pop()
             if h.shape[-2:] != skip.shape[-2:]:  # a latent side not divisible by 2^levels: match the skip, as A1111
                 h = F.interpolate(h, skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1), emb, context)
-        return self.out(h).contiguous()
+        return self.out(h).contiguous(), cached

@@ -1,0 +1,95 @@
+"""The int8 fast lever (``--int8``, on the openvino backend): the UNet's convolutions and linears in int8 weights
+and activations, by NNCF post-training quantization (Nagel et al. 2021, "A White Paper on Neural Network
+Quantization": min-max ranges from calibration data, per-channel weights, fast bias correction; SmoothQuant for the
+transformer MatMuls, Xiao et al. 2023), run on the CPU's VNNI int8 units.
+
+Calibration data are the UNet's inputs (latents, timesteps, contexts) of real sampling runs: ``record_inputs``
+captures them while the caller generates a few images with the fp32 backend. The layers kept in fp32
+(``KEEP_FP32``) are the ones whose quantization hurt most on the built-in model (experiments/README.md): the
+timestep embedding MLP, the first and the last convolution. The quantized IR is cached like the fp32 one (tag
+``int8``); when the weights change (a LoRA merged for a generation), the same calibration inputs quantize the new
+weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+logger = logging.getLogger(__name__)
+KEEP_FP32 = (r".*time_embed.*", r".*input_blocks\.0\.0.*", r".*owner\.out\..*")  # OpenVINO node-name patterns
+CALIBRATION_PROMPTS = (
+    "a photo of a cat sitting on a sofa, detailed",
+    "a small red circle at the top left on a white background",
+    "a landscape painting of mountains at sunset",
+    "a blue square on the left and a yellow star on the right on a black background",
+)
+CALIBRATION_STEPS = 4  # 4 prompts x 4 steps: 16 inputs (each a CFG batch); NNCF passes over them twice
+TAG = f"int8-c{len(CALIBRATION_PROMPTS)}x{CALIBRATION_STEPS}"  # in the cache key: another recipe, another model
+
+
+def nncf_available() -> bool:
+    try:
+        import nncf  # noqa: F401
+    except Exception:  # noqa: BLE001 - any broken install counts as absent
+        return False
+    return True
+
+
+def record_inputs(unet: nn.Module, run: Callable[[], Any]) -> list[tuple[np.ndarray, ...]]:
+    """The (x, t, context[, y]) of every UNet call while ``run()`` generates, as float32 arrays."""
+    recorded: list[tuple[np.ndarray, ...]] = []
+    forward = unet.forward
+
+    def recording(x, timesteps, context=None, y=None, **kwargs):
+        if context is not None and not kwargs.get("control"):
+            t = timesteps.expand(x.shape[0]) if timesteps.dim() == 0 else timesteps
+            recorded.append(tuple(a.detach().float().numpy().copy() for a in (x, t, context, y) if a is not None))
+        return forward(x, timesteps, context, y, **kwargs)
+
+    unet.forward = recording
+    try:
+        run()
+    finally:
+        unet.forward = forward
+    return recorded
+
+
+def quantizer(samples: Callable[[], list[tuple[np.ndarray, ...]]]) -> Callable:
+    """The transform an OpenVINOComponent applies to the converted fp32 UNet: NNCF post-training int8
+    quantization over ``samples()`` (called once, when a quantized model is first made)."""
+    cached: list = []
+
+    def transform(model, component, inputs):
+        import nncf
+
+        nncf.set_log_level(logging.ERROR)  # its INFO lines list every ignored node
+        if not cached:
+            cached.extend(samples())
+        logger.warning("int8: quantizing the %s with NNCF over %d calibration inputs (once per weights)",
+                       component.name, len(cached))
+        ports = [p.get_any_name() for p in model.inputs]
+        dataset = nncf.Dataset([dict(zip(ports, sample)) for sample in cached])
+        return nncf.quantize(model, dataset, subset_size=len(cached), model_type=nncf.ModelType.TRANSFORMER,
+                             fast_bias_correction=True, preset=nncf.QuantizationPreset.MIXED,
+                             ignored_scope=nncf.IgnoredScope(patterns=list(KEEP_FP32), validate=False))
+    return transform
+
+
+def calibration_run(pipe: Any) -> Callable[[], None]:
+    """A few short generations at the model's native size (``pipe`` a Pipeline; Euler a, CFG 7), DeepCache off
+    (every call a whole UNet pass, recorded)."""
+    def run() -> None:
+        size = pipe.config.image_size
+        deepcache, pipe.deepcache = pipe.deepcache, None
+        try:
+            for i, prompt in enumerate(CALIBRATION_PROMPTS):
+                pipe.txt2img(prompt, steps=CALIBRATION_STEPS, cfg_scale=7.0, sampler="Euler a", seed=1000 + i,
+                             width=size, height=size)
+        finally:
+            pipe.deepcache = deepcache
+    return run

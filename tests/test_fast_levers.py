@@ -1,0 +1,153 @@
+"""The fast mode's levers, each within its stated tolerance: DeepCache (models/deepcache.py) is the UNet exactly
+when its cached feature comes from the same inputs, runs whole every N calls and shallow between, and costs the
+built-in model's image little; int8 (backends/int8.py) quantizes the UNet once per weights, calibrated on real
+sampling runs, and stays close to the exact image. Speed is in `make bench`, not here."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from stable_diffusion import load_pipeline
+from stable_diffusion.cli import main
+from stable_diffusion.models.deepcache import deep_cache
+
+from .helpers import psnr
+from .oracle import assert_close
+
+PROMPT = "a blue square on the left and a yellow star on the right on a black background"
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "openvino-cache"))
+
+
+def _inputs(pipe, batch: int = 2, side: int = 8):
+    torch.manual_seed(0)
+    c = pipe.config.unet
+    y = torch.randn(batch, c.adm_in_channels) if c.adm_in_channels else None
+    return torch.randn(batch, c.in_channels, side, side), torch.tensor([20.0, 700.0][:batch]), \
+        torch.randn(batch, 77, c.context_dim), y
+
+
+@pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])
+@pytest.mark.parametrize("branch", [0, 1])
+@torch.no_grad()
+def test_deepcache_parts_are_the_unet_on_the_same_inputs(model, branch):
+    pipe = load_pipeline(model)
+    x, t, context, y = _inputs(pipe)
+    whole = pipe.unet(x, t, context, y)
+    out, feature = pipe.unet.forward_deep(x, t, context, y, branch=branch)
+    assert torch.equal(out, whole)
+    assert_close(pipe.unet.forward_shallow(x, t, context, feature, y, branch=branch), whole, rel=1e-6)
+
+
+@torch.no_grad()
+def test_deepcache_runs_whole_every_n_calls_and_costs_the_image_little(builtin):
+    exact = builtin.txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]
+    with deep_cache(builtin.unet, 1) as runner:  # interval 1: off
+        assert runner is None
+    builtin.deepcache = 3
+    try:
+        cached = builtin.txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]
+    finally:
+        builtin.deepcache = None
+    with deep_cache(builtin.unet, 3) as runner:
+        assert np.array_equal(np.asarray(builtin.txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]),
+                              np.asarray(cached))
+    assert "forward" not in builtin.unet.__dict__  # the eager forward is back
+    assert (runner.full_calls, runner.shallow_calls) == (4, 8)  # calls 0, 3, 6, 9 whole
+    assert np.abs(np.asarray(cached, int) - np.asarray(exact, int)).max() > 0  # it is an approximation
+    assert psnr(cached, exact) > 20, psnr(cached, exact)
+    again = builtin.txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]
+    assert np.array_equal(np.asarray(again), np.asarray(exact))
+
+
+@torch.no_grad()
+def test_deepcache_on_openvino_equals_torch_parts():
+    pytest.importorskip("openvino")
+    pipe = load_pipeline("tiny-sdxl", backend="openvino")
+    x, t, context, y = _inputs(pipe)
+    deep, shallow = pipe.unet.deepcache_parts(0)
+    out, feature = deep(x, t, context, y)
+    ref_out, ref_feature = pipe.unet.forward_deep(x, t, context, y, branch=0)
+    assert_close(out, ref_out)
+    assert_close(feature, ref_feature)
+    assert_close(shallow(x, t, context, feature, y), ref_out)
+
+
+def test_int8_is_calibrated_once_per_weights_and_stays_close(caplog):
+    pytest.importorskip("nncf")
+    caplog.set_level(logging.WARNING)
+    exact = load_pipeline(backend="openvino")
+    fast = load_pipeline(int8=True)
+    assert fast.backend == "openvino"
+    reference = exact.txt2img(PROMPT, steps=20, seed=5)[0]
+    image = fast.txt2img(PROMPT, steps=20, seed=5)[0]
+    quantized = [r.getMessage() for r in caplog.records if "int8: quantizing" in r.getMessage()]
+    assert len(quantized) == 1 and "calibration inputs" in quantized[0]
+    assert psnr(image, reference) > 20, psnr(image, reference)
+    assert not np.array_equal(np.asarray(image), np.asarray(reference))
+    again = load_pipeline(int8=True).txt2img(PROMPT, steps=20, seed=5)[0]  # the cached int8 model
+    assert len([r for r in caplog.records if "int8: quantizing" in r.getMessage()]) == 1
+    assert np.array_equal(np.asarray(again), np.asarray(image))
+
+
+@pytest.mark.parametrize("flags,words", [(["--deepcache", "0"], "deepcache takes a whole number of steps >= 1"),
+                                         (["--int8", "--backend", "torch"], "int8 runs on the openvino backend")])
+def test_bad_lever_flags_are_one_line(tmp_path, capsys, flags, words):
+    assert main(["txt2img", "x", "--model", "tiny-sd1", "--out", str(tmp_path), *flags]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0], lines
+
+
+def test_token_merging_merges_similar_tokens_and_gives_them_their_destination_back():
+    from stable_diffusion.models.tome import bipartite_soft_matching
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8 * 6, 16)
+    merge, unmerge = bipartite_soft_matching(x, 8, 6, 0.0)
+    assert torch.equal(unmerge(merge(x)), x)  # nothing merged: the identity
+    x[:, 1] = x[:, 0] * 3  # token 1 points where its window's destination (token 0) does: merged first
+    merge, unmerge = bipartite_soft_matching(x, 8, 6, 1 / 48)  # one pair merged: the closest, tokens 1 and 0
+    merged = merge(x)
+    assert merged.shape == (2, 47, 16)
+    back = unmerge(merged)
+    assert torch.allclose(back[:, 1], (x[:, 0] + x[:, 1]) / 2) and torch.equal(back[:, 0], back[:, 1])
+    assert torch.equal(back[:, 2:], x[:, 2:])  # every other token untouched
+    merge, unmerge = bipartite_soft_matching(x, 8, 6, 0.5)
+    assert merge(x).shape == (2, 24, 16) and unmerge(merge(x)).shape == x.shape
+
+
+@torch.no_grad()
+def test_token_merging_costs_the_image_little_and_runs_on_openvino(builtin):
+    from stable_diffusion.models.tome import top_transformers, set_token_merging
+
+    assert top_transformers(builtin.unet), "the built-in model has attention"
+    exact = builtin.txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]
+    merged_pipe = load_pipeline(tome=0.5)
+    merged = merged_pipe.txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]
+    assert not np.array_equal(np.asarray(merged), np.asarray(exact))
+    assert psnr(merged, exact) > 20, psnr(merged, exact)
+    x, t, context, _ = _inputs(builtin)
+    reference = merged_pipe.unet(x, t, context)
+    pytest.importorskip("openvino")
+    merged_pipe.set_backend("openvino")
+    assert_close(merged_pipe.unet(x, t, context), reference)
+    set_token_merging(merged_pipe.unet, 0.0)  # another graph: converted anew, the exact UNet again
+    assert_close(merged_pipe.unet(x, t, context), builtin.unet(x, t, context))
+
+
+def test_fast_quantizes_deepcache_parts_and_stays_close(caplog):
+    pytest.importorskip("nncf")
+    caplog.set_level(logging.WARNING)
+    exact = load_pipeline(backend="openvino").txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]
+    fast = load_pipeline(int8=True, deepcache=3, tome=0.5)
+    image = fast.txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]
+    quantized = " ".join(r.getMessage() for r in caplog.records if "int8: quantizing" in r.getMessage())
+    assert "unet-deep0" in quantized and "unet-shallow0" in quantized
+    assert psnr(image, exact) > 15, psnr(image, exact)
