@@ -125,7 +125,7 @@ def test_token_merging_merges_similar_tokens_and_gives_them_their_destination_ba
 
 @torch.no_grad()
 def test_token_merging_costs_the_image_little_and_runs_on_openvino(builtin):
-    from stable_diffusion.models.tome import top_transformers, set_token_merging
+    from stable_diffusion.models.tome import set_token_merging, top_transformers
 
     assert top_transformers(builtin.unet), "the built-in model has attention"
     exact = builtin.txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]
