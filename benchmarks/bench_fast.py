@@ -120,7 +120,7 @@ def main() -> None:
         write_models(folder)
     results = {}
     for name in names:
-        run = subprocess.run([sys.executable, __file__, "--config", name, "--folder", str(folder), "--steps",
+        run = subprocess.run([sys.executable, __file__, f"--config={name}", "--folder", str(folder), "--steps",
                               str(args.steps)], capture_output=True, text=True)
         if run.returncode != 0:
             print(f"{name}: failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")

@@ -97,8 +97,13 @@ def test_int8_is_calibrated_once_per_weights_and_stays_close(caplog):
     assert np.array_equal(np.asarray(again), np.asarray(image))
 
 
-@pytest.mark.parametrize("flags,words", [(["--deepcache", "0"], "deepcache takes a whole number of steps >= 1"),
-                                         (["--int8", "--backend", "torch"], "int8 runs on the openvino backend")])
+@pytest.mark.parametrize("flags,words", [
+    (["--deepcache", "0"], "deepcache takes a whole number of steps >= 1"),
+    (["--int8", "--backend", "torch"], "int8 runs on the openvino backend"),
+    (["--tome", "1.5"], "token merging ratio must be in [0, 1)"),
+    (["--tome", "nan"], "token merging ratio must be in [0, 1)"),
+    (["--fast", "--attention-slicing", "64"], "drop offload / attention slicing"),
+])
 def test_bad_lever_flags_are_one_line(tmp_path, capsys, flags, words):
     assert main(["txt2img", "x", "--model", "tiny-sd1", "--out", str(tmp_path), *flags]) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

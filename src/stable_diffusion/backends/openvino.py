@@ -29,7 +29,7 @@ from torch import nn
 from .weights import WeightsWatch
 
 logger = logging.getLogger(__name__)
-COMPILED_PER_COMPONENT = 4  # compiled shapes kept in memory per component (LRU)
+COMPILED_PER_COMPONENT = 2  # compiled shapes kept per component (LRU): each holds its own copy of the weights
 
 
 def cache_root() -> Path:
