@@ -40,6 +40,8 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/bench_components.py
+	# exact and fast mode (openvino, int8, DeepCache, ToMe): a first run converts and quantizes (~30 min on 2 cores)
+	$(PY) benchmarks/bench_fast.py
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/bench_workers.py
 
