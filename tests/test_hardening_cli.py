@@ -29,6 +29,8 @@ BAD_RUNS = [
     (["img2img", "x", "--init", "missing.png"], "not a readable image"),
     (["img2img", "x", "--init", "{init}", "--strength", "1.5"], "denoising strength must be in [0, 1]"),
     (["serve", "--model", "nonexistent", "--models-dir", "{tmp}"], "model 'nonexistent' not found"),
+    (["serve", "--tome", "1.5", "--models-dir", "{tmp}"], "token merging ratio must be in [0, 1)"),
+    (["serve", "--deepcache", "0", "--models-dir", "{tmp}"], "deepcache takes a whole number of steps >= 1"),
     (["info", "{tmp}/empty.ckpt"], "truncated or corrupt checkpoint"),
     (["info", "{tmp}/notes.txt"], "unknown checkpoint type"),
 ]
