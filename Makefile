@@ -18,6 +18,9 @@ PIP := .venv/bin/pip
 	# spandrel: the upscaler nets' oracle (ESRGAN, Real-ESRGAN compact), off the import path and without
 	# dependencies: its package __init__ wants torchvision; the tests load its ESRGAN and Compact modules alone
 	$(PIP) install -q --no-deps --upgrade --target .venv/oracles "spandrel==0.4.2"
+	# controlnet_aux: the annotators' oracle (lineart, OpenPose), off the import path and without dependencies:
+	# its package __init__ imports every detector (torchvision, timm); the tests load its lineart and open_pose alone
+	$(PIP) install -q --no-deps --upgrade --target .venv/oracles "controlnet-aux==0.0.10"
 	touch $@
 
 venv: .venv/.installed

@@ -159,6 +159,14 @@ def test_controlnet_api_as_the_extension(tmp_path):
             p.normal_(0, 0.05)
     save_file({"control_model." + k: v.contiguous() for k, v in net.state_dict().items()},
               models / "ControlNet" / "control_tiny_canny.safetensors")
+    from stable_diffusion.annotators.lineart import LineartGenerator
+
+    lineart = LineartGenerator()
+    with torch.no_grad():
+        for p in lineart.parameters():
+            p.normal_(0, 0.05)
+    (models / "annotators").mkdir()
+    torch.save(lineart.state_dict(), models / "annotators" / "sk_model.pth")  # a preprocessor's weights file
     buffer = io.BytesIO()
     _control_image().save(buffer, "PNG")
     unit = {"image": base64.b64encode(buffer.getvalue()).decode(), "mask": None, "module": "canny",
@@ -169,7 +177,17 @@ def test_controlnet_api_as_the_extension(tmp_path):
     with TestClient(create_app(ModelRegistry(models, default="tiny"))) as client:
         assert client.get("/controlnet/version").json() == {"version": 2}
         assert client.get("/controlnet/model_list").json()["model_list"][0].startswith("control_tiny_canny [")
-        assert "canny" in client.get("/controlnet/module_list").json()["module_list"]
+        listed = client.get("/controlnet/module_list").json()
+        assert {"canny", "lineart_realistic"} <= set(listed["module_list"]) and "openpose" not in listed["module_list"]
+        assert listed["unavailable"]["openpose"] == "needs body_pose_model.pth in annotators/"
+        lines = client.post("/controlnet/detect", json={"controlnet_module": "lineart_realistic",
+                                                        "controlnet_input_images": [unit["image"]],
+                                                        "controlnet_processor_res": 64}).json()["images"][0]
+        expected = ControlUnit(_control_image(), "", "lineart_realistic", processor_res=64,
+                               annotators=models / "annotators").detect()
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(lines)))), np.asarray(expected))
+        r = client.post("/controlnet/detect", json={"controlnet_module": "openpose", "controlnet_input_images": []})
+        assert r.status_code == 422 and "body_pose_model.pth" in r.json()["detail"]
         detected = client.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images":
                                                            [unit["image"]], "controlnet_threshold_a": 100,
                                                            "controlnet_threshold_b": 200,
@@ -191,6 +209,7 @@ def test_controlnet_api_as_the_extension(tmp_path):
         got = Image.open(io.BytesIO(base64.b64decode(images[0]))).convert("RGB")
         assert np.array_equal(np.asarray(got), np.asarray(direct.images[0]))
         for change, text in (({"model": "nope"}, "nope"), ({"module": "depth"}, "control module"),
+                             ({"module": "openpose"}, "needs body_pose_model.pth"),
                              ({"control_mode": 7}, "control_mode"), ({"weight": "x"}, "unit 0"),
                              ({"mask": unit["image"]}, "mask")):
             r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {

@@ -23,7 +23,8 @@ from .live_server import live_server, tiny_models
 ERROR_KEYS = {"error", "detail", "body", "errors"}
 SMALL = Limits(max_width=64, max_height=64, max_steps=2, max_images=2, max_batch_size=2)
 text = st.one_of(st.text(max_size=30), st.sampled_from(["\ud800", "a\udfffb", "BREAK " * 50, "(" * 200, "[" * 200,
-                                                         "\x00", "é" * 40, "<lora:" + "x" * 300 + ">"]))
+                                                         "\x00", "é" * 40, "<lora:" + "x" * 300 + ">",
+                                                         "openpose", "lineart_realistic", "canny"]))
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), text,
                     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([-1, 0, 1, 7, 64, 10**9]))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),

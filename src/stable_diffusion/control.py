@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torch import nn
 
+from .annotators import ANNOTATORS, annotate, availability, check_available
 from .checkpoints.controlnet import controlnet_path, read_controlnet
 from .inpaint import fit_image
 from .models.controlnet import ControlNet
@@ -90,6 +91,11 @@ PREPROCESSORS: dict[str, Callable[[Image.Image, float, float], Image.Image]] = {
 }
 
 
+def modules(annotators: str | Path | None = None) -> list[str]:
+    """The preprocessors that run here: those without weights, then the annotators whose weights are present."""
+    return [*PREPROCESSORS, *availability(annotators)[0]]
+
+
 @dataclass
 class ControlUnit:
     """One ControlNet unit, with the extension's field names and defaults."""
@@ -107,6 +113,7 @@ class ControlUnit:
     threshold_b: float = 200.0
     pixel_perfect: bool = False  # the preprocessor's resolution from the image and target sizes instead
     hr_option: str = "Both"  # with the hires fix: Both, Low res only, High res only
+    annotators: str | Path | None = None  # the folder of preprocessor weights (annotators/ of the models folder)
 
     def __post_init__(self) -> None:
         self.model = controlnet_path(self.model)  # "builtin": the built-in model's layout ControlNet
@@ -114,9 +121,11 @@ class ControlUnit:
     def check(self) -> None:
         if self.hr_option not in HR_OPTIONS:
             raise ValueError(f"control hr_option must be one of {', '.join(HR_OPTIONS)}")
-        if self.module not in PREPROCESSORS:
+        if self.module in ANNOTATORS:
+            check_available(self.module, self.annotators)
+        elif self.module not in PREPROCESSORS:
             raise ValueError(f"control module {self.module!r} is not available here; available: "
-                             f"{', '.join(PREPROCESSORS)}")
+                             f"{', '.join(modules(self.annotators))}")
         if not math.isfinite(self.weight) or not 0 <= self.weight <= 2:
             raise ValueError(f"control weight must be in [0, 2], got {self.weight}")
         if not 0 <= self.guidance_start <= self.guidance_end <= 1:
@@ -144,6 +153,8 @@ class ControlUnit:
         if self.module != "none" and res > 0 and min(image.size) != res:
             scale = res / min(image.size)
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+        if self.module in ANNOTATORS:
+            return annotate(self.module, image, self.annotators)
         return PREPROCESSORS[self.module](image, self.threshold_a, self.threshold_b)
 
     def control_map(self, width: int, height: int) -> Image.Image:

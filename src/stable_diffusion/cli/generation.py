@@ -69,7 +69,8 @@ def _controls(args: argparse.Namespace) -> list:
                         nth(args.control_module, i, "none"), nth(args.control_weight, i, 1.0),
                         nth(args.control_start, i, 0.0), nth(args.control_end, i, 1.0), nth(args.control_mode, i, 0),
                         nth(args.control_resize, i, 1), nth(args.control_res, i, 512),
-                        nth(args.control_threshold_a, i, 100.0), nth(args.control_threshold_b, i, 200.0))
+                        nth(args.control_threshold_a, i, 100.0), nth(args.control_threshold_b, i, 200.0),
+                        annotators=Path(args.models_dir) / "annotators")
             for i, path in enumerate(images)]
 
 
@@ -79,7 +80,8 @@ def _control_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-model", action="append", metavar="PATH", help="its ControlNet (cldm or diffusers; "
                    "with the built-in model the default is its layout ControlNet, \"builtin\")")
     p.add_argument("--control-module", action="append", help="its preprocessor: none, invert, binary, canny, "
-                   "scribble_xdog, tile_resample, blur_gaussian, t2ia_color_grid")
+                   "scribble_xdog, tile_resample, blur_gaussian, t2ia_color_grid; with their weights in "
+                   "--models-dir's annotators/: lineart_realistic, lineart_coarse, openpose")
     p.add_argument("--control-weight", action="append", type=float, help="its weight (1)")
     p.add_argument("--control-start", action="append", type=float, help="from this fraction of the steps (0)")
     p.add_argument("--control-end", action="append", type=float, help="until this fraction of the steps (1)")

@@ -77,13 +77,17 @@ def relocate(job: Job, source: str | None, target: str | None) -> Job:
         return model and dataclasses.replace(model, path=_moved(model.path, source, target),
                                              vae=_moved(model.vae, source, target))
 
+    def unit(u: Any) -> Any:  # a ControlUnit: its ControlNet file and its annotators folder
+        return dataclasses.replace(u, model=_moved(u.model, source, target),
+                                   annotators=_moved(u.annotators, source, target))
+
     request = job.request
     if request is not None:
         request = dataclasses.replace(
             request, **{k: _moved(getattr(request, k), source, target)
                         for k in ("lora_dir", "embeddings_dir", "upscalers_dir")},
-            controls=[dataclasses.replace(u, model=_moved(u.model, source, target)) for u in request.controls])
-    extra = {k: _moved(v, source, target) for k, v in job.extra.items()}
+            controls=[unit(u) for u in request.controls])
+    extra = {k: [unit(u) for u in v] if k == "units" else _moved(v, source, target) for k, v in job.extra.items()}
     return dataclasses.replace(job, model=ref(job.model), refiner=ref(job.refiner), request=request, extra=extra)
 
 

@@ -13,9 +13,10 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..annotators import availability
 from ..checkpoints.controlnet import BUILTIN_CONTROLNET
 from ..checkpoints.hashes import model_hash
-from ..control import CONTROL_MODES, PREPROCESSORS, RESIZE_MODES, ControlUnit
+from ..control import CONTROL_MODES, RESIZE_MODES, ControlUnit, modules
 from ..images import png_bytes
 from .executor import Job
 from .generation import decode_image
@@ -88,7 +89,8 @@ def control_units(body: Any, registry: ModelRegistry) -> list[ControlUnit]:
                     resize_mode=_index(raw.get("resize_mode", 1), RESIZE_MODES, "resize_mode"),
                     processor_res=int(raw.get("processor_res", 512)),
                     threshold_a=float(raw.get("threshold_a", 100)), threshold_b=float(raw.get("threshold_b", 200)),
-                    pixel_perfect=bool(raw.get("pixel_perfect", False)), hr_option=str(raw.get("hr_option", "Both")))
+                    pixel_perfect=bool(raw.get("pixel_perfect", False)), hr_option=str(raw.get("hr_option", "Both")),
+                    annotators=_annotators(registry))
                 _thresholds(unit)
                 unit.check()
             except (TypeError, ValueError) as error:
@@ -110,6 +112,12 @@ def _thresholds(unit: ControlUnit) -> None:
         raise ValueError("thresholds must be 0-255 and processor_res -1 to 2048")
 
 
+def _annotators(registry: ModelRegistry) -> Path | None:
+    """The models folder's annotators/ (absolute, so a broker worker finds it under its own models folder)."""
+    folder = registry.folder("annotators")
+    return folder.resolve() if folder is not None else None
+
+
 def controlnet_router(registry: ModelRegistry, queued: Callable[..., Awaitable[Any]],
                       run_job: Callable[[Job], Any]) -> APIRouter:
     router = APIRouter(prefix="/controlnet")
@@ -124,17 +132,25 @@ def controlnet_router(registry: ModelRegistry, queued: Callable[..., Awaitable[A
 
     @router.get("/module_list")
     async def module_list(alias_names: bool = False):
-        return {"module_list": list(PREPROCESSORS), "module_detail": {name: {} for name in PREPROCESSORS}}
+        """The modules that run here; under ``unavailable`` those whose weights file (named) is not in the models
+        folder's annotators/."""
+        names = modules(_annotators(registry))
+        return {"module_list": names, "module_detail": {name: {} for name in names},
+                "unavailable": {name: f"needs {file} in annotators/"
+                                for name, file in availability(_annotators(registry))[1].items()}}
 
     @router.post("/detect")
     async def detect(body: DetectRequest):
-        if body.controlnet_module not in PREPROCESSORS:
-            raise ApiError(422, f"controlnet_module {body.controlnet_module!r} is not available; available: "
-                                f"{', '.join(PREPROCESSORS)}")
+        folder = _annotators(registry)
+        if body.controlnet_module not in modules(folder):
+            file = availability(folder)[1].get(body.controlnet_module)
+            why = f"needs {file} in the models folder's annotators/" if file else "is not a module of this server"
+            raise ApiError(422, f"controlnet_module {body.controlnet_module!r} {why}; available: "
+                                f"{', '.join(modules(folder))}")
         images = [decode_image(d, f"controlnet_input_images[{i}]") for i, d in enumerate(body.controlnet_input_images)]
         units = [ControlUnit(image, "", body.controlnet_module, processor_res=body.controlnet_processor_res,
-                             threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b)
-                 for image in images]
+                             threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b,
+                             annotators=folder) for image in images]
         try:
             for unit in units:
                 _thresholds(unit)
