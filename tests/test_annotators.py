@@ -155,7 +155,7 @@ def _write(path: Path, state: dict[str, torch.Tensor]) -> None:
 def test_missing_weights_are_listed_unavailable_and_a_unit_says_which_file(tmp_path, monkeypatch):
     monkeypatch.delenv("SD_ANNOTATORS_DIR", raising=False)
     found, missing = availability(tmp_path)
-    assert found == [] and set(missing) == {"lineart_realistic", "lineart_coarse", "openpose"}
+    assert found == [] and set(missing) == {"lineart_realistic", "lineart_coarse", "openpose", "depth_midas", "depth"}
     assert "openpose" not in modules(tmp_path) and "canny" in modules(tmp_path)
     unit = ControlUnit(_person(), "builtin", module="openpose", annotators=tmp_path)
     with pytest.raises(ValueError, match="body_pose_model.pth"):
@@ -191,3 +191,97 @@ def test_a_file_of_another_network_is_a_clear_error(tmp_path, monkeypatch):
     _write(tmp_path / "sk_model2.pth", {"conv.weight": torch.zeros(3, 3)})
     with pytest.raises(ValueError, match="sk_model2.pth is not the lineart_coarse model"):
         annotate("lineart_coarse", _person(), tmp_path)
+
+
+def _midas_to_transformers(name: str) -> list[str]:
+    """An original MiDaS DPT-Hybrid tensor name -> transformers' DPTForDepthEstimation name(s) (the rules of its
+    convert_dpt_hybrid_to_pytorch.py; timm's fused qkv becomes three tensors)."""
+    import re
+
+    rules = [(r"^pretrained\.model\.cls_token$", "dpt.embeddings.cls_token"),
+             (r"^pretrained\.model\.pos_embed$", "dpt.embeddings.position_embeddings"),
+             (r"^pretrained\.model\.patch_embed\.proj\.", "dpt.embeddings.projection."),
+             (r"^pretrained\.model\.patch_embed\.backbone\.stem\.(conv|norm)\.",
+              lambda m: f"dpt.embeddings.backbone.bit.embedder.{'convolution' if m[1] == 'conv' else 'norm'}."),
+             (r"^pretrained\.model\.patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.",
+              r"dpt.embeddings.backbone.bit.encoder.stages.\1.layers.\2."),
+             (r"^pretrained\.model\.norm\.", "dpt.layernorm."),
+             (r"^pretrained\.model\.blocks\.(\d+)\.norm1\.", r"dpt.encoder.layer.\1.layernorm_before."),
+             (r"^pretrained\.model\.blocks\.(\d+)\.norm2\.", r"dpt.encoder.layer.\1.layernorm_after."),
+             (r"^pretrained\.model\.blocks\.(\d+)\.attn\.proj\.", r"dpt.encoder.layer.\1.attention.output.dense."),
+             (r"^pretrained\.model\.blocks\.(\d+)\.mlp\.fc1\.", r"dpt.encoder.layer.\1.intermediate.dense."),
+             (r"^pretrained\.model\.blocks\.(\d+)\.mlp\.fc2\.", r"dpt.encoder.layer.\1.output.dense."),
+             (r"^pretrained\.act_postprocess([34])\.0\.project\.0\.", lambda m: f"neck.reassemble_stage.readout_projects."
+                                                                            f"{int(m[1]) - 1}.0."),
+             (r"^pretrained\.act_postprocess([34])\.3\.",
+              lambda m: f"neck.reassemble_stage.layers.{int(m[1]) - 1}.projection."),
+             (r"^pretrained\.act_postprocess4\.4\.", "neck.reassemble_stage.layers.3.resize."),
+             (r"^scratch\.layer(\d)_rn\.", lambda m: f"neck.convs.{int(m[1]) - 1}."),
+             (r"^scratch\.output_conv\.", "head.head.")]
+    qkv = re.match(r"^pretrained\.model\.blocks\.(\d+)\.attn\.qkv\.(\w+)$", name)
+    if qkv:
+        return [f"dpt.encoder.layer.{qkv[1]}.attention.attention.{p}.{qkv[2]}" for p in ("query", "key", "value")]
+    fusion = re.match(r"^scratch\.refinenet(\d)\.(.*)$", name)
+    if fusion:
+        rest = fusion[2].replace("out_conv", "projection").replace("resConfUnit", "residual_layer")
+        return [f"neck.fusion_stage.layers.{4 - int(fusion[1])}." + rest.replace("conv1", "convolution1").replace(
+            "conv2", "convolution2")]
+    for pattern, replacement in rules:
+        if re.search(pattern, name):
+            return [re.sub(pattern, replacement, name)]
+    raise AssertionError(f"no rule for {name}")
+
+
+@pytest.mark.slow
+def test_midas_dpt_hybrid_has_the_file_names_and_equals_transformers_dpt_hybrid(tmp_path, monkeypatch):
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    from stable_diffusion.annotators.midas import DPTDepth
+
+    config = DPTConfig(is_hybrid=True, hidden_size=768, reassemble_factors=[1, 1, 1, 0.5], layer_norm_eps=1e-6,
+                       neck_hidden_sizes=[256, 512, 768, 768], readout_type="project", patch_size=16)
+    theirs = DPTForDepthEstimation(config).eval()
+    _random_weights(theirs, 7, 0.02)
+    hf = theirs.state_dict()
+    ours = DPTDepth().eval()
+    mapped = {k: _midas_to_transformers(k) for k in ours.state_dict()}
+    assert sorted(n for names in mapped.values() for n in names) == sorted(hf)  # the converter's names, one to one
+    state = {k: torch.cat([hf[n] for n in names]) for k, names in mapped.items()}
+    state["pretrained.model.head.weight"] = torch.zeros(1000, 768)  # in the file, dropped on load
+    state["pretrained.model.head.bias"] = torch.zeros(1000)
+    ours.load_file(state)
+    x = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(8)) * 2 - 1  # its neck wants square grids
+    theirs.dpt.embeddings.image_size = (96, 96)  # its size check; the 24 x 24 position grid is resized as ours
+    with torch.no_grad():
+        expected = theirs(pixel_values=x).predicted_depth
+        assert (expected > 0).float().mean() > 0.2 and expected.std() > 0  # not a dead ReLU
+        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-5)
+        assert ours(x[:, :, :64]).shape == (1, 64, 96)  # and any multiple of 32
+
+    monkeypatch.delenv("SD_ANNOTATORS_DIR", raising=False)  # the whole preprocessor, from the file, as the annotator
+    torch.save({k: v.half() for k, v in state.items()}, tmp_path / "dpt_hybrid-midas-501f0c75.pt")
+    image = _person((64, 64))
+    theirs.dpt.embeddings.image_size = (64, 64)
+    with torch.no_grad():
+        for p in theirs.parameters():  # the weights as the file holds them
+            p.copy_(p.half().float())
+        pixels = torch.from_numpy(np.array(image)).float().div(127.5).sub(1).permute(2, 0, 1)[None]
+        depth = theirs(pixel_values=pixels).predicted_depth[0]
+    depth = depth - depth.min()
+    expected = (depth / depth.max() * 255.0).clip(0, 255).numpy().astype(np.uint8)
+    for module in ("depth_midas", "depth"):
+        got = np.asarray(annotate(module, image, tmp_path))[:, :, 0]
+        assert got.min() == 0 and got.max() == 255 and np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_a_broker_worker_finds_the_annotators_under_its_own_models_folder(tmp_path):
+    from stable_diffusion.request import GenerationRequest
+    from stable_diffusion.server.broker_worker import relocate
+    from stable_diffusion.server.executor import Job
+
+    front, worker = tmp_path / "front", tmp_path / "worker"
+    unit = ControlUnit(_person(), "builtin", module="openpose", annotators=front / "annotators")
+    moved = relocate(Job("generate", None, GenerationRequest("a", controls=[unit])), str(front), str(worker))
+    assert moved.request.controls[0].annotators == worker / "annotators"
+    detect = relocate(Job("detect", None, extra={"units": [unit]}), str(front), str(worker))
+    assert detect.extra["units"][0].annotators == worker / "annotators" and unit.annotators == front / "annotators"

@@ -1,9 +1,10 @@
-"""ControlNet preprocessors that need model weights ("annotators"): lineart (``sk_model.pth``, ``sk_model2.pth``) and
-OpenPose's body model (``body_pose_model.pth``). No weights are downloaded or shipped: each file is looked up by
-its usual name in the annotators folder (``$SD_ANNOTATORS_DIR``, else the models folder's ``annotators/``,
-searched recursively, so the extension's ``downloads/<name>/`` layout works), and a preprocessor whose file is absent is
-listed as unavailable with the file it needs. Like the extension, the image is padded (edge pixels) to multiples
-of 64 for the network and the map cropped back."""
+"""ControlNet preprocessors that need model weights ("annotators"): lineart (``sk_model.pth``, ``sk_model2.pth``),
+OpenPose's body model (``body_pose_model.pth``) and MiDaS DPT-Hybrid depth (``dpt_hybrid-midas-501f0c75.pt``). No
+weights are downloaded or shipped: each file is looked up by its usual name in the annotators folder
+(``$SD_ANNOTATORS_DIR``, else the models folder's ``annotators/``, searched recursively, so the extension's
+``downloads/<name>/`` layout works), and a preprocessor whose file is absent is listed as unavailable with the file
+it needs. Like the extension, the image is padded (edge pixels) to multiples of 64 for the network and the map
+cropped back."""
 
 from __future__ import annotations
 
@@ -45,6 +46,20 @@ def _body(state: dict[str, torch.Tensor]) -> torch.nn.Module:
     return net
 
 
+def _midas(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    from .midas import DPTDepth
+
+    net = DPTDepth()
+    net.load_file(state)
+    return net
+
+
+def _run_midas(net: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
+    from .midas import depth_map
+
+    return depth_map(net, pixels)
+
+
 def _run_lineart(net: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
     from .lineart import lineart
 
@@ -61,7 +76,9 @@ ANNOTATORS: dict[str, Annotator] = {  # the extension's module names
     "lineart_realistic": Annotator("sk_model.pth", _lineart, _run_lineart),
     "lineart_coarse": Annotator("sk_model2.pth", _lineart, _run_lineart),
     "openpose": Annotator("body_pose_model.pth", _body, _run_openpose),
+    "depth_midas": Annotator("dpt_hybrid-midas-501f0c75.pt", _midas, _run_midas),
 }
+ANNOTATORS["depth"] = ANNOTATORS["depth_midas"]  # the extension's older name, still accepted
 _loaded: dict[Path, torch.nn.Module] = {}
 _lock = threading.Lock()
 

@@ -81,7 +81,7 @@ def _control_arguments(p: argparse.ArgumentParser) -> None:
                    "with the built-in model the default is its layout ControlNet, \"builtin\")")
     p.add_argument("--control-module", action="append", help="its preprocessor: none, invert, binary, canny, "
                    "scribble_xdog, tile_resample, blur_gaussian, t2ia_color_grid; with their weights in "
-                   "--models-dir's annotators/: lineart_realistic, lineart_coarse, openpose")
+                   "--models-dir's annotators/: lineart_realistic, lineart_coarse, openpose, depth_midas")
     p.add_argument("--control-weight", action="append", type=float, help="its weight (1)")
     p.add_argument("--control-start", action="append", type=float, help="from this fraction of the steps (0)")
     p.add_argument("--control-end", action="append", type=float, help="until this fraction of the steps (1)")
