@@ -65,6 +65,42 @@ def test_controlnet_stage_starts_as_the_unet_and_learns_alone(tmp_path):
     assert '"controlnet"' in (tmp_path / "run" / "loss.jsonl").read_text()
 
 
+def test_object_weight_counts_the_drawn_latent_positions_more():
+    from stable_diffusion.diffusion.denoiser import Denoiser
+    from stable_diffusion.training.objectives import ControlNetLoss
+
+    torch.manual_seed(0)
+    unet = lambda x, t, context=None, y=None: x * 0.5 + 0.1  # noqa: E731 - a fixed "network"
+    denoiser = Denoiser(unet, torch.linspace(0.99, 0.01, 1000), "v")
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    plain = denoiser.loss(x0, noise, t)
+    assert torch.allclose(denoiser.loss(x0, noise, t, pixel_weights=torch.full((2, 1, 8, 8), 3.0)), plain)
+    weights = torch.ones(2, 1, 8, 8)
+    weights[:, :, :2, :2] = 5.0
+    error = (denoiser.loss(x0, noise, t, pixel_weights=weights))
+    sigma = denoiser.schedule.sigmas[t].reshape(-1, 1, 1, 1)
+    skip_div, c_out, c_in = denoiser.scalings(sigma)
+    noised = x0 + noise * sigma
+    squared = (unet(noised * c_in, t) - (x0 - noised / skip_div) / c_out) ** 2
+    assert torch.allclose(error, (squared * weights).sum((1, 2, 3)) / (4 * weights.sum((1, 2, 3))))
+
+    seen = {}
+    loss = ControlNetLoss.__new__(ControlNetLoss)
+    torch.nn.Module.__init__(loss)
+    loss.denoiser = type("D", (), {"unet": type("U", (), {})()})()
+    loss.object_weight = 4.0
+    hints = torch.zeros(1, 3, 64, 64)
+    hints[:, :, 20:28, 40:44] = 1.0  # a drawn shape: latent rows 5-6, columns 10 (of 16 x 16)
+    super_forward = lambda self, *a, pixel_weights=None: seen.setdefault("w", pixel_weights)  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("stable_diffusion.training.objectives.DiffusionLoss.forward", super_forward)
+        loss(torch.zeros(1, 4, 16, 16), None, None, hints)
+    w = seen["w"][0, 0]
+    assert set(w.unique().tolist()) == {1.0, 4.0}
+    assert torch.equal((w == 4).nonzero()[:, 0].unique(), torch.arange(4, 8))  # rows 5-6, one around
+    assert torch.equal((w == 4).nonzero()[:, 1].unique(), torch.arange(9, 12))  # column 10, one around
+
+
 def test_free_layouts_and_outlines():
     """Free layouts put objects at any position and size (the caption names the nearest place and size, the
     relation the larger offset); outlines are the silhouettes' edges; the shapes batches mix both in."""

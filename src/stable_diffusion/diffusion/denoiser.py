@@ -49,16 +49,21 @@ class Denoiser(nn.Module):
         return x.float() / skip_div + c_out * out
 
     def loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
-             y: torch.Tensor | None = None) -> torch.Tensor:
+             y: torch.Tensor | None = None, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample mean squared error (B,) of the network's output at integer timesteps ``t`` against the
         target the scalings imply, ``(x0 - c_skip x) / c_out`` with x = x0 + sigma * noise: the noise for eps,
-        ``sqrt(abar) noise - sqrt(1 - abar) x0`` for v (Ho et al. 2020, Algorithm 1; Salimans & Ho 2022)."""
+        ``sqrt(abar) noise - sqrt(1 - abar) x0`` for v (Ho et al. 2020, Algorithm 1; Salimans & Ho 2022).
+        ``pixel_weights`` (B, 1, h, w): a weighted mean over the latent's positions instead."""
         sigma = self.schedule.sigmas.to(t.device)[t].reshape(-1, *([1] * (x0.dim() - 1)))
         skip_div, c_out, c_in = self.scalings(sigma)
         noised = x0 + noise * sigma
         target = (x0 - noised / skip_div) / c_out
         output = self.unet((noised * c_in).to(x0.dtype), t, context, y)
-        return (output.float() - target.float()).pow(2).flatten(1).mean(1)
+        error = (output.float() - target.float()).pow(2)
+        if pixel_weights is None:
+            return error.flatten(1).mean(1)
+        weights = pixel_weights.to(error).expand_as(error)
+        return (error * weights).flatten(1).sum(1) / weights.flatten(1).sum(1)
 
 
 class CFGDenoiser(nn.Module):

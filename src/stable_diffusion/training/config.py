@@ -200,6 +200,7 @@ class ControlNetSection(_Section):
     control_path: str = ""  # folder datasets: the control images, at the images' relative paths
     free_fraction: float = Field(0.0, ge=0, le=1)  # shapes: scenes at free positions and sizes (free_layout)
     outline_fraction: float = Field(0.0, ge=0, le=1)  # shapes: layouts drawn as outlines instead of filled
+    object_weight: float = Field(1.0, ge=1)  # > 1: latent positions under the drawn layout weigh this much more
     output: str = Field("controlnet.safetensors", min_length=1)
 
 

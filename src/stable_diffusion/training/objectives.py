@@ -147,9 +147,10 @@ class DiffusionLoss(nn.Module):
         self.text_encoders.requires_grad_(train_text_encoder)
 
     def forward(self, latents: torch.Tensor, ids: torch.Tensor, generator: torch.Generator,
-                sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                sample_weights: torch.Tensor | None = None, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``ids`` (encoders, B, 77): each text encoder's tokens. ``sample_weights`` (B,), e.g. from
-        :func:`caption_loss_weights`: the loss is their weighted mean."""
+        :func:`caption_loss_weights`: the loss is their weighted mean; ``pixel_weights`` (B, 1, h, w) weigh the
+        latent's positions within each sample."""
         b = latents.shape[0]
         timesteps = len(self.denoiser.schedule.sigmas)
         t = torch.randint(0, timesteps, (b,), generator=generator, device=generator.device).to(latents.device)
@@ -158,7 +159,7 @@ class DiffusionLoss(nn.Module):
         context = torch.cat([c for c, _ in encoded], dim=-1)
         y = sdxl_vector(encoded[-1][1], self.image_size, self.image_size, self.size_embed_dim) \
             if self.size_embed_dim else None
-        per_sample = self.denoiser.loss(latents, noise, t, context, y)  # (B,)
+        per_sample = self.denoiser.loss(latents, noise, t, context, y, pixel_weights)  # (B,)
         if self.weights is not None:
             per_sample = self.weights[t] * per_sample
         if sample_weights is None:
@@ -181,12 +182,23 @@ class HintedUNet(nn.Module):
 
 
 class ControlNetLoss(DiffusionLoss):
-    """Algorithm 1 through the frozen UNet with a ControlNet: only the ControlNet learns (Zhang et al. 2023)."""
+    """Algorithm 1 through the frozen UNet with a ControlNet: only the ControlNet learns (Zhang et al. 2023).
+    ``object_weight`` > 1: the latent positions under the control image's white pixels (and one position around
+    them) count that many times in each sample's error, so the drawn shapes, a small part of the latent, drive
+    the learning rather than the background."""
+
+    object_weight: float = 1.0
 
     def forward(self, latents: torch.Tensor, ids: torch.Tensor, generator: torch.Generator,
                 hints: torch.Tensor) -> torch.Tensor:
         self.denoiser.unet.hint = hints
-        return super().forward(latents, ids, generator)
+        weights = None
+        if self.object_weight > 1:
+            drawn = (hints.amax(1, keepdim=True) > 0.5).float()  # (B, 1, H, W)
+            drawn = F.adaptive_max_pool2d(drawn, latents.shape[-2:])  # any drawn pixel marks its latent position
+            drawn = F.max_pool2d(drawn, 3, 1, 1)
+            weights = 1 + (self.object_weight - 1) * drawn
+        return super().forward(latents, ids, generator, pixel_weights=weights)
 
 
 class ContrastiveLoss(nn.Module):

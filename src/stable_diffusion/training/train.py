@@ -221,6 +221,7 @@ class Trainer:
         net.load_state_dict(encoder, strict=False)
         set_gradient_checkpointing(net, t.gradient_checkpointing)
         loss = self._diffusion_loss(False, HintedUNet(self.pipe.unet, net), ControlNetLoss)
+        loss.object_weight = c.object_weight
         spec = self._spec("controlnet", loss, c.steps, c.learning_rate)
         controls = control_folder(self.folder, c.control_path) if self.folder is not None else True
         scale = self.pipe.config.vae.scaling_factor
