@@ -7,9 +7,10 @@ weights, activations, the Python runtime, everything) and the seconds to load an
 against diffusers' default pipeline; diffusers' own CPU-capable savings (attention slicing, VAE tiling) are
 measured too. The last case is every saving at once: sequential offload, attention slices of at most 64 MiB
 of scores, and the VAE in tiles of half the image's side. Sequential offload on the CPU keeps only the running
-layer's mapped pages resident (stable_diffusion/offload.py).
+layer's mapped pages resident (stable_diffusion/offload.py). The openvino cases (exact, and int8) are measured
+after an unmeasured run has converted (and quantized) the model into the cache, as every later run finds it.
 
-    python benchmarks/bench_memory.py [--device cpu] [--size 512] [--keep DIR]
+    python benchmarks/bench_memory.py [--device cpu] [--size 512] [--keep DIR] [--cases "ours,ours --int8"]
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ CASES = {  # name -> (who, options)
     "ours offload sequential": ("ours", {"offload": "sequential"}),
     "ours sequential+sliced+tiled": ("ours", {"offload": "sequential", "attention_slicing": 64,
                                               "tiled_vae": True}),
+    "ours --backend openvino": ("ours", {"backend": "openvino"}),  # the IR cached by a warm-up run first
+    "ours --int8": ("ours", {"backend": "openvino", "int8": True}),
 }
 
 
@@ -55,7 +58,8 @@ def run_case(folder: Path, who: str, options: dict, device: str, size: int) -> d
         from stable_diffusion.pipeline import load_pipeline
 
         pipe = load_pipeline(folder / "sd15.safetensors", device=device, dtype="fp32",
-                             offload=options.get("offload"), attention_slicing=options.get("attention_slicing"))
+                             offload=options.get("offload"), attention_slicing=options.get("attention_slicing"),
+                             backend=options.get("backend"), int8=options.get("int8", False))
         loaded = time.perf_counter()
         pipe.txt2img(PROMPT, negative_prompt=NEGATIVE, steps=2, cfg_scale=7.0, sampler="Euler", seed=1,
                      width=size, height=size, tiled_vae=options.get("tiled_vae", False), vae_tile_size=size // 2)
@@ -96,6 +100,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--keep", help="write (or reuse) the models in this folder instead of a temporary one")
+    parser.add_argument("--cases", help="comma-separated case names (default: all; diffusers' is always the baseline)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -113,9 +118,13 @@ def main() -> None:
     print(f"{'case':<30}{'peak RSS MB':>13}{'vs diffusers':>14}{'load s':>9}{'generate s':>12}"
           + (f"{'peak CUDA MB':>14}" if args.device.startswith("cuda") else ""))
     baseline = None
-    for name in CASES:
-        run = subprocess.run([sys.executable, __file__, "--case", name, "--folder", str(folder), "--device",
-                              args.device, "--size", str(args.size)], capture_output=True, text=True)
+    chosen = ["diffusers", *[c for c in args.cases.split(",") if c != "diffusers"]] if args.cases else list(CASES)
+    for name in chosen:
+        command = [sys.executable, __file__, "--case", name, "--folder", str(folder), "--device", args.device,
+                   "--size", str(args.size)]
+        if CASES[name][1].get("backend"):  # fill the cache first (conversion, quantization: once per weights)
+            subprocess.run(command, capture_output=True, text=True)
+        run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode != 0:
             print(f"{name:<30} failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
             continue

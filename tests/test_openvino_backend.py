@@ -104,6 +104,26 @@ def test_what_openvino_cannot_run_runs_in_torch(monkeypatch, caplog, builtin):
     assert any("openvino is not installed" in r.getMessage() for r in caplog.records)
 
 
+def test_a_compiled_model_leaves_the_torch_weights_mapped_and_releases_their_pages(tmp_path, monkeypatch):
+    from stable_diffusion.checkpoints import mapped
+
+    load_pipeline("tiny-sd1").save(tmp_path / "tiny.safetensors")
+    released = []
+    monkeypatch.setattr("stable_diffusion.pipeline.release_module",
+                        lambda module: released.append(module) or mapped.release_module(module))
+    pipe = load_pipeline(tmp_path / "tiny.safetensors", backend="openvino")
+    convs = [m.weight for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(mapped.is_mapped(w) for w in convs)  # no channels-last copies for a backend that compiles its own
+    image = pipe.txt2img("a cat", steps=2, seed=3, width=64, height=64)[0]
+    assert any(m is pipe.unet for m in released) and any(m is pipe.vae for m in released)
+    fresh = load_pipeline(tmp_path / "tiny.safetensors")
+    for module, again in ((pipe.unet, fresh.unet), (pipe.vae, fresh.vae)):  # released pages read back unchanged
+        assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), again.state_dict().values(),
+                                                         strict=True))
+    reference = fresh.txt2img("a cat", steps=2, seed=3, width=64, height=64)[0]
+    assert max(abs(a - b) for a, b in zip(image.tobytes(), reference.tobytes(), strict=True)) <= 1
+
+
 def _residual_shapes(pipe, x, t, context) -> list[torch.Tensor]:
     """Zero tensors shaped as the UNet's skips and middle output (what a ControlNet adds to)."""
     shapes = []

@@ -22,7 +22,7 @@ from .checkpoints.detect import VAE_PREFIX, detect_config, detect_vae
 from .checkpoints.errors import CheckpointError, first_line
 from .checkpoints.hashes import model_hash
 from .checkpoints.io import read_state_dict, write_safetensors
-from .checkpoints.mapped import is_mapped, release
+from .checkpoints.mapped import is_mapped, release, release_module
 from .checkpoints.single_file import CONFIG_METADATA_KEY, join_components, split_components
 from .generate import StepCallback, generate
 from .models.attention import CrossAttention
@@ -121,11 +121,10 @@ class Pipeline:
         return self
 
     def set_backend(self, name: str, int8: bool = False) -> Pipeline:
-        """Run the UNet and the VAE decoder on backend ``name`` (backends/: "torch", or "openvino" on the CPU,
-        converted once per weights and cached on disk); ``int8``: the UNet quantized by NNCF, calibrated on a few
-        generations of this pipeline (backends/int8.py). An absent backend leaves torch, with a notice.
-        ``self.backend`` says which runs."""
-        self.backend = use_backend(self.unet, self.vae, name, self.device, int8, calibration_run(self))
+        """Run the UNet and the VAE decoder on backend ``name`` ("torch", or "openvino" on the CPU: converted once
+        per weights, cached on disk, torch's mapped weight pages released once compiled); ``int8``: the UNet quantized
+        by NNCF, calibrated on a few generations (backends/int8.py). Absent: torch, with a notice (``self.backend``)."""
+        self.backend = use_backend(self.unet, self.vae, name, self.device, int8, calibration_run(self), release_module)
         return self
 
     def set_attention_slicing(self, slicing: int | str | None) -> Pipeline:
@@ -383,7 +382,8 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
             full_size_sd2 = config.family == "sd2" and config.unet.model_channels == 320
             config = config.replace(prediction=prediction, image_size=768 if prediction == "v" and full_size_sd2
                                     else config.image_size)
-        pipe = Pipeline.from_parts(config, parts, tokenizers, source=str(path), channels_last=not offloaded)
+        pipe = Pipeline.from_parts(config, parts, tokenizers, source=str(path),  # a compiled backend: no copies
+                                   channels_last=not offloaded and backend in (None, "torch"))
         pipe.source_file = None if path.is_dir() else path
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]

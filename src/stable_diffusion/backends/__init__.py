@@ -19,10 +19,11 @@ logger = logging.getLogger(__name__)
 
 
 def use_backend(unet: nn.Module, vae: nn.Module, name: str, device: torch.device, int8: bool = False,
-                calibrate: Callable[[], Any] | None = None) -> str:
+                calibrate: Callable[[], Any] | None = None, release: Callable[[nn.Module], Any] | None = None) -> str:
     """Run ``unet`` and ``vae.decode`` on backend ``name``; returns the backend in effect ("torch" when the asked
     one is absent or cannot run on ``device``, with a one-line notice). ``int8`` (openvino only; int8.py)
-    quantizes the UNet, calibrated on the UNet inputs of ``calibrate()`` (a few generations)."""
+    quantizes the UNet, calibrated on the UNet inputs of ``calibrate()`` (a few generations). ``release(module)``
+    runs after each compile: the module's torch weights are not needed while the compiled model runs."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {name!r}")
     if int8 and name != "openvino":
@@ -42,7 +43,7 @@ def use_backend(unet: nn.Module, vae: nn.Module, name: str, device: torch.device
         return "torch"
     from .unet_parts import install_openvino
 
-    install_openvino(unet, vae, _installed, int8 and nncf_available(), calibrate)
+    install_openvino(unet, vae, _installed, int8 and nncf_available(), calibrate, release)
     if int8 and not nncf_available():
         logger.warning("int8: nncf is not installed (pip install \".[openvino]\"); the UNet runs in fp32")
     return name

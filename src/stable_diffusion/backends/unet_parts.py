@@ -5,6 +5,7 @@ for each recorded input)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -66,21 +67,23 @@ def _unet_runner(unet: nn.Module, eager, component):
 
 
 def install_openvino(unet: nn.Module, vae: nn.Module, installed: Callable, int8: bool,
-                     calibrate: Callable[[], Any] | None) -> None:
+                     calibrate: Callable[[], Any] | None, release: Callable[[nn.Module], Any] | None = None) -> None:
     """Set ``unet.forward``, ``unet.deepcache_parts`` and ``vae.decode`` to OpenVINO runners (``installed(module,
-    key, make)`` keeps each made runner on its module); ``int8``: the UNet's runners quantized."""
+    key, make)`` keeps each made runner on its module); ``int8``: the UNet's runners quantized; ``release(module)``
+    after each compile (the torch weights' pages)."""
+    component = functools.partial(OpenVINOComponent, release=release)
     eager, decode = unet.forward, vae.decode
     shape_class = _unet_shape_class(len(unet.config.channel_mult) - 1)
     made: dict[str, OpenVINOComponent] = installed(unet, "openvino-components", dict)  # fp32, by part name
 
     def fp32_component(fn, part: str, kind: str = "", branch: int = 0) -> OpenVINOComponent:
-        made[part] = OpenVINOComponent(unet, fn, part, shape_class)
+        made[part] = component(unet, fn, part, shape_class)
         return made[part]
 
     fp32 = installed(unet, "openvino", lambda: _unet_runner(unet, eager, fp32_component(eager, "unet")))
     fp32_parts = installed(unet, "openvino-deepcache", lambda: _deepcache_parts(unet, fp32_component))
     unet.forward, unet.deepcache_parts = fp32, fp32_parts
-    vae.decode = installed(vae, "openvino", lambda: OpenVINOComponent(vae, decode, "vae-decoder"))
+    vae.decode = installed(vae, "openvino", lambda: component(vae, decode, "vae-decoder"))
     if not int8:
         return
     recorded: list = []
@@ -110,9 +113,8 @@ def install_openvino(unet: nn.Module, vae: nn.Module, installed: Callable, int8:
     def int8_part(fn, part: str, kind: str, branch: int) -> OpenVINOComponent:
         fp32_parts(branch)  # the fp32 parts exist: their IR is what gets quantized
         data = with_features(branch) if kind == "shallow" else samples
-        return OpenVINOComponent(unet, fn, part, shape_class, transform=quantizer(data), tag=TAG,
-                                 source=made[part])
+        return component(unet, fn, part, shape_class, transform=quantizer(data), tag=TAG, source=made[part])
 
-    unet.forward = installed(unet, "openvino-int8", lambda: _unet_runner(unet, eager, OpenVINOComponent(
+    unet.forward = installed(unet, "openvino-int8", lambda: _unet_runner(unet, eager, component(
         unet, eager, "unet", shape_class, transform=quantizer(samples), tag=TAG, source=made["unet"])))
     unet.deepcache_parts = installed(unet, "openvino-int8-deepcache", lambda: _deepcache_parts(unet, int8_part))

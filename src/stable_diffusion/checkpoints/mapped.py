@@ -129,3 +129,8 @@ def release(tensor: torch.Tensor) -> bool:
     if last > first and hasattr(mapping, "madvise"):
         mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
     return True
+
+
+def release_module(module: torch.nn.Module) -> int:
+    """``release`` every parameter and buffer of ``module``; the number that view a mapped file."""
+    return sum(release(t) for t in [*module.parameters(), *module.buffers()])
