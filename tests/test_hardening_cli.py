@@ -28,6 +28,8 @@ BAD_RUNS = [
     (["txt2img", "x", "--tiled-vae", "100000"], "vae_tile_size must be a multiple of 8 from 64 to 4096"),
     (["img2img", "x", "--init", "missing.png"], "not a readable image"),
     (["img2img", "x", "--init", "{init}", "--strength", "1.5"], "denoising strength must be in [0, 1]"),
+    (["txt2img", "x", "--control", "{init}", "--control-model", "{tmp}/cn.safetensors", "--control-module",
+      "openpose", "--models-dir", "{tmp}"], "needs body_pose_model.pth"),
     (["serve", "--model", "nonexistent", "--models-dir", "{tmp}"], "model 'nonexistent' not found"),
     (["serve", "--tome", "1.5", "--models-dir", "{tmp}"], "token merging ratio must be in [0, 1)"),
     (["serve", "--deepcache", "0", "--models-dir", "{tmp}"], "deepcache takes a whole number of steps >= 1"),
