@@ -103,15 +103,17 @@ def availability(folder: str | Path | None = None) -> tuple[list[str], dict[str,
     return found, {module: a.file for module, a in ANNOTATORS.items() if module not in found}
 
 
-def check_available(module: str, folder: str | Path | None = None) -> None:
-    if weights_file(module, folder) is None:
+def check_available(module: str, folder: str | Path | None = None) -> Path:
+    """The module's weights file; a one-line ValueError naming the file and folder when it is absent."""
+    path = weights_file(module, folder)
+    if path is None:
         raise ValueError(f"control module {module!r} needs {ANNOTATORS[module].file} in {annotators_dir(folder)} "
                          f"(nothing is downloaded here: put the file there or set SD_ANNOTATORS_DIR)")
+    return path
 
 
 def _net(module: str, folder: str | Path | None) -> torch.nn.Module:
-    check_available(module, folder)
-    path = weights_file(module, folder).resolve()
+    path = check_available(module, folder).resolve()
     with _lock:
         if path not in _loaded:
             state, _ = read_state_dict(path)

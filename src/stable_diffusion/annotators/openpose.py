@@ -45,23 +45,19 @@ class _Layers(nn.Module):
 
     def __init__(self, spec: list, last_relu: bool) -> None:
         super().__init__()
-        self.order: list[str] = []
+        self.steps: list[tuple[str | None, bool]] = []  # (convolution name or None for a pool, ReLU after it)
         for i, item in enumerate(spec):
             if item == "pool":
-                self.order.append("pool")
+                self.steps.append((None, False))
                 continue
             name, cin, cout, k = item
             self.add_module(name, nn.Conv2d(cin, cout, k, padding=k // 2))
-            self.order.append(name if (i < len(spec) - 1 or last_relu) else name + ":linear")
+            self.steps.append((name, i < len(spec) - 1 or last_relu))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for step in self.order:
-            if step == "pool":
-                x = nn.functional.max_pool2d(x, 2, 2)
-            elif step.endswith(":linear"):
-                x = getattr(self, step.removesuffix(":linear"))(x)
-            else:
-                x = torch.relu(getattr(self, step)(x))
+        for name, relu in self.steps:
+            x = nn.functional.max_pool2d(x, 2, 2) if name is None else getattr(self, name)(x)
+            x = torch.relu(x) if relu else x
         return x
 
 
