@@ -33,9 +33,10 @@ demo: venv
 	.venv/bin/sd txt2img "a blue square on the left and a yellow star on the right on a black background" \
 		--seed 2 --out outputs/demo
 	.venv/bin/sd pnginfo outputs/demo/00000-1.png
-	# the built-in ControlNet: the shapes where examples/layout.png draws them (saved beside the layout as -control.png)
+	# the built-in ControlNet: the shapes where examples/layout.png draws them (saved beside the layout as -control.png);
+	# CFG only above sigma 5 (NGMS) keeps the caption's grid place and size from pulling the shapes off the layout
 	.venv/bin/sd txt2img "a yellow star on the left and a red circle on the right on a navy background" \
-		--control examples/layout.png --seed 3 --out outputs/demo
+		--control examples/layout.png --ngms 5 --ngms-all-steps --seed 3 --out outputs/demo
 
 test: venv
 	.venv/bin/ruff check .

@@ -148,11 +148,22 @@ def test_controlnet_stage_on_a_folder_of_triples(tmp_path):
                      | {"controlnet": {"control_path": str(controls), "free_fraction": 0.5}})
 
 
-def test_eval_control_measures_placement(tmp_path, capsys):
-    """``sd eval --control``: IoU of the objects with the drawn layouts, per weight (weight 0: the model alone)."""
+def test_eval_control_measures_placement(tmp_path, capsys, monkeypatch):
+    """``sd eval --control``: IoU of the objects with the drawn layouts, per weight (weight 0: the model alone), the
+    VAE's ceiling per kind, and A1111's guidance skipping (NGMS) passed to every generation."""
     import json
 
     from stable_diffusion.cli import main
+    from stable_diffusion.pipeline import Pipeline
+
+    calls = []
+    txt2img = Pipeline.txt2img
+
+    def spy(self, prompt, *args, **fields):
+        calls.append(fields)
+        return txt2img(self, prompt, *args, **fields)
+
+    monkeypatch.setattr(Pipeline, "txt2img", spy)
 
     mask = np.zeros((8, 8), bool)
     mask[2:6, 2:6] = True
@@ -164,7 +175,7 @@ def test_eval_control_measures_placement(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", "--model", "tiny-sd1", "--control", str(tmp_path / "run" / "controlnet.safetensors"),
                  "--n", "2", "--steps", "2", "--samplers", "Euler", "--control-weights", "1,0", "--control-end", "0.5",
-                 "--out", str(out)]) == 0
+                 "--ngms", "5", "--ngms-all-steps", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| weight | scenes | placed |" in printed and "| 0 | two objects, free layout |" in printed
     result = json.loads((out / "control.json").read_text())
@@ -172,6 +183,10 @@ def test_eval_control_measures_placement(tmp_path, capsys):
     assert result["guidance_end"] == 0.5 and "guidance end 0.5" in printed
     assert [r["weight"] for r in rows] == [1.0] * 5 + [0.0] * 5
     assert {r["kind"] for r in rows} == set(KINDS) and all(0 <= r["mean_iou"] <= 1 for r in rows)
+    assert set(result["vae_ceiling"]) == set(KINDS) and all(0 <= v <= 1 for v in result["vae_ceiling"].values())
+    assert result["guidance_skip"] == {"s_min_uncond": 5.0, "s_min_uncond_all": True}
+    assert "NGMS 5 (every step)" in printed and "| VAE ceiling |" in printed
+    assert len(calls) == 20 and all(c["s_min_uncond"] == 5.0 and c["s_min_uncond_all"] for c in calls)
 
 
 def test_the_built_in_controlnet_ships_and_weight_0_is_the_model_alone():

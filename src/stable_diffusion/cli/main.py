@@ -116,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise ValueError("--control-weights takes comma-separated numbers, --steps an integer") from None
         result = control_evaluate(pipe, args.control, weights, n=args.n, seed=args.seed, steps=steps,
                                   sampler=args.samplers.split(",")[0].strip(), cfg=args.cfg,
-                                  guidance_end=args.control_end)
+                                  guidance_end=args.control_end, guidance=guidance_skip(args))
         write_json(Path(args.out) / "control.json", result)
         print(control_table(result), end="")
         print(f"written: {args.out}/control.json")

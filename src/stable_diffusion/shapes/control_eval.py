@@ -3,7 +3,8 @@ one- and two-object scenes, at the grid's places and sizes and at free ones, the
 layout (the filled silhouettes, white on black, or their outlines) and the prompt its caption; an object lands
 where drawn when the generated image's object pixels (those far from the scene's background colour) overlap the
 silhouettes with IoU >= 0.7. Each ControlNet weight and kind of scene is a row (weight 0: the model alone), with
-the adherence checker's verdicts beside it."""
+the adherence checker's verdicts beside it, and the share that the VAE's reconstruction of the true scene places: the
+ceiling, since every generated image comes through that decoder."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from ..control import ControlUnit
 from .adherence import judge, read_image
+from .evaluate import vae_reconstruct
 from .scenes import BACKGROUNDS, heldout_scenes, outline, render
 
 if TYPE_CHECKING:
@@ -42,14 +44,23 @@ KINDS = {  # name: (two objects, free layout, drawn as outlines)
 
 
 def control_evaluate(pipe: Pipeline, control: str | Path, weights: list[float], n: int = 50, seed: int = 0,
-                     steps: int = 20, sampler: str = "Euler a", cfg: float = 7.0, guidance_end: float = 1.0) -> dict:
+                     steps: int = 20, sampler: str = "Euler a", cfg: float = 7.0, guidance_end: float = 1.0,
+                     guidance: dict | None = None) -> dict:
     """One row per ControlNet weight and kind of scene (grid places and sizes, which the prompt can say; free
     positions and sizes, which only the layout can; a free layout drawn as outlines): the share placed with
     IoU >= 0.7, the mean IoU, and the adherence checker's verdicts (colours, shapes, relations) on the same images.
-    ``guidance_end``: the ControlNet acts on this first fraction of the steps (the unit's guidance_end)."""
+    ``guidance_end``: the ControlNet acts on this first fraction of the steps (the unit's guidance_end);
+    ``guidance``: where CFG is switched off (GenerationRequest's s_min_uncond, s_min_uncond_all, skip_early_cond)."""
+    guidance = {k: v for k, v in (guidance or {}).items() if v}
     size = pipe.config.image_size
     kinds = {kind: heldout_scenes(n, seed=seed + 1 + i, two_object=two, free=free)
              for i, (kind, (two, free, _)) in enumerate(KINDS.items())}
+    ceiling = {}
+    for kind, scenes in kinds.items():
+        silhouettes = [np.asarray(render(s, size, layout=True).convert("L")) > 127 for s in scenes]
+        rebuilt = vae_reconstruct(pipe, [render(s, size) for s in scenes])[2]
+        ceiling[kind] = float(np.mean([iou(object_mask(im, BACKGROUNDS[s.background]), d) >= IOU_TARGET
+                                       for im, s, d in zip(rebuilt, scenes, silhouettes, strict=True)]))
     rows = []
     for weight in weights:
         for kind, scenes in kinds.items():
@@ -59,21 +70,36 @@ def control_evaluate(pipe: Pipeline, control: str | Path, weights: list[float], 
                 layout = outline(drawn) if KINDS[kind][2] else drawn
                 unit = ControlUnit(layout, control, weight=weight, resize_mode=0, guidance_end=guidance_end)
                 image = pipe.txt2img(scene.caption, steps=steps, sampler=sampler, cfg_scale=cfg, seed=seed + i,
-                                     width=size, height=size, controls=[unit])[0]
+                                     width=size, height=size, controls=[unit], **guidance)[0]
                 ious.append(iou(object_mask(image, BACKGROUNDS[scene.background]), np.asarray(drawn.convert("L")) > 127))
                 verdicts.append(judge(read_image(image), scene)["all"])
             rows.append({"weight": weight, "kind": kind, "placed": float(np.mean([v >= IOU_TARGET for v in ious])),
                          "mean_iou": float(np.mean(ious)), "adherence": float(np.mean(verdicts))})
     return {"n_per_kind": n, "steps": steps, "sampler": sampler, "cfg": cfg, "control": Path(control).name,
-            "guidance_end": guidance_end, "iou_target": IOU_TARGET, "rows": rows}
+            "guidance_end": guidance_end, "guidance_skip": guidance, "iou_target": IOU_TARGET, "vae_ceiling": ceiling,
+            "rows": rows}
 
 
 def control_table(result: dict) -> str:
     lines = [f"ControlNet {result['control']}: objects placed where drawn (IoU >= {result['iou_target']}), "
              f"{result['n_per_kind']} held-out scenes per kind, {result['sampler']} {result['steps']} steps, "
-             f"CFG {result['cfg']}, guidance end {result.get('guidance_end', 1.0):g}", "",
-             "| weight | scenes | placed | mean IoU | adherence |", "|---|---|---|---|---|"]
+             f"CFG {result['cfg']}{_skips(result.get('guidance_skip') or {})}, guidance end "
+             f"{result.get('guidance_end', 1.0):g}", "",
+             "| weight | scenes | placed | mean IoU | adherence | VAE ceiling |", "|---|---|---|---|---|---|"]
+    ceiling = result.get("vae_ceiling", {})
     for r in result["rows"]:
+        top = f"{ceiling[r['kind']]:.0%}" if r["kind"] in ceiling else ""
         lines.append(f"| {r['weight']:g} | {r['kind']} | {r['placed']:.0%} | {r['mean_iou']:.2f} | "
-                     f"{r['adherence']:.0%} |")
+                     f"{r['adherence']:.0%} | {top} |")
     return "\n".join(lines) + "\n"
+
+
+def _skips(guidance: dict) -> str:
+    """The guidance skipping in words, as A1111's settings name it."""
+    words = []
+    if guidance.get("s_min_uncond"):
+        every = "every step" if guidance.get("s_min_uncond_all") else "every other step"
+        words.append(f"NGMS {guidance['s_min_uncond']:g} ({every})")
+    if guidance.get("skip_early_cond"):
+        words.append(f"Skip Early CFG {guidance['skip_early_cond']:g}")
+    return "".join(f", {w}" for w in words)
