@@ -6,12 +6,16 @@ sampling runs, and stays close to the exact image. Speed is in `make bench`, not
 from __future__ import annotations
 
 import logging
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from stable_diffusion import load_pipeline
+from stable_diffusion.backends.int8 import KEEP_FP32, TAG
 from stable_diffusion.cli import main
 from stable_diffusion.models.deepcache import deep_cache
 
@@ -95,6 +99,33 @@ def test_int8_is_calibrated_once_per_weights_and_stays_close(caplog):
     again = load_pipeline(int8=True).txt2img(PROMPT, steps=20, seed=5)[0]  # the cached int8 model
     assert len([r for r in caplog.records if "int8: quantizing" in r.getMessage()]) == 1
     assert np.array_equal(np.asarray(again), np.asarray(image))
+    _assert_kept_in_fp32(next(Path(os.environ["SD_CACHE_DIR"]).glob(f"openvino/ov*/unet-*-{TAG}-*/model.xml")))
+
+
+def _assert_kept_in_fp32(xml: Path) -> None:
+    """In the int8 IR, the layers KEEP_FP32 names get no FakeQuantize on their inputs; every other convolution and
+    MatMul (the convolutions and feed-forward layers) does."""
+    import openvino as ov
+
+    def quantized(op, hops: int = 3) -> bool:  # a FakeQuantize feeds it, perhaps through a weight's decompression
+        for port in op.inputs():
+            source = port.get_source_output().get_node()
+            if source.get_type_name() == "FakeQuantize":
+                return True
+            if hops and source.get_type_name() in ("Convert", "Reshape", "Transpose", "Multiply", "Subtract") \
+                    and quantized(source, hops - 1):
+                return True
+        return False
+
+    keep = [re.compile(pattern) for pattern in KEEP_FP32]
+    layers = {op.get_friendly_name(): quantized(op) for op in ov.Core().read_model(xml).get_ops()
+              if op.get_type_name() in ("Convolution", "MatMul")}
+    kept = {name for name in layers if any(p.fullmatch(name) for p in keep)}
+    assert kept and not any(layers[name] for name in kept)
+    assert any("attn1" in name for name in kept) and any("emb_layers" in name for name in kept)
+    rest = set(layers) - kept
+    assert rest and all(layers[name] for name in rest), sorted(name for name in rest if not layers[name])
+    assert any(".ff." in name for name in rest)
 
 
 @pytest.mark.parametrize("flags,words", [

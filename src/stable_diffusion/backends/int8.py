@@ -5,14 +5,18 @@ transformer MatMuls, Xiao et al. 2023), run on the CPU's VNNI int8 units.
 
 Calibration data are the UNet's inputs (latents, timesteps, contexts) of real sampling runs: ``record_inputs``
 captures them while the caller generates a few images with the fp32 backend. The layers kept in fp32
-(``KEEP_FP32``) are the ones whose quantization hurt most on the built-in model (experiments/README.md): the
-timestep embedding MLP, the first and the last convolution. The quantized IR is cached like the fp32 one (tag
-``int8``); when the weights change (a LoRA merged for a generation), the same calibration inputs quantize the new
+(``KEEP_FP32``) are the ones whose quantization hurt the built-in model's adherence most, measured one group at a
+time (experiments/scripts/int8_keep_sweep.py, experiments/README.md): the timestep embedding MLP and each residual
+block's timestep projection, the first and the last convolution, and the attention projections (queries, keys,
+values, outputs of self- and cross-attention); the convolutions and the transformer feed-forward layers, most of
+the arithmetic, run in int8. The quantized IR is cached like the fp32 one (tag ``int8-...``, which names the
+recipe); when the weights change (a LoRA merged for a generation), the same calibration inputs quantize the new
 weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +25,10 @@ import numpy as np
 from torch import nn
 
 logger = logging.getLogger(__name__)
-KEEP_FP32 = (r".*time_embed.*", r".*input_blocks\.0\.0.*", r".*owner\.out\..*")  # OpenVINO node-name patterns
+KEEP_FP32 = (  # OpenVINO node-name patterns
+    r".*time_embed.*", r".*input_blocks\.0\.0.*", r".*owner\.out\..*",
+    r".*emb_layers.*", r".*attn1.*", r".*attn2.*",
+)
 CALIBRATION_PROMPTS = (
     "a photo of a cat sitting on a sofa, detailed",
     "a small red circle at the top left on a white background",
@@ -29,7 +36,8 @@ CALIBRATION_PROMPTS = (
     "a blue square on the left and a yellow star on the right on a black background",
 )
 CALIBRATION_STEPS = 4  # 4 prompts x 4 steps: 16 inputs (each a CFG batch); NNCF passes over them twice
-TAG = f"int8-c{len(CALIBRATION_PROMPTS)}x{CALIBRATION_STEPS}"  # in the cache key: another recipe, another model
+RECIPE = hashlib.sha256(repr((CALIBRATION_PROMPTS, KEEP_FP32)).encode()).hexdigest()[:6]
+TAG = f"int8-c{len(CALIBRATION_PROMPTS)}x{CALIBRATION_STEPS}-{RECIPE}"  # in the cache key: another recipe, another model
 
 
 def nncf_available() -> bool:
