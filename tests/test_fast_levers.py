@@ -122,10 +122,10 @@ def _assert_kept_in_fp32(xml: Path) -> None:
               if op.get_type_name() in ("Convolution", "MatMul")}
     kept = {name for name in layers if any(p.fullmatch(name) for p in keep)}
     assert kept and not any(layers[name] for name in kept)
-    assert any("attn1" in name for name in kept) and any("emb_layers" in name for name in kept)
+    assert any("attn2" in name for name in kept) and any("emb_layers" in name for name in kept)
     rest = set(layers) - kept
     assert rest and all(layers[name] for name in rest), sorted(name for name in rest if not layers[name])
-    assert any(".ff." in name for name in rest)
+    assert any(".ff." in name for name in rest) and any("attn1" in name for name in rest)
 
 
 @pytest.mark.parametrize("flags,words", [

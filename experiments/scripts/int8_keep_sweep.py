@@ -21,7 +21,7 @@ BASE = (r".*time_embed.*", r".*input_blocks\.0\.0.*", r".*owner\.out\..*")  # th
 VARIANTS = {
     "none": (),
     "base": BASE,
-    "shipped": int8.KEEP_FP32,  # since 2026-12-06: base + emb+attention-no-ff's layers
+    "shipped": int8.KEEP_FP32,  # since 2026-12-06: emb+cross-attention's layers
     "attention": (*BASE, r".*transformer_blocks.*"),
     "cross-attention": (*BASE, r".*attn2.*"),
     "self-attention": (*BASE, r".*attn1.*"),
