@@ -9,9 +9,9 @@ captures them while the caller generates a few images with the fp32 backend. The
 time (experiments/scripts/int8_keep_sweep.py, experiments/README.md): the timestep embedding MLP and each residual
 block's timestep projection, the first and the last convolution, and cross-attention (where the prompt enters);
 the convolutions, self-attention and the feed-forward layers, most of the arithmetic, run in int8 (keeping
-self-attention too gained a point on the built-in model and cost a third more time on SD1.5's). The quantized IR is cached like the fp32 one (tag ``int8-...``, which names the
-recipe); when the weights change (a LoRA merged for a generation), the same calibration inputs quantize the new
-weights.
+self-attention too gained a point on the built-in model and cost a third more time on SD1.5's). The quantized IR
+is cached like the fp32 one (tag ``int8-...``, which names the recipe); when the weights change (a LoRA merged for
+a generation), the same calibration inputs quantize the new weights.
 """
 
 from __future__ import annotations
