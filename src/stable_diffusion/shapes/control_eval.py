@@ -55,23 +55,24 @@ def control_evaluate(pipe: Pipeline, control: str | Path, weights: list[float], 
     size = pipe.config.image_size
     kinds = {kind: heldout_scenes(n, seed=seed + 1 + i, two_object=two, free=free)
              for i, (kind, (two, free, _)) in enumerate(KINDS.items())}
+    drawings = {kind: [render(s, size, layout=True) for s in scenes] for kind, scenes in kinds.items()}
+    silhouettes = {kind: [np.asarray(d.convert("L")) > 127 for d in drawn] for kind, drawn in drawings.items()}
     ceiling = {}
     for kind, scenes in kinds.items():
-        silhouettes = [np.asarray(render(s, size, layout=True).convert("L")) > 127 for s in scenes]
         rebuilt = vae_reconstruct(pipe, [render(s, size) for s in scenes])[2]
         ceiling[kind] = float(np.mean([iou(object_mask(im, BACKGROUNDS[s.background]), d) >= IOU_TARGET
-                                       for im, s, d in zip(rebuilt, scenes, silhouettes, strict=True)]))
+                                       for im, s, d in zip(rebuilt, scenes, silhouettes[kind], strict=True)]))
     rows = []
     for weight in weights:
         for kind, scenes in kinds.items():
             ious, verdicts = [], []
             for i, scene in enumerate(scenes):
-                drawn = render(scene, size, layout=True)
+                drawn = drawings[kind][i]
                 layout = outline(drawn) if KINDS[kind][2] else drawn
                 unit = ControlUnit(layout, control, weight=weight, resize_mode=0, guidance_end=guidance_end)
                 image = pipe.txt2img(scene.caption, steps=steps, sampler=sampler, cfg_scale=cfg, seed=seed + i,
                                      width=size, height=size, controls=[unit], **guidance)[0]
-                ious.append(iou(object_mask(image, BACKGROUNDS[scene.background]), np.asarray(drawn.convert("L")) > 127))
+                ious.append(iou(object_mask(image, BACKGROUNDS[scene.background]), silhouettes[kind][i]))
                 verdicts.append(judge(read_image(image), scene)["all"])
             rows.append({"weight": weight, "kind": kind, "placed": float(np.mean([v >= IOU_TARGET for v in ious])),
                          "mean_iou": float(np.mean(ious)), "adherence": float(np.mean(verdicts))})
