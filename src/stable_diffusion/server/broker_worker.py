@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, get_current_job
 from rq.job import Job as RQJob
+from rq.worker import WorkerStatus
 
 from .executor import Controls, Executor, Job
 from .worker import run_job
@@ -111,11 +113,12 @@ def execute(job: Job, task: str, models_dir: str | None) -> tuple[str, Any]:
 
 
 class GenerationWorker(SimpleWorker):
-    """RQ's in-process worker, its running job heartbeated every ``lease / 3`` seconds with a ``lease`` TTL."""
+    """RQ's in-process worker, its running job heartbeated every ``lease / 3`` seconds with a ``lease`` TTL (RQ's
+    forking workers beat from the parent while a child works; an in-process worker beats from a thread)."""
 
     lease = 30
 
-    def get_heartbeat_ttl(self, job: RQJob) -> int:
+    def get_heartbeat_ttl(self, job: RQJob, working_time: float = 0.0) -> int:
         return int(self.lease)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
@@ -124,22 +127,25 @@ class GenerationWorker(SimpleWorker):
         super().heartbeat(max(timeout or 0, self.worker_ttl), pipeline)
 
     def execute_job(self, job: RQJob, queue: Queue) -> None:
+        """SimpleWorker's ``execute_job`` with the beating thread around the run."""
+        execution = self.prepare_execution(job)
         done = threading.Event()
 
         def heartbeat() -> None:
             while not done.wait(self.lease / 3):
                 try:
-                    self.maintain_heartbeats(job)
-                except Exception:  # noqa: BLE001 - a broker hiccup: the next beat tries again
+                    self.maintain_heartbeats(job, execution)
+                except RedisError:  # a broker hiccup: the next beat tries again
                     pass
 
         beat = threading.Thread(target=heartbeat, name="sd-heartbeat", daemon=True)
         beat.start()
         try:
-            super().execute_job(job, queue)
+            self.perform_job(job, queue, execution)
         finally:
             done.set()
             beat.join()
+        self.set_state(WorkerStatus.IDLE)
 
 
 def serve_worker(redis: Redis, executor: Executor, models_dir: str | Path | None = None, name: str | None = None,
