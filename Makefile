@@ -43,6 +43,7 @@ test: venv
 	$(PY) -m pytest
 
 bench: venv
+	# SD1.5-size components and whole images, then SDXL's UNet at 1024 px (~7 min, 11 GB)
 	$(PY) benchmarks/bench_components.py
 	# exact and fast mode (openvino, int8, DeepCache, ToMe): a first run converts and quantizes (~30 min on 2 cores)
 	$(PY) benchmarks/bench_fast.py

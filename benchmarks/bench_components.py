@@ -6,19 +6,22 @@ context; VAE decode of one 64x64 latent to 512x512; text encoder on 2 prompts; t
 ``--steps`` (20) Euler steps with CFG 7 and a negative prompt, ours (``Pipeline.txt2img``) against diffusers'
 ``StableDiffusionPipeline`` (PIL images out of both); builtin: one image from the built-in model at its native
 64x64 in 20 Euler a steps with CFG 7, against diffusers' pipeline reading the same weights from a diffusers folder
-we write. Contenders: ours (torch), ours on ``--backend openvino`` (exact mode: fp32), diffusers, and, for the
-UNet and the VAE, "OpenVINO": diffusers' module converted by ``openvino.convert_model`` and compiled at fp32 as
-FastSD CPU / optimum-intel do (the two OpenVINO columns appear when openvino is installed). Prints the best-of-N
-time of each, the ratio of our best to the best peer (< 1 means we are faster), achieved GFLOP/s of ours (torch),
-and the peak extra RSS during the call.
+we write; sdxl: SDXL's UNet (2.6 B parameters) at 1024px (latent 128x128), batch 2, 77x2048 context, against
+diffusers' UNet holding the same tensors (no OpenVINO column: converting it traces a second copy of the weights,
+~20 GB beside the 10 GB ones, more than this machine's 24 GB). Contenders: ours (torch), ours on ``--backend
+openvino`` (exact mode: fp32), diffusers, and, for the UNet and the VAE, "OpenVINO": diffusers' module converted by
+``openvino.convert_model`` and compiled at fp32 as FastSD CPU / optimum-intel do (the two OpenVINO columns appear
+when openvino is installed). Prints the best-of-N time of each, the ratio of our best to the best peer (< 1 means
+we are faster), achieved GFLOP/s of ours (torch), and the peak extra RSS during the call.
 
     python benchmarks/bench_components.py [--repeats 3] [--txt2img-repeats 1] [--steps 20] [--device cpu]
-        [--components unet,vae,text,txt2img,builtin]
+        [--components unet,vae,text,txt2img,builtin,sdxl]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 import threading
@@ -206,6 +209,32 @@ def sd15_cases(device: torch.device, steps: int) -> dict[str, dict[str, Callable
     return cases
 
 
+def sdxl_cases(device: torch.device) -> dict[str, Callable[[], object]]:
+    """SDXL's UNet step at 1024 px, ours and diffusers'. diffusers' module is built on the meta device and given our
+    tensors (``assign=True``): two fp32 copies of 10 GB would not leave room for the activations."""
+    from diffusers import UNet2DConditionModel
+
+    from stable_diffusion.checkpoints.diffusers_format import unet_to_diffusers
+    from stable_diffusion.models.unet import UNetModel
+
+    config = preset("sdxl")
+    ours = UNetModel(config.unet).eval().to(device)
+    kwargs = unet_to_diffusers(config.unet, 128, config.size_embed_dim)
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**{k: v for k, v in kwargs.items() if not k.startswith("_")})
+    theirs.load_state_dict(rename(ours.state_dict(), unet_module_map(config.unet)), strict=True, assign=True)
+    theirs.eval()
+    x = torch.randn(2, 4, 128, 128, device=device)
+    t = torch.tensor([500.0, 500.0], device=device)
+    context = torch.randn(2, 77, 2048, device=device)
+    pooled = torch.randn(2, 1280, device=device)
+    size = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2, device=device)  # original, crop, target
+    y = torch.randn(2, config.unet.adm_in_channels, device=device)  # ours takes pooled + size embedding as one
+    added = {"text_embeds": pooled, "time_ids": size}
+    return {"ours": lambda: ours(x, t, context, y),
+            "diffusers": lambda: theirs(x, t, context, added_cond_kwargs=added).sample}
+
+
 class _Decoder(torch.nn.Module):
     """diffusers' VAE decode as a module of its own (what the converter traces)."""
 
@@ -226,20 +255,27 @@ def main() -> None:
     parser.add_argument("--txt2img-repeats", type=int, default=1, help="timed runs of the whole image (minutes each)")
     parser.add_argument("--steps", type=int, default=20, help="the txt2img row's Euler steps")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--components", default="unet,vae,text,txt2img,builtin")
+    parser.add_argument("--components", default="unet,vae,text,txt2img,builtin,sdxl")
     args = parser.parse_args()
     device = torch.device(args.device)
     names = args.components.split(",")
-    unknown = sorted(set(names) - {"unet", "vae", "text", "txt2img", "builtin"})
+    unknown = sorted(set(names) - {"unet", "vae", "text", "txt2img", "builtin", "sdxl"})
     if unknown:
         parser.error(f"unknown components {unknown}")
     torch.manual_seed(0)
+    if "sdxl" in names:  # first and alone: its 10 GB of weights are freed before the SD1.5 models are built
+        names = ["sdxl"] + [n for n in names if n != "sdxl"]
     cases: dict[str, dict[str, Callable[[], object]]] = {}
-    if set(names) - {"builtin"}:
-        cases.update(sd15_cases(device, args.steps))
     workdir = tempfile.TemporaryDirectory()  # the built-in model as a diffusers folder, kept while timing
-    if "builtin" in names:
-        cases["builtin"] = builtin_cases(device, Path(workdir.name) / "builtin")
+
+    def contenders(name: str) -> dict[str, Callable[[], object]]:
+        if name == "sdxl":
+            return sdxl_cases(device)
+        if name == "builtin":
+            return builtin_cases(device, Path(workdir.name) / "builtin")
+        if not cases:
+            cases.update(sd15_cases(device, args.steps))
+        return cases[name]
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, fp32, best of "
           f"{args.repeats} ({args.txt2img_repeats} for txt2img) alternating runs after 1 warm-up; ratio = our best / "
           "the best peer")
@@ -247,7 +283,7 @@ def main() -> None:
           + f"{'ratio':>8}{'ours GFLOP/s':>14}" + "".join(f"{c + ' +MB':>18}" for c in COLUMNS))
     with torch.inference_mode():
         for name in names:
-            fns = cases[name]
+            fns = contenders(name)
             ours = fns["ours"]
             gflop = flops(ours) / 1e9
             repeats = args.txt2img_repeats if name == "txt2img" else args.repeats
@@ -259,6 +295,8 @@ def main() -> None:
                   + f"{best_ours / best_peer:>8.3f}{gflop / times['ours']:>14.1f}"
                   + "".join(f"{cell({k: v / 2**20 for k, v in peaks.items()}, c, '.0f'):>18}" for c in COLUMNS),
                   flush=True)
+            del fns, ours
+            gc.collect()
 
 
 if __name__ == "__main__":
