@@ -383,7 +383,7 @@ def _denoise(pipe: Pipeline, request: GenerationRequest, prompts: list[str], neg
     noise = BrownianNoise(x, sigmas[sigmas > 0].min(), sigmas.max(), seeds) if spec.brownian \
         else PerImageNoise(generators)
     try:
-        with deep_cache(pipe.unet, pipe.deepcache):  # --deepcache N: the UNet's deep features reused between steps
+        with deep_cache(pipe.unet, pipe.deepcache, pipe.deepcache_branch):  # --deepcache N: deep features reused
             return spec.fn(model, x, sigmas, callback=callback, noise=noise, **options), None
     except StopSampling as stop:
         return stop.denoised, stop

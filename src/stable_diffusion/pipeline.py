@@ -28,6 +28,7 @@ from .generate import StepCallback, generate
 from .models.attention import CrossAttention
 from .models.clip import CLIPTextModel
 from .models.configs import PRESETS, ModelConfig, preset
+from .models.deepcache import check_deepcache
 from .models.tokenizer import CLIPTokenizer
 from .models.tome import set_token_merging
 from .models.unet import UNetModel
@@ -59,7 +60,8 @@ class Pipeline:
         self.offload: Offload | None = None  # set by enable_offload
         self.control_models: dict = {}  # ControlNets loaded for this pipeline's generations (control.py)
         self.backend = "torch"  # what runs the UNet and VAE decoder (set_backend)
-        self.deepcache: int | None = None  # DeepCache's interval for every generation (models/deepcache.py)
+        self.deepcache: int | None = None  # DeepCache's interval and skip branch for every generation (models/deepcache.py)
+        self.deepcache_branch = 0
 
     @property
     def family(self) -> str:
@@ -314,6 +316,7 @@ class RunOptions:
     int8: bool = False
     deepcache: int | None = None
     tome: float | None = None
+    deepcache_branch: int = 0
 
     def load(self, path_or_name: str | Path | None = None, **kwargs: Any) -> Pipeline:
         return load_pipeline(path_or_name, **asdict(self), **kwargs)
@@ -323,16 +326,16 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
                   dtype: str | torch.dtype | None = None, *, prediction: str | None = None,
                   vae: str | Path | None = None, offload: str | None = None,
                   attention_slicing: int | str | None = None, backend: str | None = None,
-                  int8: bool = False, deepcache: int | None = None, tome: float | None = None) -> Pipeline:
+                  int8: bool = False, deepcache: int | None = None, tome: float | None = None,
+                  deepcache_branch: int = 0) -> Pipeline:
     """Load a model: a single file, a diffusers folder, a preset name, or (None or "builtin") the built-in model.
 
-    ``prediction`` ("eps" or "v") overrides what the file says (SD2 768-v checkpoints look like eps ones);
-    ``vae`` replaces the model's VAE with a standalone VAE file; ``offload`` ("model", "sequential") and
-    ``attention_slicing`` (MiB or "auto") are Pipeline.enable_offload's and set_attention_slicing's; ``backend``
-    and ``int8`` are Pipeline.set_backend's ("torch" or "openvino"; int8 implies openvino); ``deepcache``: a full
-    UNet pass every that many steps, DeepCache's cached deep features between (models/deepcache.py); ``tome``:
-    that share of the tokens merged in the highest-resolution self-attention (models/tome.py). A
-    ``.safetensors`` file is memory-mapped: its weights are not copied unless a dtype or layout needs it."""
+    ``prediction`` ("eps" or "v") overrides the file's (SD2 768-v checkpoints look like eps ones); ``vae``: a
+    standalone VAE file instead of the model's; ``offload`` ("model", "sequential"), ``attention_slicing`` (MiB or
+    "auto"), ``backend`` and ``int8``: Pipeline.enable_offload's, set_attention_slicing's and set_backend's (int8
+    implies openvino); ``deepcache``: a whole UNet pass every that many steps, the deep feature at skip branch
+    ``deepcache_branch`` reused between (models/deepcache.py); ``tome``: that share of the tokens merged in the
+    highest-resolution self-attention (models/tome.py). A ``.safetensors`` file is memory-mapped, not copied."""
     if offload not in (None, *OFFLOAD_MODES):
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
     offloaded = offload not in (None, "none")
@@ -393,8 +396,7 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
         pipe.to(dtype=dtype).enable_offload(offload, device)
     else:
         pipe.to(device=device, dtype=dtype)
-    if deepcache is not None and (isinstance(deepcache, bool) or not isinstance(deepcache, int) or deepcache < 1):
-        raise ValueError(f"deepcache takes a whole number of steps >= 1, not {deepcache!r}")
-    pipe.deepcache = deepcache
+    check_deepcache(pipe.unet, deepcache, deepcache_branch)
+    pipe.deepcache, pipe.deepcache_branch = deepcache, deepcache_branch
     set_token_merging(pipe.unet, tome)
     return pipe.set_attention_slicing(attention_slicing).set_backend(backend or "torch", int8=int8)

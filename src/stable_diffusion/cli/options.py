@@ -28,6 +28,9 @@ def device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deepcache", type=int, default=None, metavar="N",
                    help="fast, approximate: the whole UNet every N steps, its deep features reused between "
                         "(DeepCache, Ma et al. 2023); 3 is about 2x faster")
+    p.add_argument("--deepcache-branch", type=int, default=0, metavar="B",
+                   help="with --deepcache: the skip branch whose feature is reused (0: only the first input and last "
+                        "output block run between whole passes; deeper branches run more, cost less quality)")
     p.add_argument("--tome", type=float, default=None, metavar="RATIO",
                    help="fast, approximate: merge this share of the tokens (0-0.9) in the full-resolution "
                         "self-attention (ToMe for SD, Bolya & Hoffman 2023)")
@@ -51,7 +54,7 @@ def run_options(args: argparse.Namespace):
     fast = FAST if args.fast else {"int8": False, "deepcache": None, "tome": None}
     return RunOptions(args.device, args.dtype, args.offload, args.attention_slicing, args.backend,
                       args.int8 or fast["int8"], args.deepcache if args.deepcache is not None else fast["deepcache"],
-                      args.tome if args.tome is not None else fast["tome"])
+                      args.tome if args.tome is not None else fast["tome"], args.deepcache_branch)
 
 
 def guidance_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@ have nearly the same deep UNet features, so a full UNet pass runs every ``interv
 that enters the last ``branch + 1`` output blocks; the calls between run only the shallow blocks around that skip
 branch and reuse the kept feature. The paper's uniform schedule (its N) on its shallowest branch (0) by default.
 
-``deep_cache(unet, interval)`` installs it on a UNet for one sampling run (generate.py), over whatever runs the
+``deep_cache(unet, interval, branch)`` installs it on a UNet for one sampling run (generate.py), over whatever runs the
 UNet: a backend that can run the two parts registers them as ``unet.deepcache_parts(branch)``; otherwise the
 torch methods ``forward_deep`` / ``forward_shallow`` run. Calls it cannot serve (ControlNet residuals, a batch
 shape other than the kept feature's) run the UNet whole.
@@ -45,14 +45,23 @@ class DeepCacheRunner:
         return out
 
 
+def check_deepcache(unet: nn.Module, interval: int | None, branch: int) -> None:
+    """A ValueError naming the fault unless ``interval`` is None or a whole number >= 1 and ``branch`` one of the
+    UNet's skip branches (its input blocks)."""
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+        raise ValueError(f"deepcache takes a whole number of steps >= 1, not {interval!r}")
+    last = len(unet.input_blocks) - 1
+    if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch <= last:
+        raise ValueError(f"deepcache branch must be a whole number in [0, {last}] for this model, not {branch!r}")
+
+
 @contextmanager
 def deep_cache(unet: nn.Module, interval: int | None, branch: int = 0) -> Iterator[DeepCacheRunner | None]:
     """DeepCache on ``unet`` for the ``with`` block (``interval`` <= 1 or None: off)."""
     if not interval or interval <= 1:
         yield None
         return
-    if not 0 <= branch < len(unet.input_blocks):
-        raise ValueError(f"DeepCache branch must be in [0, {len(unet.input_blocks) - 1}], not {branch}")
+    check_deepcache(unet, interval, branch)
     previous = unet.__dict__.get("forward")
     parts = unet.__dict__.get("deepcache_parts")
     if parts is not None:
