@@ -108,14 +108,15 @@ def test_a_compiled_model_leaves_the_torch_weights_mapped_and_releases_their_pag
     from stable_diffusion.checkpoints import mapped
 
     load_pipeline("tiny-sd1").save(tmp_path / "tiny.safetensors")
-    released = []
-    monkeypatch.setattr("stable_diffusion.pipeline.release_module",
-                        lambda module: released.append(module) or mapped.release_module(module))
+    released = []  # each weight's pages go once the cache key has read it (and again after each compile)
+    monkeypatch.setattr("stable_diffusion.pipeline.release", lambda t: released.append(t) or mapped.release(t))
     pipe = load_pipeline(tmp_path / "tiny.safetensors", backend="openvino")
     convs = [m.weight for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(mapped.is_mapped(w) for w in convs)  # no channels-last copies for a backend that compiles its own
     image = pipe.txt2img("a cat", steps=2, seed=3, width=64, height=64)[0]
-    assert any(m is pipe.unet for m in released) and any(m is pipe.vae for m in released)
+    for module in (pipe.unet, pipe.vae):
+        weights = [*module.parameters(), *module.buffers()]
+        assert {id(t) for t in weights} <= {id(t) for t in released}
     fresh = load_pipeline(tmp_path / "tiny.safetensors")
     for module, again in ((pipe.unet, fresh.unet), (pipe.vae, fresh.vae)):  # released pages read back unchanged
         assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), again.state_dict().values(),
@@ -159,3 +160,15 @@ def test_offload_and_slicing_do_not_combine_with_openvino():
         load_pipeline("tiny-sd1", backend="openvino", attention_slicing=64)
     with pytest.raises(ValueError, match="backend must be one of torch, openvino"):
         load_pipeline("tiny-sd1", backend="tensorrt")
+
+
+def test_the_cache_key_releases_each_weight_as_soon_as_it_is_read():
+    """The fingerprint reads every weight; releasing each right after it (not all after the compile) keeps a
+    memory-mapped UNet's pages from all becoming resident at once (docs/speed.md, Memory)."""
+    from stable_diffusion.backends.weights import weights_fingerprint
+
+    unet = load_pipeline("tiny-sd1").unet
+    order: list[str] = []
+    names = {id(t): name for name, t in unet.state_dict(keep_vars=True).items()}
+    fingerprint = weights_fingerprint(unet, lambda t: order.append(names[id(t)]))
+    assert order == list(names.values()) and fingerprint == weights_fingerprint(unet)

@@ -22,7 +22,7 @@ from .checkpoints.detect import VAE_PREFIX, detect_config, detect_vae
 from .checkpoints.errors import CheckpointError, first_line
 from .checkpoints.hashes import model_hash
 from .checkpoints.io import read_state_dict, write_safetensors
-from .checkpoints.mapped import is_mapped, release, release_module
+from .checkpoints.mapped import is_mapped, release
 from .checkpoints.single_file import CONFIG_METADATA_KEY, join_components, split_components
 from .generate import StepCallback, generate
 from .models.attention import CrossAttention
@@ -126,7 +126,7 @@ class Pipeline:
         """Run the UNet and the VAE decoder on backend ``name`` ("torch", or "openvino" on the CPU: converted once
         per weights, cached on disk, torch's mapped weight pages released once compiled); ``int8``: the UNet quantized
         by NNCF, calibrated on a few generations (backends/int8.py). Absent: torch, with a notice (``self.backend``)."""
-        self.backend = use_backend(self.unet, self.vae, name, self.device, int8, calibration_run(self), release_module)
+        self.backend = use_backend(self.unet, self.vae, name, self.device, int8, calibration_run(self), release)
         return self
 
     def set_attention_slicing(self, slicing: int | str | None) -> Pipeline:

@@ -19,11 +19,12 @@ logger = logging.getLogger(__name__)
 
 
 def use_backend(unet: nn.Module, vae: nn.Module, name: str, device: torch.device, int8: bool = False,
-                calibrate: Callable[[], Any] | None = None, release: Callable[[nn.Module], Any] | None = None) -> str:
+                calibrate: Callable[[], Any] | None = None, release: Callable[[torch.Tensor], Any] | None = None) -> str:
     """Run ``unet`` and ``vae.decode`` on backend ``name``; returns the backend in effect ("torch" when the asked
     one is absent or cannot run on ``device``, with a one-line notice). ``int8`` (openvino only; int8.py)
-    quantizes the UNet, calibrated on the UNet inputs of ``calibrate()`` (a few generations). ``release(module)``
-    runs after each compile: the module's torch weights are not needed while the compiled model runs."""
+    quantizes the UNet, calibrated on the UNet inputs of ``calibrate()`` (a few generations). ``release(tensor)``
+    hands a torch weight's (memory-mapped) pages back: each one once the cache key has read it, and all of a module's
+    after each compile (the compiled model holds its own weights)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {name!r}")
     if int8 and name != "openvino":

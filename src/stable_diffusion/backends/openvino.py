@@ -69,7 +69,7 @@ class OpenVINOComponent:
     def __init__(self, owner: nn.Module, eager: Callable[..., torch.Tensor], name: str,
                  shape_class: Callable[[Sequence[torch.Tensor]], str] = lambda inputs: "any",
                  config: dict | None = None, transform: Callable | None = None, tag: str = "fp32",
-                 source: OpenVINOComponent | None = None, release: Callable[[nn.Module], Any] | None = None) -> None:
+                 source: OpenVINOComponent | None = None, release: Callable[[torch.Tensor], Any] | None = None) -> None:
         import openvino as ov
 
         self.ov = ov
@@ -79,8 +79,8 @@ class OpenVINOComponent:
         # transform(model, component, inputs) -> model (int8 quantization) applied to the IR of ``source`` (the
         # same component in fp32, converted first if need be) instead of a trace of its own
         self.transform, self.tag, self.source = transform, tag, source
-        self.release = release  # after a compile: hands the owner's (memory-mapped) weight pages back to the kernel
-        self.watch = WeightsWatch(owner)
+        self.release = release  # hands a torch weight's (memory-mapped) pages back to the kernel
+        self.watch = WeightsWatch(owner, release)  # each weight's pages released once hashed: never all resident
         self.failed = False
         self.compiled: OrderedDict[tuple, object] = OrderedDict()
 
@@ -123,7 +123,8 @@ class OpenVINOComponent:
         while len(self.compiled) > COMPILED_PER_COMPONENT:
             self.compiled.popitem(last=False)
         if self.release is not None:  # the compiled model holds its own weights; torch's reload if ever needed
-            self.release(self.owner)
+            for tensor in [*self.owner.parameters(), *self.owner.buffers()]:
+                self.release(tensor)
         return self.compiled[key]
 
     def _convert(self, inputs: Sequence[torch.Tensor], path: Path) -> None:

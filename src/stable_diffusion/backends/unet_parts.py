@@ -67,10 +67,10 @@ def _unet_runner(unet: nn.Module, eager, component):
 
 
 def install_openvino(unet: nn.Module, vae: nn.Module, installed: Callable, int8: bool,
-                     calibrate: Callable[[], Any] | None, release: Callable[[nn.Module], Any] | None = None) -> None:
+                     calibrate: Callable[[], Any] | None, release: Callable[[torch.Tensor], Any] | None = None) -> None:
     """Set ``unet.forward``, ``unet.deepcache_parts`` and ``vae.decode`` to OpenVINO runners (``installed(module,
-    key, make)`` keeps each made runner on its module); ``int8``: the UNet's runners quantized; ``release(module)``
-    after each compile (the torch weights' pages)."""
+    key, make)`` keeps each made runner on its module); ``int8``: the UNet's runners quantized; ``release(tensor)``
+    on the torch weights (their pages) once read for the cache key and after each compile."""
     component = functools.partial(OpenVINOComponent, release=release)
     eager, decode = unet.forward, vae.decode
     shape_class = _unet_shape_class(len(unet.config.channel_mult) - 1)

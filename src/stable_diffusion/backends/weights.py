@@ -7,6 +7,8 @@ without hashing gigabytes of bytes."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,20 +25,23 @@ def tensor_digest(name: str, t: torch.Tensor) -> bytes:
     return head.encode() + sample.numpy().tobytes()
 
 
-def weights_fingerprint(module: nn.Module) -> str:
-    """20 hex digits naming the weights (parameters and buffers) of ``module``."""
+def weights_fingerprint(module: nn.Module, release: Callable[[torch.Tensor], Any] | None = None) -> str:
+    """20 hex digits naming the weights (parameters and buffers) of ``module``; ``release(tensor)`` after each is
+    read (a memory-mapped model's pages then come and go one tensor at a time instead of all becoming resident)."""
     h = hashlib.blake2b(digest_size=10)
     with torch.no_grad():
         for name, t in module.state_dict(keep_vars=True).items():
             h.update(tensor_digest(name, t))
+            if release is not None:
+                release(t)
     return h.hexdigest()
 
 
 class WeightsWatch:
     """``fingerprint()`` of ``module``, cached until one of its tensors is modified in place or replaced."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module, release: Callable[[torch.Tensor], Any] | None = None) -> None:
+        self.module, self.release = module, release
         self._state: tuple | None = None
         self._fingerprint = ""
 
@@ -46,5 +51,5 @@ class WeightsWatch:
     def fingerprint(self) -> str:
         state = self._current_state()
         if state != self._state:
-            self._fingerprint, self._state = weights_fingerprint(self.module), state
+            self._fingerprint, self._state = weights_fingerprint(self.module, self.release), state
         return self._fingerprint

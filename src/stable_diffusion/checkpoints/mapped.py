@@ -130,7 +130,3 @@ def release(tensor: torch.Tensor) -> bool:
         mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
     return True
 
-
-def release_module(module: torch.nn.Module) -> int:
-    """``release`` every parameter and buffer of ``module``; the number that view a mapped file."""
-    return sum(release(t) for t in [*module.parameters(), *module.buffers()])
