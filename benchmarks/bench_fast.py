@@ -37,6 +37,8 @@ CONFIGS: dict[str, dict | None] = {  # name -> load_pipeline options and request
     "--tome 0.5": {"backend": "openvino", "tome": 0.5},
     "--ngms 1": {"backend": "openvino", "fields": {"s_min_uncond": 1.0}},
     "--fast": {"int8": True, "deepcache": 3, "tome": 0.5},
+    # DeepCache's cached steps redoing SD1.5's whole first level (its branch 3): what keeps Euler a's adherence
+    "--fast --deepcache-branch 3": {"int8": True, "deepcache": 3, "tome": 0.5, "deepcache_branch": 3},
 }
 
 

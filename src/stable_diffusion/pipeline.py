@@ -60,8 +60,7 @@ class Pipeline:
         self.offload: Offload | None = None  # set by enable_offload
         self.control_models: dict = {}  # ControlNets loaded for this pipeline's generations (control.py)
         self.backend = "torch"  # what runs the UNet and VAE decoder (set_backend)
-        self.deepcache: int | None = None  # DeepCache's interval and skip branch for every generation (models/deepcache.py)
-        self.deepcache_branch = 0
+        self.deepcache, self.deepcache_branch = None, 0  # DeepCache's interval and skip branch (models/deepcache.py)
 
     @property
     def family(self) -> str:
@@ -173,11 +172,9 @@ class Pipeline:
         return generate(self, GenerationRequest(prompt=prompt, **fields), callback, refiner).images
 
     def img2img(self, init_image: Image.Image, prompt: str | list[str] = "", denoising_strength: float = 0.75,
-                callback: StepCallback | None = None, refiner: Pipeline | None = None,
-                **fields: Any) -> list[Image.Image]:
+                callback: StepCallback | None = None, refiner: Pipeline | None = None, **fields: Any) -> list[Image.Image]:
         """SDEdit from ``init_image``; the same fields as txt2img."""
-        request = GenerationRequest(prompt=prompt, init_image=init_image, denoising_strength=denoising_strength,
-                                    **fields)
+        request = GenerationRequest(prompt=prompt, init_image=init_image, denoising_strength=denoising_strength, **fields)
         return generate(self, request, callback, refiner).images
 
     def inpaint(self, init_image: Image.Image, mask: Image.Image, prompt: str | list[str] = "",
