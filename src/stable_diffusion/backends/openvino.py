@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .file_pages import released_while
 from .weights import WeightsWatch
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,9 @@ class OpenVINOComponent:
         model = self.core.read_model(path)
         model.reshape({port: self.ov.PartialShape(list(t.shape)) for port, t in zip(model.inputs, inputs)})
         config = {**self.config, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-        self.compiled[key] = self.core.compile_model(model, "CPU", config)
+        with released_while(path.with_suffix(".bin")):  # the compiled model runs on its own copy (file_pages.py)
+            self.compiled[key] = self.core.compile_model(model, "CPU", config)
+            del model
         while len(self.compiled) > COMPILED_PER_COMPONENT:
             self.compiled.popitem(last=False)
         if self.release is not None:  # the compiled model holds its own weights; torch's reload if ever needed
