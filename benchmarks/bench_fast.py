@@ -28,6 +28,8 @@ from PIL import Image
 
 from bench_memory import NEGATIVE, PROMPT, peak_rss, write_models
 
+from stable_diffusion.cli.options import FAST
+
 CONFIGS: dict[str, dict | None] = {  # name -> load_pipeline options and request fields (None: diffusers)
     "diffusers": None,
     "exact (torch)": {},  # the same image as exact openvino within a level; its speed is bench_components'
@@ -36,9 +38,9 @@ CONFIGS: dict[str, dict | None] = {  # name -> load_pipeline options and request
     "--deepcache 3": {"backend": "openvino", "deepcache": 3},
     "--tome 0.5": {"backend": "openvino", "tome": 0.5},
     "--ngms 1": {"backend": "openvino", "fields": {"s_min_uncond": 1.0}},
-    "--fast": {"int8": True, "deepcache": 3, "tome": 0.5},
-    # DeepCache's cached steps redoing SD1.5's whole first level (its branch 3): what keeps Euler a's adherence
-    "--fast --deepcache-branch 3": {"int8": True, "deepcache": 3, "tome": 0.5, "deepcache_branch": 3},
+    "--fast": dict(FAST),  # DeepCache's cached steps redo the whole first level: what keeps Euler a's adherence
+    "--fast --deepcache-branch 0": {**FAST, "deepcache_branch": 0},  # the paper's branch: --fast until 2026-12-07
+    "--fast --ngms 1": {**FAST, "fields": {"s_min_uncond": 1.0}},  # and guidance truncation
 }
 
 

@@ -17,7 +17,8 @@ import torch
 from stable_diffusion import load_pipeline
 from stable_diffusion.backends.int8 import KEEP_FP32, TAG
 from stable_diffusion.cli import main
-from stable_diffusion.models.deepcache import deep_cache
+from stable_diffusion.cli.options import FAST, device_arguments, run_options
+from stable_diffusion.models.deepcache import deep_cache, resolve_branch
 
 from .helpers import psnr
 from .oracle import assert_close
@@ -153,6 +154,7 @@ def _assert_kept_in_fp32(xml: Path) -> None:
 @pytest.mark.parametrize("flags,words", [
     (["--deepcache", "0"], "deepcache takes a whole number of steps >= 1"),
     (["--deepcache", "3", "--deepcache-branch", "6"], "deepcache branch must be a whole number in [0, 5]"),
+    (["--deepcache", "3", "--deepcache-branch", "first"], "deepcache branch must be a whole number in [0, 5] for this model or 'level', not"),
     (["--int8", "--backend", "torch"], "int8 runs on the openvino backend"),
     (["--tome", "1.5"], "token merging ratio must be in [0, 1)"),
     (["--tome", "nan"], "token merging ratio must be in [0, 1)"),
@@ -207,9 +209,30 @@ def test_fast_quantizes_deepcache_parts_and_stays_close():
     from pathlib import Path
 
     exact = load_pipeline(backend="openvino").txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]
-    fast = load_pipeline(int8=True, deepcache=3, tome=0.5)
+    fast = load_pipeline(**FAST)  # --fast's levers
+    assert fast.deepcache_branch == 2  # "level": the built-in model's first level is a residual block and a downsample
     image = fast.txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]
     cached = Path(os.environ["SD_CACHE_DIR"]) / "openvino"
-    for part in ("unet-deep0", "unet-shallow0"):  # both DeepCache parts quantized (with ToMe's graph)
+    for part in ("unet-deep2", "unet-shallow2"):  # both DeepCache parts quantized (with ToMe's graph)
         assert list(cached.glob(f"ov*/{part}tome0.5-*-int8-*/model.xml")), sorted(p.name for p in cached.glob("*/*"))
     assert psnr(image, exact) > 15, psnr(image, exact)
+
+
+def test_fast_takes_deepcache_on_the_branch_after_the_first_level():
+    """--fast's DeepCache redoes the whole highest-resolution level on a cached step (SD1.x / SD2.x / SDXL: two
+    residual blocks and a downsample, branch 3); --deepcache alone keeps the paper's branch 0; a flag given wins."""
+    import argparse
+    from types import SimpleNamespace
+
+    def options(*flags: str):
+        parser = argparse.ArgumentParser()
+        device_arguments(parser)
+        return run_options(parser.parse_args(flags))
+
+    assert (options("--fast").deepcache, options("--fast").deepcache_branch) == (3, "level")
+    assert options("--fast", "--deepcache-branch", "0").deepcache_branch == 0
+    assert options("--deepcache", "3").deepcache_branch == 0
+    assert options("--deepcache", "3", "--deepcache-branch", "level").deepcache_branch == "level"
+    sd15_like = SimpleNamespace(input_blocks=[None] * 12, config=SimpleNamespace(num_res_blocks=2))
+    assert resolve_branch(sd15_like, 3, "level") == 3 and resolve_branch(sd15_like, 3, 5) == 5
+    assert resolve_branch(load_pipeline("tiny-sd1").unet, 3, "level") == 3

@@ -33,7 +33,8 @@ BAD_RUNS = [
     (["serve", "--model", "nonexistent", "--models-dir", "{tmp}"], "model 'nonexistent' not found"),
     (["serve", "--tome", "1.5", "--models-dir", "{tmp}"], "token merging ratio must be in [0, 1)"),
     (["serve", "--deepcache", "0", "--models-dir", "{tmp}"], "deepcache takes a whole number of steps >= 1"),
-    (["serve", "--deepcache-branch", "-1", "--models-dir", "{tmp}"], "deepcache branch must be a whole number in [0, 5]"),
+    (["serve", "--deepcache-branch", "9", "--models-dir", "{tmp}"], "deepcache branch must be a whole number in [0, 5]"),
+    (["serve", "--deepcache-branch", "-1", "--models-dir", "{tmp}"], "deepcache branch must be a whole number in [0, 5] for this model or 'level', not"),
     (["info", "{tmp}/empty.ckpt"], "truncated or corrupt checkpoint"),
     (["info", "{tmp}/notes.txt"], "unknown checkpoint type"),
 ]

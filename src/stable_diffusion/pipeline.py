@@ -28,7 +28,7 @@ from .generate import StepCallback, generate
 from .models.attention import CrossAttention
 from .models.clip import CLIPTextModel
 from .models.configs import PRESETS, ModelConfig, preset
-from .models.deepcache import check_deepcache
+from .models.deepcache import resolve_branch
 from .models.tokenizer import CLIPTokenizer
 from .models.tome import set_token_merging
 from .models.unet import UNetModel
@@ -313,7 +313,7 @@ class RunOptions:
     int8: bool = False
     deepcache: int | None = None
     tome: float | None = None
-    deepcache_branch: int = 0
+    deepcache_branch: int | str = 0
 
     def load(self, path_or_name: str | Path | None = None, **kwargs: Any) -> Pipeline:
         return load_pipeline(path_or_name, **asdict(self), **kwargs)
@@ -324,14 +324,14 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
                   vae: str | Path | None = None, offload: str | None = None,
                   attention_slicing: int | str | None = None, backend: str | None = None,
                   int8: bool = False, deepcache: int | None = None, tome: float | None = None,
-                  deepcache_branch: int = 0) -> Pipeline:
+                  deepcache_branch: int | str = 0) -> Pipeline:
     """Load a model: a single file, a diffusers folder, a preset name, or (None or "builtin") the built-in model.
 
     ``prediction`` ("eps" or "v") overrides the file's (SD2 768-v checkpoints look like eps ones); ``vae``: a
     standalone VAE file instead of the model's; ``offload`` ("model", "sequential"), ``attention_slicing`` (MiB or
     "auto"), ``backend`` and ``int8``: Pipeline.enable_offload's, set_attention_slicing's and set_backend's (int8
     implies openvino); ``deepcache``: a whole UNet pass every that many steps, the deep feature at skip branch
-    ``deepcache_branch`` reused between (models/deepcache.py); ``tome``: that share of the tokens merged in the
+    ``deepcache_branch`` (or "level") reused between (models/deepcache.py); ``tome``: that share of the tokens merged in the
     highest-resolution self-attention (models/tome.py). A ``.safetensors`` file is memory-mapped, not copied."""
     if offload not in (None, *OFFLOAD_MODES):
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
@@ -393,7 +393,6 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
         pipe.to(dtype=dtype).enable_offload(offload, device)
     else:
         pipe.to(device=device, dtype=dtype)
-    check_deepcache(pipe.unet, deepcache, deepcache_branch)
-    pipe.deepcache, pipe.deepcache_branch = deepcache, deepcache_branch
+    pipe.deepcache, pipe.deepcache_branch = deepcache, resolve_branch(pipe.unet, deepcache, deepcache_branch)
     set_token_merging(pipe.unet, tome)
     return pipe.set_attention_slicing(attention_slicing).set_backend(backend or "torch", int8=int8)

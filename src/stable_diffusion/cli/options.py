@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-FAST = {"int8": True, "deepcache": 3, "tome": 0.5}  # --fast: every lever (README, Speed: their measured cost)
+# --fast: every lever (README, Speed: their measured cost); DeepCache on the branch after the first level
+FAST = {"int8": True, "deepcache": 3, "deepcache_branch": "level", "tome": 0.5}
 
 
 def device_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,15 +29,25 @@ def device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deepcache", type=int, default=None, metavar="N",
                    help="fast, approximate: the whole UNet every N steps, its deep features reused between "
                         "(DeepCache, Ma et al. 2023); 3 is about 2x faster")
-    p.add_argument("--deepcache-branch", type=int, default=0, metavar="B",
-                   help="with --deepcache: the skip branch whose feature is reused (0: only the first input and last "
-                        "output block run between whole passes; deeper branches run more, cost less quality)")
+    p.add_argument("--deepcache-branch", type=_branch_arg, default=None, metavar="B|level",
+                   help="with --deepcache: the skip branch whose feature is reused (0, the default without --fast: "
+                        "only the first input and last output block run between whole passes; deeper branches run "
+                        "more, cost less quality; level, --fast's: the whole highest-resolution level)")
     p.add_argument("--tome", type=float, default=None, metavar="RATIO",
                    help="fast, approximate: merge this share of the tokens (0-0.9) in the full-resolution "
                         "self-attention (ToMe for SD, Bolya & Hoffman 2023)")
     p.add_argument("--fast", action="store_true",
-                   help=f"every fast lever: --int8 --deepcache {FAST['deepcache']} --tome {FAST['tome']} (each "
-                        "flag given explicitly wins); quality cost in README's Speed section")
+                   help=f"every fast lever: --int8 --deepcache {FAST['deepcache']} --deepcache-branch "
+                        f"{FAST['deepcache_branch']} --tome {FAST['tome']} (each flag given explicitly wins); quality "
+                        "cost in README's Speed section")
+
+
+def _branch_arg(text: str) -> int | str:
+    """A whole number, or the text as given (load_pipeline accepts "level" and names any other value's fault)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _slicing_arg(text: str) -> int | str:
@@ -51,10 +62,13 @@ def run_options(args: argparse.Namespace):
     """The RunOptions (device, dtype, offload, attention slicing, backend, fast levers) that the flags ask for."""
     from ..pipeline import RunOptions
 
-    fast = FAST if args.fast else {"int8": False, "deepcache": None, "tome": None}
+    fast = FAST if args.fast else {"int8": False, "deepcache": None, "deepcache_branch": 0, "tome": None}
+
+    def chosen(name: str):
+        value = getattr(args, name)
+        return value if value is not None else fast[name]
     return RunOptions(args.device, args.dtype, args.offload, args.attention_slicing, args.backend,
-                      args.int8 or fast["int8"], args.deepcache if args.deepcache is not None else fast["deepcache"],
-                      args.tome if args.tome is not None else fast["tome"], args.deepcache_branch)
+                      args.int8 or fast["int8"], chosen("deepcache"), chosen("tome"), chosen("deepcache_branch"))
 
 
 def guidance_arguments(p: argparse.ArgumentParser) -> None:

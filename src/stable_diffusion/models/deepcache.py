@@ -1,7 +1,9 @@
 """DeepCache (Ma, Fang & Wang 2023, "DeepCache: Accelerating Diffusion Models for Free"): adjacent sampling steps
 have nearly the same deep UNet features, so a full UNet pass runs every ``interval`` calls and keeps the feature
 that enters the last ``branch + 1`` output blocks; the calls between run only the shallow blocks around that skip
-branch and reuse the kept feature. The paper's uniform schedule (its N) on its shallowest branch (0) by default.
+branch and reuse the kept feature. The paper's uniform schedule (its N) on its shallowest branch (0) by default;
+branch ``"level"`` is the last block of the highest-resolution level (its residual blocks and its downsample), the
+shallowest branch that keeps an ancestral sampler's adherence (docs/speed.md: the branch sweep).
 
 ``deep_cache(unet, interval, branch)`` installs it on a UNet for one sampling run (generate.py), over whatever runs the
 UNet: a backend that can run the two parts registers them as ``unet.deepcache_parts(branch)``; otherwise the
@@ -45,23 +47,31 @@ class DeepCacheRunner:
         return out
 
 
-def check_deepcache(unet: nn.Module, interval: int | None, branch: int) -> None:
-    """A ValueError naming the fault unless ``interval`` is None or a whole number >= 1 and ``branch`` one of the
-    UNet's skip branches (its input blocks)."""
+LEVEL = "level"  # the branch after the whole highest-resolution level
+
+
+def resolve_branch(unet: nn.Module, interval: int | None, branch: int | str) -> int:
+    """``branch`` as an input-block index (``"level"``: the UNet's first level's last block: SD1.x, SD2.x and SDXL
+    3, the built-in model 2); a ValueError naming the fault unless ``interval`` is None or a whole number >= 1 and
+    ``branch`` one of the UNet's skip branches (its input blocks) or ``"level"``."""
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
         raise ValueError(f"deepcache takes a whole number of steps >= 1, not {interval!r}")
     last = len(unet.input_blocks) - 1
+    if branch == LEVEL:
+        return min(unet.config.num_res_blocks + 1, last)
     if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch <= last:
-        raise ValueError(f"deepcache branch must be a whole number in [0, {last}] for this model, not {branch!r}")
+        raise ValueError(f"deepcache branch must be a whole number in [0, {last}] for this model or "
+                         f"'{LEVEL}', not {branch!r}")
+    return branch
 
 
 @contextmanager
-def deep_cache(unet: nn.Module, interval: int | None, branch: int = 0) -> Iterator[DeepCacheRunner | None]:
+def deep_cache(unet: nn.Module, interval: int | None, branch: int | str = 0) -> Iterator[DeepCacheRunner | None]:
     """DeepCache on ``unet`` for the ``with`` block (``interval`` <= 1 or None: off)."""
     if not interval or interval <= 1:
         yield None
         return
-    check_deepcache(unet, interval, branch)
+    branch = resolve_branch(unet, interval, branch)
     previous = unet.__dict__.get("forward")
     parts = unet.__dict__.get("deepcache_parts")
     if parts is not None:
