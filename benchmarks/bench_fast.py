@@ -27,7 +27,6 @@ import numpy as np
 from PIL import Image
 
 from bench_memory import NEGATIVE, PROMPT, peak_rss, write_models
-
 from stable_diffusion.cli.options import FAST
 
 CONFIGS: dict[str, dict | None] = {  # name -> load_pipeline options and request fields (None: diffusers)
@@ -35,6 +34,7 @@ CONFIGS: dict[str, dict | None] = {  # name -> load_pipeline options and request
     "exact (torch)": {},  # the same image as exact openvino within a level; its speed is bench_components'
     "exact --backend openvino": {"backend": "openvino"},
     "--int8": {"int8": True},
+    "--int8-vae": {"int8_vae": True},
     "--deepcache 3": {"backend": "openvino", "deepcache": 3},
     "--tome 0.5": {"backend": "openvino", "tome": 0.5},
     "--ngms 1": {"backend": "openvino", "fields": {"s_min_uncond": 1.0}},

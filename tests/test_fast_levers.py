@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from stable_diffusion import load_pipeline
-from stable_diffusion.backends.int8 import KEEP_FP32, TAG
+from stable_diffusion.backends.int8 import KEEP_FP32, TAG, VAE_TAG
 from stable_diffusion.cli import main
 from stable_diffusion.cli.options import FAST, device_arguments, run_options
 from stable_diffusion.models.deepcache import deep_cache, resolve_branch
@@ -125,6 +125,29 @@ def test_int8_is_calibrated_once_per_weights_and_stays_close(caplog):
     _assert_kept_in_fp32(next(Path(os.environ["SD_CACHE_DIR"]).glob(f"openvino/ov*/unet-*-{TAG}-*/model.xml")))
 
 
+def test_int8_vae_quantizes_the_decoder_alone_once_and_stays_close(caplog):
+    """--int8-vae: the VAE decoder in int8, calibrated on the latents of the calibration generations; the UNet
+    stays fp32; a second load reads the cached int8 decoder; the decoded image stays close to the fp32 decoder's."""
+    pytest.importorskip("nncf")
+    caplog.set_level(logging.WARNING)
+    cached = Path(os.environ["SD_CACHE_DIR"]) / "openvino"
+    exact = load_pipeline(backend="openvino")
+    fast = load_pipeline(int8_vae=True)
+    assert fast.backend == "openvino"
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * 2
+    with torch.no_grad():
+        reference, decoded = exact.vae.decode(latents), fast.vae.decode(latents)
+    quantized = [r.getMessage() for r in caplog.records if "int8: quantizing" in r.getMessage()]
+    assert len(quantized) == 1 and "vae-decoder" in quantized[0] and "4 calibration inputs" in quantized[0]
+    assert not list(cached.glob(f"ov*/unet-*-{TAG}-*")) and list(cached.glob(f"ov*/vae-decoder-*-{VAE_TAG}-*"))
+    error = (decoded - reference).abs().max().item()  # decoded pixels in [-1, 1]: RMS 0.03 is ~4 levels of 255
+    assert 0 < error < 0.5 and (decoded - reference).pow(2).mean().sqrt() < 0.03, error
+    image, again = (p.txt2img(PROMPT, steps=8, seed=5)[0] for p in (fast, load_pipeline(int8_vae=True)))
+    assert len([r for r in caplog.records if "int8: quantizing" in r.getMessage()]) == 1  # the cached decoder
+    assert np.array_equal(np.asarray(again), np.asarray(image))
+    assert psnr(image, exact.txt2img(PROMPT, steps=8, seed=5)[0]) > 25
+
+
 def _assert_kept_in_fp32(xml: Path) -> None:
     """In the int8 IR, the layers KEEP_FP32 names get no FakeQuantize on their inputs; every other convolution and
     MatMul (the convolutions and feed-forward layers) does."""
@@ -154,8 +177,9 @@ def _assert_kept_in_fp32(xml: Path) -> None:
 @pytest.mark.parametrize("flags,words", [
     (["--deepcache", "0"], "deepcache takes a whole number of steps >= 1"),
     (["--deepcache", "3", "--deepcache-branch", "6"], "deepcache branch must be a whole number in [0, 5]"),
-    (["--deepcache", "3", "--deepcache-branch", "first"], "deepcache branch must be a whole number in [0, 5] for this model or 'level', not"),
+    (["--deepcache", "3", "--deepcache-branch", "first"], "for this model or 'level', not"),
     (["--int8", "--backend", "torch"], "int8 runs on the openvino backend"),
+    (["--int8-vae", "--backend", "torch"], "int8 runs on the openvino backend"),
     (["--tome", "1.5"], "token merging ratio must be in [0, 1)"),
     (["--tome", "nan"], "token merging ratio must be in [0, 1)"),
     (["--fast", "--attention-slicing", "64"], "drop offload / attention slicing"),
@@ -213,8 +237,8 @@ def test_fast_quantizes_deepcache_parts_and_stays_close():
     assert fast.deepcache_branch == 2  # "level": the built-in model's first level is a residual block and a downsample
     image = fast.txt2img(PROMPT, steps=12, seed=5, sampler="Euler")[0]
     cached = Path(os.environ["SD_CACHE_DIR"]) / "openvino"
-    for part in ("unet-deep2", "unet-shallow2"):  # both DeepCache parts quantized (with ToMe's graph)
-        assert list(cached.glob(f"ov*/{part}tome0.5-*-int8-*/model.xml")), sorted(p.name for p in cached.glob("*/*"))
+    for part in ("unet-deep2tome0.5", "unet-shallow2tome0.5", "vae-decoder"):  # each DeepCache part and the decoder
+        assert list(cached.glob(f"ov*/{part}-*-int8-*/model.xml")), sorted(p.name for p in cached.glob("*/*"))
     assert psnr(image, exact) > 15, psnr(image, exact)
 
 

@@ -34,7 +34,7 @@ BAD_RUNS = [
     (["serve", "--tome", "1.5", "--models-dir", "{tmp}"], "token merging ratio must be in [0, 1)"),
     (["serve", "--deepcache", "0", "--models-dir", "{tmp}"], "deepcache takes a whole number of steps >= 1"),
     (["serve", "--deepcache-branch", "9", "--models-dir", "{tmp}"], "deepcache branch must be a whole number in [0, 5]"),
-    (["serve", "--deepcache-branch", "-1", "--models-dir", "{tmp}"], "deepcache branch must be a whole number in [0, 5] for this model or 'level', not"),
+    (["serve", "--deepcache-branch", "-1", "--models-dir", "{tmp}"], "for this model or 'level', not"),
     (["info", "{tmp}/empty.ckpt"], "truncated or corrupt checkpoint"),
     (["info", "{tmp}/notes.txt"], "unknown checkpoint type"),
 ]

@@ -121,11 +121,12 @@ class Pipeline:
         self.offload = Offload(self.modules(), entries, mode, device)
         return self
 
-    def set_backend(self, name: str, int8: bool = False) -> Pipeline:
+    def set_backend(self, name: str, int8: bool = False, int8_vae: bool = False) -> Pipeline:
         """Run the UNet and the VAE decoder on backend ``name`` ("torch", or "openvino" on the CPU: converted once
-        per weights, cached on disk, torch's mapped weight pages released once compiled); ``int8``: the UNet quantized
-        by NNCF, calibrated on a few generations (backends/int8.py). Absent: torch, with a notice (``self.backend``)."""
-        self.backend = use_backend(self.unet, self.vae, name, self.device, int8, calibration_run(self), release)
+        per weights, cached on disk); ``int8`` / ``int8_vae``: the UNet / the VAE decoder quantized by NNCF,
+        calibrated on a few generations (backends/int8.py). Absent: torch, with a notice (``self.backend``)."""
+        calibrate = calibration_run(self)
+        self.backend = use_backend(self.unet, self.vae, name, self.device, int8, calibrate, release, int8_vae)
         return self
 
     def set_attention_slicing(self, slicing: int | str | None) -> Pipeline:
@@ -314,6 +315,7 @@ class RunOptions:
     deepcache: int | None = None
     tome: float | None = None
     deepcache_branch: int | str = 0
+    int8_vae: bool = False
 
     def load(self, path_or_name: str | Path | None = None, **kwargs: Any) -> Pipeline:
         return load_pipeline(path_or_name, **asdict(self), **kwargs)
@@ -324,19 +326,19 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
                   vae: str | Path | None = None, offload: str | None = None,
                   attention_slicing: int | str | None = None, backend: str | None = None,
                   int8: bool = False, deepcache: int | None = None, tome: float | None = None,
-                  deepcache_branch: int | str = 0) -> Pipeline:
+                  deepcache_branch: int | str = 0, int8_vae: bool = False) -> Pipeline:
     """Load a model: a single file, a diffusers folder, a preset name, or (None or "builtin") the built-in model.
 
     ``prediction`` ("eps" or "v") overrides the file's (SD2 768-v checkpoints look like eps ones); ``vae``: a
     standalone VAE file instead of the model's; ``offload`` ("model", "sequential"), ``attention_slicing`` (MiB or
-    "auto"), ``backend`` and ``int8``: Pipeline.enable_offload's, set_attention_slicing's and set_backend's (int8
+    "auto"), ``backend``, ``int8``, ``int8_vae``: enable_offload's, set_attention_slicing's, set_backend's (int8
     implies openvino); ``deepcache``: a whole UNet pass every that many steps, the deep feature at skip branch
-    ``deepcache_branch`` (or "level") reused between (models/deepcache.py); ``tome``: that share of the tokens merged in the
-    highest-resolution self-attention (models/tome.py). A ``.safetensors`` file is memory-mapped, not copied."""
+    ``deepcache_branch`` (or "level") reused between (models/deepcache.py); ``tome``: that share of the tokens
+    merged in the highest-resolution self-attention (models/tome.py). A ``.safetensors`` is memory-mapped."""
     if offload not in (None, *OFFLOAD_MODES):
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
     offloaded = offload not in (None, "none")
-    backend = "openvino" if int8 and backend is None else backend
+    backend = "openvino" if (int8 or int8_vae) and backend is None else backend
     if backend not in (None, *BACKENDS):
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend not in (None, "torch") and (offloaded or attention_slicing is not None):
@@ -395,4 +397,4 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
         pipe.to(device=device, dtype=dtype)
     pipe.deepcache, pipe.deepcache_branch = deepcache, resolve_branch(pipe.unet, deepcache, deepcache_branch)
     set_token_merging(pipe.unet, tome)
-    return pipe.set_attention_slicing(attention_slicing).set_backend(backend or "torch", int8=int8)
+    return pipe.set_attention_slicing(attention_slicing).set_backend(backend or "torch", int8, int8_vae)

@@ -19,15 +19,16 @@ logger = logging.getLogger(__name__)
 
 
 def use_backend(unet: nn.Module, vae: nn.Module, name: str, device: torch.device, int8: bool = False,
-                calibrate: Callable[[], Any] | None = None, release: Callable[[torch.Tensor], Any] | None = None) -> str:
+                calibrate: Callable[[], Any] | None = None, release: Callable[[torch.Tensor], Any] | None = None,
+                int8_vae: bool = False) -> str:
     """Run ``unet`` and ``vae.decode`` on backend ``name``; returns the backend in effect ("torch" when the asked
-    one is absent or cannot run on ``device``, with a one-line notice). ``int8`` (openvino only; int8.py)
-    quantizes the UNet, calibrated on the UNet inputs of ``calibrate()`` (a few generations). ``release(tensor)``
-    hands a torch weight's (memory-mapped) pages back: each one once the cache key has read it, and all of a module's
-    after each compile (the compiled model holds its own weights)."""
+    one is absent or cannot run on ``device``, with a one-line notice). ``int8`` / ``int8_vae`` (openvino only;
+    int8.py) quantize the UNet / the VAE decoder, calibrated on their inputs in ``calibrate()`` (a few
+    generations). ``release(tensor)`` hands a torch weight's (memory-mapped) pages back: each one once the cache
+    key has read it, and all of a module's after each compile (the compiled model holds its own weights)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {name!r}")
-    if int8 and name != "openvino":
+    if (int8 or int8_vae) and name != "openvino":
         raise ValueError("int8 runs on the openvino backend")
     for module, attr in ((unet, "forward"), (vae, "decode"), (unet, "deepcache_parts")):
         module.__dict__.pop(attr, None)  # back to the class's eager method
@@ -44,9 +45,9 @@ def use_backend(unet: nn.Module, vae: nn.Module, name: str, device: torch.device
         return "torch"
     from .unet_parts import install_openvino
 
-    install_openvino(unet, vae, _installed, int8 and nncf_available(), calibrate, release)
-    if int8 and not nncf_available():
-        logger.warning("int8: nncf is not installed (pip install \".[openvino]\"); the UNet runs in fp32")
+    install_openvino(unet, vae, _installed, int8 and nncf_available(), calibrate, release, int8_vae and nncf_available())
+    if (int8 or int8_vae) and not nncf_available():
+        logger.warning("int8: nncf is not installed (pip install \".[openvino]\"); the networks run in fp32")
     return name
 
 

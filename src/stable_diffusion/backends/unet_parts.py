@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .int8 import TAG, quantizer, record_inputs
+from .int8 import TAG, VAE_KEEP_FP32, VAE_TAG, quantizer, record_decodes, record_inputs
 from .openvino import OpenVINOComponent
 
 
@@ -67,10 +67,12 @@ def _unet_runner(unet: nn.Module, eager, component):
 
 
 def install_openvino(unet: nn.Module, vae: nn.Module, installed: Callable, int8: bool,
-                     calibrate: Callable[[], Any] | None, release: Callable[[torch.Tensor], Any] | None = None) -> None:
+                     calibrate: Callable[[], Any] | None, release: Callable[[torch.Tensor], Any] | None = None,
+                     int8_vae: bool = False) -> None:
     """Set ``unet.forward``, ``unet.deepcache_parts`` and ``vae.decode`` to OpenVINO runners (``installed(module,
-    key, make)`` keeps each made runner on its module); ``int8``: the UNet's runners quantized; ``release(tensor)``
-    on the torch weights (their pages) once read for the cache key and after each compile."""
+    key, make)`` keeps each made runner on its module); ``int8``: the UNet's runners quantized; ``int8_vae``: the
+    VAE decoder's; ``release(tensor)`` on the torch weights (their pages) once read for the cache key and after
+    each compile."""
     component = functools.partial(OpenVINOComponent, release=release)
     eager, decode = unet.forward, vae.decode
     shape_class = _unet_shape_class(len(unet.config.channel_mult) - 1)
@@ -83,20 +85,37 @@ def install_openvino(unet: nn.Module, vae: nn.Module, installed: Callable, int8:
     fp32 = installed(unet, "openvino", lambda: _unet_runner(unet, eager, fp32_component(eager, "unet")))
     fp32_parts = installed(unet, "openvino-deepcache", lambda: _deepcache_parts(unet, fp32_component))
     unet.forward, unet.deepcache_parts = fp32, fp32_parts
-    vae.decode = installed(vae, "openvino", lambda: component(vae, decode, "vae-decoder"))
-    if not int8:
-        return
-    recorded: list = []
+    fp32_decode = installed(vae, "openvino", lambda: component(vae, decode, "vae-decoder"))
+    vae.decode = fp32_decode
+    recorded: dict[str, list] = {}
+
+    def record() -> None:
+        """The UNet's and the decoder's inputs in ``calibrate()``'s generations, run in fp32 (recorded once)."""
+        if not recorded:
+            current = unet.forward, vae.decode
+            unet.forward, vae.decode = fp32, fp32_decode
+            try:
+                decodes: list = []
+                unet_inputs = record_inputs(unet, lambda: decodes.extend(
+                    record_decodes(vae, calibrate or (lambda: None))))
+                recorded.update(unet=unet_inputs, vae=decodes)
+            finally:
+                unet.forward, vae.decode = current
 
     def samples() -> list:
-        """The UNet inputs of ``calibrate()``'s generations through the fp32 model (recorded once)."""
-        if not recorded:
-            current, unet.forward = unet.forward, fp32
-            try:
-                recorded.extend(record_inputs(unet, calibrate or (lambda: None)))
-            finally:
-                unet.forward = current
-        return recorded
+        record()
+        return recorded["unet"]
+
+    def decoder_samples() -> list:
+        record()
+        return recorded["vae"]
+
+    if int8_vae:
+        vae.decode = installed(vae, "openvino-int8", lambda: component(
+            vae, decode, "vae-decoder", transform=quantizer(decoder_samples, VAE_KEEP_FP32, transformer=False),
+            tag=VAE_TAG, source=fp32_decode))
+    if not int8:
+        return
 
     def with_features(branch: int) -> Callable[[], list]:
         """Calibration inputs of DeepCache's shallow part: each recorded input with its deep feature."""
