@@ -39,8 +39,11 @@ CONFIGS: dict[str, dict | None] = {  # name -> load_pipeline options and request
     "--tome 0.5": {"backend": "openvino", "tome": 0.5},
     "--ngms 1": {"backend": "openvino", "fields": {"s_min_uncond": 1.0}},
     "--fast": dict(FAST),  # DeepCache's cached steps redo the whole first level: what keeps Euler a's adherence
-    "--fast --deepcache-branch 0": {**FAST, "deepcache_branch": 0},  # the paper's branch: --fast until 2026-12-07
+    # the paper's branch (--fast until 2026-12-07 was this without --int8-vae)
+    "--fast --deepcache-branch 0": {**FAST, "deepcache_branch": 0},
     "--fast --ngms 1": {**FAST, "fields": {"s_min_uncond": 1.0}},  # and guidance truncation
+    "--fast --deepcache 4": {**FAST, "deepcache": 4},  # longer cache intervals
+    "--fast --deepcache 5": {**FAST, "deepcache": 5},
 }
 
 
