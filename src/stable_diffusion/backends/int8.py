@@ -101,7 +101,9 @@ def quantizer(samples: Callable[[], list[tuple[np.ndarray, ...]]], keep: tuple[s
     def transform(model, component, inputs):
         import nncf
 
-        nncf.set_log_level(logging.ERROR)  # its INFO lines list every ignored node
+        # its INFO lines list every ignored node; the logger's level only (nncf.set_log_level also sets the level of
+        # every handler on its logger, which may be handlers it shares with the application's root logger)
+        logging.getLogger(nncf.common.logging.logger.NNCF_LOGGER_NAME).setLevel(logging.ERROR)
         if not cached:
             cached.extend(samples())
         logger.warning("int8: quantizing the %s with NNCF over %d calibration inputs (once per weights)",
