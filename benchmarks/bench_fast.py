@@ -44,6 +44,7 @@ CONFIGS: dict[str, dict | None] = {  # name -> load_pipeline options and request
     "--fast --ngms 1": {**FAST, "fields": {"s_min_uncond": 1.0}},  # and guidance truncation
     "--fast --deepcache 4": {**FAST, "deepcache": 4},  # longer cache intervals
     "--fast --deepcache 5": {**FAST, "deepcache": 5},
+    "--fast --tome 0.75": {**FAST, "tome": 0.75},  # more tokens merged
 }
 
 

@@ -230,6 +230,26 @@ def test_token_merging_costs_the_image_little_and_runs_on_openvino(builtin):
     assert_close(merged_pipe.unet(x, t, context), builtin.unet(x, t, context))
 
 
+@torch.no_grad()
+def test_token_merging_of_every_source_token_runs_on_openvino(caplog):
+    """From ratio 0.75 every non-destination token of an even-sided map merges; the compiled graph has no empty
+    part (it failed to compile, and fell back to torch, until 2026-12-07)."""
+    from stable_diffusion.models.tome import bipartite_soft_matching
+
+    tokens = torch.randn(2, 64, 8)
+    merge, unmerge = bipartite_soft_matching(tokens, 8, 8, 0.9)
+    assert merge(tokens).shape == (2, 16, 8) and unmerge(merge(tokens)).shape == (2, 64, 8)
+    pytest.importorskip("openvino")
+    caplog.set_level(logging.WARNING)
+    pipe = load_pipeline(tome=0.75)
+    x, t, context, _ = _inputs(pipe)
+    reference = pipe.unet(x, t, context)
+    pipe.set_backend("openvino")
+    assert_close(pipe.unet(x, t, context), reference)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("converting the unet" in m for m in messages) and not any("failed" in m for m in messages), messages
+
+
 def test_fast_quantizes_deepcache_parts_and_stays_close():
     pytest.importorskip("nncf")
     import os

@@ -44,12 +44,14 @@ def bipartite_soft_matching(x: torch.Tensor, height: int, width: int, ratio: flo
         src, dst = t[:, src_pos], t[:, dst_pos]
         dst = dst.scatter_reduce(1, merged_into.unsqueeze(-1).expand(-1, -1, t.shape[-1]), take(src, merged),
                                  reduce="mean", include_self=True)
-        return torch.cat([take(src, kept), dst], dim=1)
+        # every source merged (ratio >= 0.75 with 2x2 windows): no empty part, which a compiled graph cannot hold
+        return torch.cat([take(src, kept), dst], dim=1) if kept.shape[1] else dst
 
     def unmerge(t: torch.Tensor) -> torch.Tensor:
         kept_out, dst_out = t[:, : kept.shape[1]], t[:, kept.shape[1]:]
         src_out = torch.empty(b, src_pos.numel(), t.shape[-1], dtype=t.dtype, device=t.device)
-        src_out.scatter_(1, kept.unsqueeze(-1).expand_as(kept_out), kept_out)
+        if kept.shape[1]:
+            src_out.scatter_(1, kept.unsqueeze(-1).expand_as(kept_out), kept_out)
         src_out.scatter_(1, merged.unsqueeze(-1).expand(-1, -1, t.shape[-1]), take(dst_out, merged_into))
         out = torch.empty(b, n, t.shape[-1], dtype=t.dtype, device=t.device)
         out[:, src_pos] = src_out
@@ -82,4 +84,6 @@ def set_token_merging(unet: nn.Module, ratio: float | None) -> None:
         raise ValueError(f"token merging ratio must be in [0, 1), not {ratio}")
     for transformer in top_transformers(unet):
         transformer.token_merge_ratio = ratio
-    unet.graph_variant = f"tome{ratio:g}" if ratio else ""
+    # the compiled backends' cache key; from 0.75 every source token of an even-sided map merges, a graph that
+    # changed on 2026-12-07 (before, its empty part failed to compile): "-2" keeps an earlier cached IR from use
+    unet.graph_variant = (f"tome{ratio:g}" + ("-2" if ratio >= 0.75 else "")) if ratio else ""
