@@ -211,8 +211,30 @@ def test_token_merging_merges_similar_tokens_and_gives_them_their_destination_ba
     assert merge(x).shape == (2, 24, 16) and unmerge(merge(x)).shape == x.shape
 
 
+def test_token_merging_averages_each_destination_with_the_sources_closest_to_it():
+    """Against ToMe's bipartite soft matching spelled out token by token: each non-destination token's most
+    cosine-similar destination, the r best-matched of them averaged into it, the rest kept."""
+    from stable_diffusion.models.tome import bipartite_soft_matching
+
+    torch.manual_seed(1)
+    height, width, ratio = 6, 5, 0.4
+    x, values = torch.randn(1, 30, 8), torch.randn(1, 30, 8)
+    dst = [p for p in range(30) if (p // width) % 2 == 0 and (p % width) % 2 == 0 and p % width < 4]
+    src = [p for p in range(30) if p not in dst]
+    cosine = lambda p, q: float(x[0, p] @ x[0, q] / (x[0, p].norm() * x[0, q].norm()))  # noqa: E731
+    best = {p: max(dst, key=lambda q: cosine(p, q)) for p in src}
+    merged = sorted(src, key=lambda p: -cosine(p, best[p]))[: int(30 * ratio)]
+    expected = values[0].clone()
+    for d in dst:
+        group = [d, *(p for p in merged if best[p] == d)]
+        expected[group] = values[0, group].mean(0)
+    merge, unmerge = bipartite_soft_matching(x, height, width, ratio)
+    assert merge(values).shape == (1, 30 - int(30 * ratio), 8)
+    assert torch.allclose(unmerge(merge(values))[0], expected, atol=1e-6)
+
+
 @torch.no_grad()
-def test_token_merging_costs_the_image_little_and_runs_on_openvino(builtin):
+def test_token_merging_costs_the_image_little_and_runs_on_openvino(builtin, caplog):
     from stable_diffusion.models.tome import set_token_merging, top_transformers
 
     assert top_transformers(builtin.unet), "the built-in model has attention"
@@ -225,7 +247,9 @@ def test_token_merging_costs_the_image_little_and_runs_on_openvino(builtin):
     reference = merged_pipe.unet(x, t, context)
     pytest.importorskip("openvino")
     merged_pipe.set_backend("openvino")
+    caplog.set_level(logging.WARNING)
     assert_close(merged_pipe.unet(x, t, context), reference)
+    assert not any("failed" in r.getMessage() for r in caplog.records), caplog.text  # compiled, not torch's fallback
     set_token_merging(merged_pipe.unet, 0.0)  # another graph: converted anew, the exact UNet again
     assert_close(merged_pipe.unet(x, t, context), builtin.unet(x, t, context))
 

@@ -45,8 +45,9 @@ def use_backend(unet: nn.Module, vae: nn.Module, name: str, device: torch.device
         return "torch"
     from .unet_parts import install_openvino
 
-    install_openvino(unet, vae, _installed, int8 and nncf_available(), calibrate, release, int8_vae and nncf_available())
-    if (int8 or int8_vae) and not nncf_available():
+    quantizable = nncf_available()
+    install_openvino(unet, vae, _installed, int8 and quantizable, calibrate, release, int8_vae and quantizable)
+    if (int8 or int8_vae) and not quantizable:
         logger.warning("int8: nncf is not installed (pip install \".[openvino]\"); the networks run in fp32")
     return name
 

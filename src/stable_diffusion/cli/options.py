@@ -28,7 +28,7 @@ def device_arguments(p: argparse.ArgumentParser) -> None:
                         "model on a few generations; implies --backend openvino)")
     p.add_argument("--int8-vae", action="store_true",
                    help="fast, approximate: the VAE decoder in int8 (as --int8, calibrated on the latents it "
-                        "decodes; about 5x faster)")
+                        "decodes; about 5x faster; implies --backend openvino)")
     p.add_argument("--deepcache", type=int, default=None, metavar="N",
                    help="fast, approximate: the whole UNet every N steps, its deep features reused between "
                         "(DeepCache, Ma et al. 2023); 3 is about 2x faster")

@@ -16,11 +16,27 @@ import torch
 from torch import nn
 
 Merge = Callable[[torch.Tensor], torch.Tensor]
+# bumped when merge / unmerge trace to another graph: 2 (2026-12-07) no empty part when every source merges; 3 the
+# gather / scatter-add merge and the one-gather unmerge
+GRAPH_VERSION = 3
+
+
+def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, index[b, i]]`` for (B, N, C) tokens and a (B, K) index: one row gather on the flattened tokens (a
+    compiled Gather; ``torch.gather`` becomes OpenVINO's element-wise GatherElements, about twice as slow)."""
+    b, n, c = t.shape
+    flat = index + torch.arange(b, device=index.device).unsqueeze(1) * n  # (B, K) rows of the (B * N, C) view
+    return t.reshape(b * n, c)[flat.reshape(-1)].reshape(b, -1, c)
 
 
 def bipartite_soft_matching(x: torch.Tensor, height: int, width: int, ratio: float) -> tuple[Merge, Merge]:
     """``merge`` (B, N, C) -> (B, N - r, C) and ``unmerge`` back, for the tokens ``x`` of an ``height x width``
-    map (N = height * width), r = ratio * N (at most the non-destination tokens)."""
+    map (N = height * width), r = ratio * N (at most the non-destination tokens).
+
+    The merged tensor holds the kept sources, then the destinations. Merging gathers each slot's own token and adds
+    the merged sources onto their destinations' slots (one row scatter-add), then divides by the slot's count;
+    unmerging is one gather of each position's slot. (A scatter-mean merge and scatter unmerge computed the same
+    numbers, but OpenVINO ran them at ~20 % of a cached --fast step: experiments/logs/tome-ops.txt.)"""
     b, n, _ = x.shape
     hd, wd = height // 2, width // 2
     # destination tokens: the top-left of each whole 2x2 window (a boolean mask over the N positions)
@@ -28,35 +44,37 @@ def bipartite_soft_matching(x: torch.Tensor, height: int, width: int, ratio: flo
     is_dst[: hd * 2: 2, : wd * 2: 2] = True
     is_dst = is_dst.reshape(n)
     dst_pos, src_pos = is_dst.nonzero().squeeze(1), (~is_dst).nonzero().squeeze(1)
-    r = min(int(n * ratio), src_pos.numel())
+    ns, nd = src_pos.numel(), dst_pos.numel()
+    r = min(int(n * ratio), ns)
     with torch.no_grad():
         metric = x / x.norm(dim=-1, keepdim=True)
         scores = metric[:, src_pos] @ metric[:, dst_pos].transpose(1, 2)  # (B, Ns, Nd) cosine similarities
         best, best_dst = scores.max(dim=-1)  # each source token's closest destination
         order = best.argsort(dim=-1, descending=True)
-        merged, kept = order[:, :r], order[:, r:]  # (B, r) sources merged away; (B, Ns - r) sources kept
-        merged_into = best_dst.gather(1, merged)  # (B, r) their destinations
-
-    def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        merged, kept = order[:, :r], order[:, r:]  # (B, r) sources merged away; (B, nk) sources kept
+        # the merged tensor: the nk kept sources' slots, then the nd destinations'; sizes taken from tensors, not
+        # computed (a traced ns - r has no lower bound in OpenVINO's shape inference, which then fails)
+        nk = kept.shape[1]
+        into = best_dst.gather(1, merged) + nk  # (B, r) the slots of their destinations
+        dst_slots = (torch.arange(nd, device=x.device) + nk).expand(b, -1)
+        src_slot = torch.empty(b, ns, dtype=torch.long, device=x.device)  # (B, Ns) each source's slot
+        if nk:  # no empty part in the graph: every source merges from ratio 0.75, and a compiled graph cannot hold one
+            src_slot.scatter_(1, kept, torch.arange(nk, device=x.device).expand(b, -1))
+        src_slot.scatter_(1, merged, into)
+        slot = torch.empty(b, n, dtype=torch.long, device=x.device)  # (B, N) each position's slot
+        slot[:, src_pos] = src_slot
+        slot[:, dst_pos] = dst_slots
+        own = torch.cat([src_pos[kept], dst_pos.expand(b, -1)], 1) if nk else dst_pos.expand(b, -1)  # (B, M)
+        merged_pos = src_pos[merged]  # (B, r) the positions merged away
+        count = torch.ones_like(own, dtype=x.dtype).scatter_add(1, into, torch.ones_like(into, dtype=x.dtype))
+        count = count.unsqueeze(-1)  # (B, M, 1) the tokens averaged into each slot
 
     def merge(t: torch.Tensor) -> torch.Tensor:
-        src, dst = t[:, src_pos], t[:, dst_pos]
-        dst = dst.scatter_reduce(1, merged_into.unsqueeze(-1).expand(-1, -1, t.shape[-1]), take(src, merged),
-                                 reduce="mean", include_self=True)
-        # every source merged (ratio >= 0.75 with 2x2 windows): no empty part, which a compiled graph cannot hold
-        return torch.cat([take(src, kept), dst], dim=1) if kept.shape[1] else dst
+        into_rows = into.unsqueeze(-1).expand(-1, -1, t.shape[-1])
+        return take(t, own).scatter_add(1, into_rows, take(t, merged_pos)) / count
 
     def unmerge(t: torch.Tensor) -> torch.Tensor:
-        kept_out, dst_out = t[:, : kept.shape[1]], t[:, kept.shape[1]:]
-        src_out = torch.empty(b, src_pos.numel(), t.shape[-1], dtype=t.dtype, device=t.device)
-        if kept.shape[1]:
-            src_out.scatter_(1, kept.unsqueeze(-1).expand_as(kept_out), kept_out)
-        src_out.scatter_(1, merged.unsqueeze(-1).expand(-1, -1, t.shape[-1]), take(dst_out, merged_into))
-        out = torch.empty(b, n, t.shape[-1], dtype=t.dtype, device=t.device)
-        out[:, src_pos] = src_out
-        out[:, dst_pos] = dst_out
-        return out
+        return take(t, slot)
 
     return merge, unmerge
 
@@ -84,6 +102,5 @@ def set_token_merging(unet: nn.Module, ratio: float | None) -> None:
         raise ValueError(f"token merging ratio must be in [0, 1), not {ratio}")
     for transformer in top_transformers(unet):
         transformer.token_merge_ratio = ratio
-    # the compiled backends' cache key; from 0.75 every source token of an even-sided map merges, a graph that
-    # changed on 2026-12-07 (before, its empty part failed to compile): "-2" keeps an earlier cached IR from use
-    unet.graph_variant = (f"tome{ratio:g}" + ("-2" if ratio >= 0.75 else "")) if ratio else ""
+    # the compiled backends' cache key, which holds no code version: GRAPH_VERSION keeps an earlier IR from use
+    unet.graph_variant = f"tome{ratio:g}-{GRAPH_VERSION}" if ratio else ""
