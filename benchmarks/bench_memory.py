@@ -9,6 +9,8 @@ measured too. The last case is every saving at once: sequential offload, attenti
 of scores, and the VAE in tiles of half the image's side. Sequential offload on the CPU keeps only the running
 layer's mapped pages resident (stable_diffusion/offload.py). The openvino cases (exact, and int8) are measured
 after an unmeasured run has converted (and quantized) the model into the cache, as every later run finds it.
+The "(fp16 file)" cases load the same weights stored in fp16 (most shared checkpoints are), run in fp32 (the CPU's
+dtype: diffusers upcasts at load), and compare with diffusers loading that fp16 folder.
 
     python benchmarks/bench_memory.py [--device cpu] [--size 512] [--keep DIR] [--cases "ours,ours --int8"]
 """
@@ -36,7 +38,12 @@ CASES = {  # name -> (who, options)
                                               "tiled_vae": True}),
     "ours --backend openvino": ("ours", {"backend": "openvino"}),  # the IR cached by a warm-up run first
     "ours --int8": ("ours", {"backend": "openvino", "int8": True}),
+    "diffusers (fp16 file)": ("theirs", {"file": "fp16"}),
+    "ours (fp16 file)": ("ours", {"file": "fp16"}),
+    "ours offload model (fp16 file)": ("ours", {"offload": "model", "file": "fp16"}),
+    "ours offload sequential (fp16 file)": ("ours", {"offload": "sequential", "file": "fp16"}),
 }
+FILES = {None: ("sd15.safetensors", "sd15-diffusers"), "fp16": ("sd15-fp16.safetensors", "sd15-fp16-diffusers")}
 
 
 def write_models(folder: Path) -> None:
@@ -49,6 +56,15 @@ def write_models(folder: Path) -> None:
     pipe.save(folder / "sd15-diffusers", format="diffusers")
 
 
+def write_fp16_models(folder: Path) -> None:
+    """The same model stored in fp16, as a single file and as a diffusers folder."""
+    from stable_diffusion.pipeline import load_pipeline
+
+    pipe = load_pipeline(folder / "sd15.safetensors")
+    pipe.save(folder / "sd15-fp16.safetensors", dtype="fp16")
+    pipe.save(folder / "sd15-fp16-diffusers", format="diffusers", dtype="fp16")
+
+
 def run_case(folder: Path, who: str, options: dict, device: str, size: int) -> dict:
     """One case in this (fresh) process: load, generate, measure."""
     import torch
@@ -57,7 +73,7 @@ def run_case(folder: Path, who: str, options: dict, device: str, size: int) -> d
     if who == "ours":
         from stable_diffusion.pipeline import load_pipeline
 
-        pipe = load_pipeline(folder / "sd15.safetensors", device=device, dtype="fp32",
+        pipe = load_pipeline(folder / FILES[options.get("file")][0], device=device, dtype="fp32",
                              offload=options.get("offload"), attention_slicing=options.get("attention_slicing"),
                              backend=options.get("backend"), int8=options.get("int8", False))
         loaded = time.perf_counter()
@@ -66,7 +82,7 @@ def run_case(folder: Path, who: str, options: dict, device: str, size: int) -> d
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(folder / "sd15-diffusers", torch_dtype=torch.float32,
+        pipe = StableDiffusionPipeline.from_pretrained(folder / FILES[options.get("file")][1], torch_dtype=torch.float32,
                                                        local_files_only=True, safety_checker=None,
                                                        requires_safety_checker=False).to(device)
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -113,12 +129,17 @@ def main() -> None:
     if not (folder / "sd15.safetensors").exists():
         folder.mkdir(parents=True, exist_ok=True)
         write_models(folder)
+    chosen = ["diffusers", *[c for c in args.cases.split(",") if c != "diffusers"]] if args.cases else list(CASES)
+    if any(CASES[c][1].get("file") for c in chosen):  # the fp16 file's own baseline, before its cases
+        baselines = ["diffusers", "diffusers (fp16 file)"]
+        chosen = [*baselines, *[c for c in chosen if c not in baselines]]
+        if not (folder / FILES["fp16"][0]).exists():
+            write_fp16_models(folder)
     print(f"SD1.5-size txt2img {args.size}x{args.size}, 2 Euler steps, CFG 7, fp32, device {args.device}; "
           "each case a fresh process loading from disk")
-    print(f"{'case':<30}{'peak RSS MB':>13}{'vs diffusers':>14}{'load s':>9}{'generate s':>12}"
+    print(f"{'case':<36}{'peak RSS MB':>13}{'vs diffusers':>14}{'load s':>9}{'generate s':>12}"
           + (f"{'peak CUDA MB':>14}" if args.device.startswith("cuda") else ""))
-    baseline = None
-    chosen = ["diffusers", *[c for c in args.cases.split(",") if c != "diffusers"]] if args.cases else list(CASES)
+    baselines: dict[str | None, int] = {}  # each file's diffusers peak: the ratios' denominators
     for name in chosen:
         command = [sys.executable, __file__, "--case", name, "--folder", str(folder), "--device", args.device,
                    "--size", str(args.size)]
@@ -126,11 +147,11 @@ def main() -> None:
             subprocess.run(command, capture_output=True, text=True)
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode != 0:
-            print(f"{name:<30} failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
+            print(f"{name:<36} failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
             continue
         r = json.loads(run.stdout.strip().splitlines()[-1])
-        baseline = baseline or r["peak_rss"]
-        print(f"{name:<30}{r['peak_rss'] / 2**20:>13.0f}{r['peak_rss'] / baseline:>14.2f}{r['load_s']:>9.1f}"
+        baseline = baselines.setdefault(CASES[name][1].get("file"), r["peak_rss"])
+        print(f"{name:<36}{r['peak_rss'] / 2**20:>13.0f}{r['peak_rss'] / baseline:>14.2f}{r['load_s']:>9.1f}"
               f"{r['generate_s']:>12.1f}" + (f"{r['peak_cuda'] / 2**20:>14.0f}" if "peak_cuda" in r else ""),
               flush=True)
 

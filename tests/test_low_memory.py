@@ -115,6 +115,32 @@ def test_offload_gives_the_same_images_and_keeps_weights_off_the_resident_set(bu
     assert psnr(again, builtin.img2img(reference, PROMPT, denoising_strength=0.5, seed=4)[0]) >= 60
 
 
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offload_keeps_an_fp16_file_in_fp16_and_computes_in_fp32(builtin, tmp_path, mode):
+    """The built-in model ships in fp16: offloaded on the CPU its weights rest as the file has them (mapped,
+    releasable) and each unit runs on an fp32 cast of them, the numbers of a model converted at load; a LoRA merges
+    in fp32; turning offload off converts them."""
+    from stable_diffusion.lora import _targets, applied_loras
+
+    from .test_lora import _kohya_file
+
+    pipe = load_pipeline(BUILTIN_MODEL, offload=mode)
+    assert pipe.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    assert all(p.dtype == torch.float16 and mapped.is_mapped(p) for p in pipe.unet.parameters())
+    image = pipe.txt2img(PROMPT, seed=3, steps=8)[0]
+    assert psnr(image, builtin.txt2img(PROMPT, seed=3, steps=8)[0]) >= 60  # NCHW against channels-last: float noise
+    assert mapped_rss(BUILTIN_MODEL) < BUILTIN_MODEL.stat().st_size / 5
+    name = next(k for k in _targets(pipe) if k.startswith("lora_unet") and k.endswith("attn2_to_v"))
+    module, delta = next(iter(_kohya_file(tmp_path / "l.safetensors", pipe, [name]).items()))
+    before = module.weight.detach().clone()
+    with applied_loras(pipe, [(tmp_path / "l.safetensors", 1.0)]):
+        assert module.weight.dtype == torch.float32
+        torch.testing.assert_close(module.weight, before.float() + delta)
+    assert torch.equal(module.weight, before) and mapped.is_mapped(module.weight)  # the file's weight again
+    pipe.enable_offload("none")
+    assert pipe.dtype == torch.float32 and all(p.dtype == torch.float32 for p in pipe.unet.parameters())
+
+
 def test_sequential_offload_holds_one_layer_at_a_time(fp32_file):
     pipe = load_pipeline(fp32_file, offload="sequential")
     peak = []

@@ -113,7 +113,9 @@ def applied_loras(pipe: Pipeline, loras: list[tuple[str | Path, float]]) -> Iter
         for path, strength in loras:
             for module, delta in lora_deltas(pipe, path, strength):
                 saved.setdefault(module, module.weight.data)
-                module.weight.data = module.weight.data + delta.to(module.weight)
+                weight = module.weight.data  # merged in the run's dtype when an offloaded fp16 weight is cast as it runs
+                dtype = torch.promote_types(weight.dtype, pipe.dtype)
+                module.weight.data = weight.to(dtype) + delta.to(weight.device, dtype)
         yield
     finally:
         for module, weight in saved.items():

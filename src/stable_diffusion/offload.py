@@ -14,16 +14,22 @@ On a CPU the device is the home itself: nothing is copied, and sending a unit ho
 mapped weights, which the kernel reads back from the page cache when they are next used. The resident set then
 holds the running unit's weights instead of the whole model. Weights that are not mapped (random presets,
 ``.ckpt`` files, weights converted to another dtype at load) cannot be released and stay resident.
-Offloaded models keep the file's memory layout (no channels-last copy), so their weights stay mapped."""
+Offloaded models keep the file's memory layout (no channels-last copy), so their weights stay mapped.
+
+Homes keep the file's dtype when the run computes in a wider one (an fp16 file run in fp32, the CPU's default):
+a unit's weights are cast as they reach the device, as ComfyUI's "manual cast" does. The cast is exact (every
+fp16 value is an fp32 value), so the numbers are those of a model converted at load, and the homes stay mapped
+(half the bytes, and releasable)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .checkpoints.mapped import release
+from .checkpoints.mapped import is_mapped, release
 from .models.attention import GEGLU
 
 MODES = ("none", "model", "sequential")
@@ -38,6 +44,7 @@ class Offload:
         if mode not in MODES[1:]:
             raise ValueError(f"offload must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode, self.device = mode, device
+        self.dtype: torch.dtype | None = None  # the compute dtype floating weights are cast to on the device
         self.components = components
         self.active: str | None = None  # model mode: the component on the device
         self.homes: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}  # id(unit) -> its weights' homes
@@ -73,7 +80,11 @@ class Offload:
         homes = self.homes[id(unit)] = []
         for owner, name, tensor in _tensors(unit, recurse):
             homes.append((owner, name, tensor))
-            _set(owner, name, tensor.to(self.device, non_blocking=True))
+            dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
+            running = tensor.to(self.device, dtype, non_blocking=True)
+            _set(owner, name, running)
+            if self.device.type == "cpu" and running.data_ptr() != tensor.data_ptr():
+                release(tensor)  # cast into a copy: the mapped pages it was read from are not needed while it runs
 
     def _unload(self, unit: nn.Module, recurse: bool) -> None:
         for owner, name, home in self.homes.pop(id(unit), []):
@@ -115,3 +126,34 @@ def _set(owner: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._parameters[name].data = tensor
     else:
         owner._buffers[name] = tensor
+
+
+def casts_as_it_runs(module: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether an offloaded ``module`` run in ``dtype`` keeps its weights in their own, narrower dtype."""
+    home = next((p.dtype for p in module.parameters() if p.is_floating_point()), dtype)
+    return torch.finfo(dtype).bits > torch.finfo(home).bits
+
+
+def replacing(module: nn.Module, change: object) -> None:
+    """``change(module)``, then give back the mapped pages of every weight it replaced with a new tensor."""
+    before = [t for t in [*module.parameters(), *module.buffers()] if is_mapped(t)]
+    old = {t.data_ptr(): t.data for t in before}
+    change(module)
+    kept = {t.data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    for pointer, tensor in old.items():
+        if pointer not in kept:
+            release(tensor)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on a device now: CUDA's free memory, or the host's available memory (Linux MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

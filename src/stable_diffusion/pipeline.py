@@ -5,7 +5,6 @@ a diffusers folder, or a preset name (random weights, for tests and benchmarks).
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from .checkpoints.detect import VAE_PREFIX, detect_config, detect_vae
 from .checkpoints.errors import CheckpointError, first_line
 from .checkpoints.hashes import model_hash
 from .checkpoints.io import read_state_dict, write_safetensors
-from .checkpoints.mapped import is_mapped, release
+from .checkpoints.mapped import release
 from .checkpoints.single_file import CONFIG_METADATA_KEY, join_components, split_components
 from .generate import StepCallback, generate
 from .models.attention import CrossAttention
@@ -34,7 +33,7 @@ from .models.tome import set_token_merging
 from .models.unet import UNetModel
 from .models.vae import AttnBlock, AutoencoderKL
 from .offload import MODES as OFFLOAD_MODES
-from .offload import Offload
+from .offload import Offload, casts_as_it_runs, free_memory, replacing
 from .request import GenerationRequest
 
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "builtin.safetensors"
@@ -94,12 +93,17 @@ class Pipeline:
         return mods
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
-        """Move and cast the weights (with offload: cast them, and run on ``device``). Weights that a cast or a
-        move replaces give their memory-mapped pages back."""
+        """Move and cast the weights (with offload: run on ``device`` in ``dtype``, the weights resting where
+        they are, in their own dtype when ``dtype`` is wider: offload.py). Weights that a cast or a move
+        replaces give their memory-mapped pages back."""
         if self.offload is not None and device is not None:
             self.offload.device, device = torch.device(device), None
         for module in self.modules().values():
-            _replacing(module, lambda m: m.to(device=device, dtype=dtype))
+            if self.offload is not None and dtype is not None:
+                self.offload.dtype = module.compute_dtype = dtype
+                if casts_as_it_runs(module, dtype):
+                    continue  # cast unit by unit as it runs
+            replacing(module, lambda m: m.to(device=device, dtype=dtype))
         return self
 
     def enable_offload(self, mode: str, device: str | torch.device | None = None) -> Pipeline:
@@ -109,11 +113,14 @@ class Pipeline:
         if mode not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {mode!r}")
         device = torch.device(device) if device is not None else self.device
+        compute = self.offload.dtype if self.offload is not None else None
         if self.offload is not None:
             self.offload.remove()
             self.offload = None
+            for module in self.modules().values():
+                module.__dict__.pop("compute_dtype", None)
         if mode == "none":
-            return self.to(device)
+            return self.to(device, compute)
         self.to("cpu")
         entries = {"unet": [self.unet], "vae": [self.vae.encoder, self.vae.quant_conv, self.vae.post_quant_conv,
                                                 self.vae.decoder]}
@@ -212,34 +219,9 @@ class Pipeline:
             module.eval()
         pipe.stored_dtype = pipe.unet.dtype
         for module in (pipe.unet, pipe.vae):  # adopted file tensors arrive contiguous (NCHW)
-            _replacing(module, lambda m: m.to(memory_format=torch.channels_last if channels_last
+            replacing(module, lambda m: m.to(memory_format=torch.channels_last if channels_last
                                               else torch.contiguous_format))
         return pipe
-
-
-def _replacing(module: nn.Module, change: object) -> None:
-    """``change(module)``, then give back the mapped pages of every weight it replaced with a new tensor."""
-    before = [t for t in [*module.parameters(), *module.buffers()] if is_mapped(t)]
-    old = {t.data_ptr(): t.data for t in before}
-    change(module)
-    kept = {t.data_ptr() for t in [*module.parameters(), *module.buffers()]}
-    for pointer, tensor in old.items():
-        if pointer not in kept:
-            release(tensor)
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on a device now: CUDA's free memory, or the host's available memory (Linux MemAvailable)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _adopt(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -391,8 +373,8 @@ def load_pipeline(path_or_name: str | Path | None = None, device: str | torch.de
         dtype = DTYPES[dtype]
     device = resolve_device(device)
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
-    if offloaded:
-        pipe.to(dtype=dtype).enable_offload(offload, device)
+    if offloaded:  # after enable_offload, a wider dtype leaves the file's weights as they are (offload.py)
+        pipe.enable_offload(offload, device).to(dtype=dtype)
     else:
         pipe.to(device=device, dtype=dtype)
     pipe.deepcache, pipe.deepcache_branch = deepcache, resolve_branch(pipe.unet, deepcache, deepcache_branch)

@@ -104,7 +104,7 @@ class CLIPTextModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_model.final_layer_norm.weight.dtype
+        return self.__dict__.get("compute_dtype") or self.text_model.final_layer_norm.weight.dtype  # as UNet.dtype
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1,
                 token_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -207,7 +207,7 @@ class UNetModel(Encoder):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.out[2].weight.dtype
+        return self.__dict__.get("compute_dtype") or self.out[2].weight.dtype  # offload.py: weights may rest in another
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None) -> torch.Tensor:

@@ -206,7 +206,7 @@ class AutoencoderKL(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype
+        return self.__dict__.get("compute_dtype") or self.quant_conv.weight.dtype  # as UNet.dtype
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self._moments(x))
