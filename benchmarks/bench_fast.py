@@ -164,5 +164,6 @@ def main() -> None:
         print(f"{name:<26}{min(times):>11.1f}{spread:>14}{ratio:>14}{rss:>13.0f}{db:>9}{cells[0]:>12}{cells[1]:>12}",
               flush=True)
 
+
 if __name__ == "__main__":
     main()

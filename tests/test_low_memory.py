@@ -137,6 +137,9 @@ def test_offload_keeps_an_fp16_file_in_fp16_and_computes_in_fp32(builtin, tmp_pa
         assert module.weight.dtype == torch.float32
         torch.testing.assert_close(module.weight, before.float() + delta)
     assert torch.equal(module.weight, before) and mapped.is_mapped(module.weight)  # the file's weight again
+    pipe.enable_offload("sequential" if mode == "model" else "model")  # another mode: still fp16 run in fp32
+    assert pipe.dtype == torch.float32 and all(p.dtype == torch.float16 for p in pipe.unet.parameters())
+    assert psnr(pipe.txt2img(PROMPT, seed=3, steps=8)[0], image) >= 60
     pipe.enable_offload("none")
     assert pipe.dtype == torch.float32 and all(p.dtype == torch.float32 for p in pipe.unet.parameters())
 

@@ -98,9 +98,11 @@ class Pipeline:
         replaces give their memory-mapped pages back."""
         if self.offload is not None and device is not None:
             self.offload.device, device = torch.device(device), None
+        if self.offload is not None and dtype is not None:
+            self.offload.dtype = dtype
         for module in self.modules().values():
             if self.offload is not None and dtype is not None:
-                self.offload.dtype = module.compute_dtype = dtype
+                module.compute_dtype = dtype
                 if casts_as_it_runs(module, dtype):
                     continue  # cast unit by unit as it runs
             replacing(module, lambda m: m.to(device=device, dtype=dtype))
@@ -126,7 +128,7 @@ class Pipeline:
                                                 self.vae.decoder]}
         entries.update({f"text_encoder_{i}": [te] for i, te in enumerate(self.text_encoders)})
         self.offload = Offload(self.modules(), entries, mode, device)
-        return self
+        return self.to(dtype=compute) if compute is not None else self  # a mode switch keeps the run's dtype
 
     def set_backend(self, name: str, int8: bool = False, int8_vae: bool = False) -> Pipeline:
         """Run the UNet and the VAE decoder on backend ``name`` ("torch", or "openvino" on the CPU: converted once

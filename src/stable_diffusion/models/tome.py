@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 Merge = Callable[[torch.Tensor], torch.Tensor]
-# bumped when merge / unmerge trace to another graph: 2 (2026-12-07) no empty part when every source merges; 3 the
-# gather / scatter-add merge and the one-gather unmerge
+# bumped when a cached merge / unmerge graph would compile or compute differently from today's code: 2 (2026-12-07)
+# no empty part when every source merges; 3 the gather / scatter-add merge and the one-gather unmerge
 GRAPH_VERSION = 3
 
 
@@ -44,28 +44,24 @@ def bipartite_soft_matching(x: torch.Tensor, height: int, width: int, ratio: flo
     is_dst[: hd * 2: 2, : wd * 2: 2] = True
     is_dst = is_dst.reshape(n)
     dst_pos, src_pos = is_dst.nonzero().squeeze(1), (~is_dst).nonzero().squeeze(1)
-    ns, nd = src_pos.numel(), dst_pos.numel()
-    r = min(int(n * ratio), ns)
+    r = min(int(n * ratio), src_pos.numel())
     with torch.no_grad():
         metric = x / x.norm(dim=-1, keepdim=True)
         scores = metric[:, src_pos] @ metric[:, dst_pos].transpose(1, 2)  # (B, Ns, Nd) cosine similarities
         best, best_dst = scores.max(dim=-1)  # each source token's closest destination
         order = best.argsort(dim=-1, descending=True)
         merged, kept = order[:, :r], order[:, r:]  # (B, r) sources merged away; (B, nk) sources kept
-        # the merged tensor: the nk kept sources' slots, then the nd destinations'; sizes taken from tensors, not
-        # computed (a traced ns - r has no lower bound in OpenVINO's shape inference, which then fails)
+        # the merged tensor: the nk kept sources' slots, then the destinations'; sizes taken from tensors, not
+        # computed (a traced Ns - r has no lower bound in OpenVINO's shape inference, which then fails)
         nk = kept.shape[1]
         into = best_dst.gather(1, merged) + nk  # (B, r) the slots of their destinations
-        dst_slots = (torch.arange(nd, device=x.device) + nk).expand(b, -1)
-        src_slot = torch.empty(b, ns, dtype=torch.long, device=x.device)  # (B, Ns) each source's slot
-        if nk:  # no empty part in the graph: every source merges from ratio 0.75, and a compiled graph cannot hold one
-            src_slot.scatter_(1, kept, torch.arange(nk, device=x.device).expand(b, -1))
-        src_slot.scatter_(1, merged, into)
-        slot = torch.empty(b, n, dtype=torch.long, device=x.device)  # (B, N) each position's slot
-        slot[:, src_pos] = src_slot
-        slot[:, dst_pos] = dst_slots
-        own = torch.cat([src_pos[kept], dst_pos.expand(b, -1)], 1) if nk else dst_pos.expand(b, -1)  # (B, M)
+        # (B, M) the position each slot starts from; no empty part in the graph (every source merges from ratio
+        # 0.75, and a compiled graph cannot hold one)
+        own = torch.cat([src_pos[kept], dst_pos.expand(b, -1)], 1) if nk else dst_pos.expand(b, -1)
         merged_pos = src_pos[merged]  # (B, r) the positions merged away
+        slots = torch.arange(own.shape[1], device=x.device).expand(b, -1)
+        slot = torch.empty(b, n, dtype=torch.long, device=x.device).scatter_(1, own, slots)  # (B, N): each
+        slot.scatter_(1, merged_pos, into)  # position's slot, its own or its destination's
         count = torch.ones_like(own, dtype=x.dtype).scatter_add(1, into, torch.ones_like(into, dtype=x.dtype))
         count = count.unsqueeze(-1)  # (B, M, 1) the tokens averaged into each slot
 
