@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -145,10 +146,10 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = train(smoke_config(tmp_path / "a"), progress=False)
     real = data_module.make_batch
 
-    def crash_at_unet_step_3(data, folder, step, batch_size, rank=0, world=1, caption_dropout=None):
+    def crash_at_unet_step_3(data, folder, step, batch_size, rank=0, world=1, caption_dropout=None, **options):
         if step == 3 and caption_dropout is None:
             raise KeyboardInterrupt
-        return real(data, folder, step, batch_size, rank, world, caption_dropout)
+        return real(data, folder, step, batch_size, rank, world, caption_dropout, **options)
 
     config = smoke_config(tmp_path / "b")
     monkeypatch.setattr("stable_diffusion.training.train.make_batch", crash_at_unet_step_3)
@@ -183,10 +184,10 @@ def test_refine_stage_trains_on_at_its_own_rate_and_latent_scale_and_resumes_exa
 
     real, calls = data_module.make_batch, []
 
-    def crash_at_refine_step_3(data, folder, step, batch_size, rank=0, world=1, caption_dropout=None):
+    def crash_at_refine_step_3(data, folder, step, batch_size, rank=0, world=1, caption_dropout=None, **options):
         if caption_dropout is None and len(calls.append(batch_size) or calls) == 4 + 3:
             raise KeyboardInterrupt  # the unet stage's 4 batches, then the refine stage's third
-        return real(data, folder, step, batch_size, rank, world, caption_dropout)
+        return real(data, folder, step, batch_size, rank, world, caption_dropout, **options)
 
     config = refine_config("b")
     monkeypatch.setattr("stable_diffusion.training.train.make_batch", crash_at_refine_step_3)
@@ -433,6 +434,29 @@ def test_latent_std_sets_the_scaled_latents_spread_and_refits_a_base_model(tmp_p
     assert scaled_std(Trainer(kept, progress=False)) == pytest.approx(3.0, rel=0.05)
     with pytest.raises(ValueError, match=r"^\[vae\] latent_std: Input should be greater than or equal to 0"):
         parse_config({"vae": {"latent_std": -1.0}})
+
+
+def test_the_decoder_stage_trains_the_decoder_alone_so_the_latents_stay(tmp_path):
+    """``stages = ["decoder"]`` on a base model: the decoder and post_quant_conv learn (on free layouts too), the
+    encoder, the UNet, the text encoder and the scaling factor stay bit for bit, so the UNet still fits."""
+    base = train(smoke_config(tmp_path / "base"), progress=False)
+    config = smoke_config(tmp_path / "tuned", base_model=str(base), stages=["decoder"])
+    config.decoder.steps, config.decoder.batch_size, config.decoder.free_fraction = 3, 4, 0.5
+    config.vae.object_weight, config.vae.object_margin = 10.0, 1
+    tuned = train(config, progress=False)
+    before, after = _weights(base), _weights(tuned)
+    assert set(before) == set(after)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    decoder = {k for k in before if k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))}
+    assert moved and moved <= decoder and len(moved) > len(decoder) // 2
+    assert load_pipeline(tuned).config.vae.scaling_factor == load_pipeline(base).config.vae.scaling_factor
+    records = [json.loads(line) for line in (tuned.parent / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "decoder"] == [1, 2, 3]
+    for bad, words in [({"train": {"stages": ["decoder"]}}, '"decoder" needs a VAE'),
+                       ({"data": {"kind": "folder", "path": "x"}, "decoder": {"free_fraction": 0.5}},
+                        "[decoder] free_fraction: only for shapes data")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            parse_config(bad)
 
 
 def test_a_config_names_its_base_and_states_only_what_it_changes(tmp_path):

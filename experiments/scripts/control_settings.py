@@ -28,11 +28,13 @@ def main() -> None:
     parser.add_argument("n", type=int)
     parser.add_argument("settings", nargs="+")
     parser.add_argument("--two", action="store_true", help="two-object free layouts instead of single objects")
+    parser.add_argument("--seed", type=int, default=0, help="the prompt set, as `sd eval --control --seed`")
+    parser.add_argument("--model", default="builtin", help="the base model (a fine-tuned decoder, say)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     kind = "two objects, free layout" if args.two else "one object, free layout"
-    pipe = load_pipeline("builtin")
-    scenes = heldout_scenes(args.n, seed=1 + list(KINDS).index(kind), two_object=args.two, free=True)
+    pipe = load_pipeline(args.model)
+    scenes = heldout_scenes(args.n, seed=args.seed + 1 + list(KINDS).index(kind), two_object=args.two, free=True)
     drawn = [np.asarray(render(s, 64, layout=True).convert("L")) > 127 for s in scenes]
     rebuilt = vae_reconstruct(pipe, [render(s, 64) for s in scenes])[2]
     ceiling = [iou(object_mask(im, BACKGROUNDS[s.background]), d) for im, s, d in zip(rebuilt, scenes, drawn)]
@@ -42,7 +44,7 @@ def main() -> None:
         ious, verdicts = [], []
         for i, scene in enumerate(scenes):
             layout = render(scene, 64, layout=True)
-            image = pipe.txt2img(scene.caption, seed=i, width=64, height=64,
+            image = pipe.txt2img(scene.caption, seed=args.seed + i, width=64, height=64,
                                  controls=[ControlUnit(layout, args.control, resize_mode=0, **unit)], **fields)[0]
             ious.append(iou(object_mask(image, BACKGROUNDS[scene.background]), drawn[i]))
             verdicts.append(judge(read_image(image), scene)["all"])

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..models.configs import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
-Stage = Literal["vae", "unet", "refine", "lora", "clip", "controlnet"]
+Stage = Literal["vae", "decoder", "unet", "refine", "lora", "clip", "controlnet"]
 Fraction = Field(ge=0.0, le=1.0)
 
 
@@ -131,6 +131,17 @@ class VAESection(_Section):
     latent_std: float = Field(0.0, ge=0)
 
 
+class DecoderSection(_Section):
+    """The "decoder" stage: the VAE's decoder fine-tuned with its encoder frozen, as Stability's ft-EMA / ft-MSE
+    decoders for SD1.x: the latents stay the same, so the UNet and every ControlNet trained on them still fit. The
+    loss is the VAE stage's ([vae] kl_weight aside: object_weight, object_contrast, object_margin, disc_*)."""
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    free_fraction: float = Field(0.0, ge=0, le=1)  # shapes: scenes at free positions and sizes (as layouts place them)
+
+
 class RefineSection(_Section):
     """The "refine" stage: after "unet", Algorithm 1 again from its EMA weights with a fresh optimiser, a lower
     learning rate and optionally a refitted latent scale: a curriculum in one run (train at LDM's unit latent
@@ -215,6 +226,7 @@ class TrainConfig(_Section):
     clip: ClipSection = Field(default_factory=ClipSection)
     refine: RefineSection = Field(default_factory=RefineSection)
     controlnet: ControlNetSection = Field(default_factory=ControlNetSection)
+    decoder: DecoderSection = Field(default_factory=DecoderSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -225,6 +237,12 @@ class TrainConfig(_Section):
         if self.data.kind == "folder" and (self.controlnet.free_fraction or self.controlnet.outline_fraction):
             raise ValueError("[controlnet] free_fraction, outline_fraction: only for shapes data (a folder dataset "
                              "brings its own control images)")
+        if self.data.kind == "folder" and self.decoder.free_fraction:
+            raise ValueError("[decoder] free_fraction: only for shapes data")
+        if "decoder" in self.train.stages and not (self.train.base_model or self.vae.checkpoint) and \
+                "vae" not in self.train.stages[:self.train.stages.index("decoder")]:
+            raise ValueError("[train] stages: \"decoder\" needs a VAE: base_model, [vae] checkpoint, or the \"vae\" "
+                             "stage before")
         if "controlnet" in self.train.stages and not self.train.base_model and \
                 "unet" not in self.train.stages[:self.train.stages.index("controlnet")]:
             raise ValueError("[train] stages: \"controlnet\" needs a model: base_model, or the \"unet\" stage before")

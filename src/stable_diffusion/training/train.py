@@ -87,10 +87,10 @@ class Trainer:
             loss_curve(self.log.records(), self.out / "loss.png")
         return ema
 
-    def _images(self, step: int, micro: int, batch_size: int, dropout: float | None = None):
+    def _images(self, step: int, micro: int, batch_size: int, dropout: float | None = None, free_fraction: float = 0.0):
         index = step * self.config.train.grad_accum + micro
         images, captions = make_batch(self.config.data, self.folder, index, batch_size, self.dist.rank,
-                                      self.dist.world, dropout)
+                                      self.dist.world, dropout, free_fraction=free_fraction)
         return images.to(self.device), captions
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
@@ -110,6 +110,25 @@ class Trainer:
 
         self._run(spec, batch).copy_to(spec.module)
         self._fit_scaling_factor(v.latent_std)
+
+    def train_decoder(self) -> None:
+        """The decoder (and post_quant_conv) alone, on the VAE stage's loss, the encoder frozen: the latent space and
+        so the scaling factor stay as they are."""
+        d, v = self.config.decoder, self.config.vae
+        vae = self.pipe.vae
+        vae.requires_grad_(False)
+        vae.decoder.requires_grad_(True)
+        vae.post_quant_conv.requires_grad_(True)
+        loss = VAELoss(vae, 0.0, v.disc_weight, v.disc_channels, v.disc_layers, v.object_weight, v.object_contrast,
+                       v.object_margin).to(self.device)
+        spec = self._spec("decoder", loss, d.steps, d.learning_rate, d.warmup_steps)
+
+        def batch(step: int, micro: int):
+            images = self._images(step, micro, d.batch_size, 0.0, d.free_fraction)[0]
+            return images, self._generator(step, micro), step >= v.disc_start
+
+        self._run(spec, batch).copy_to(spec.module)
+        vae.requires_grad_(False)
 
     def _fit_scaling_factor(self, latent_std: float) -> None:
         """LDM's scale: latents * factor have standard deviation ``[vae] latent_std`` (1 in LDM, and when 0), so
@@ -277,7 +296,7 @@ class Trainer:
         for stage in self.config.train.stages:
             getattr(self, f"train_{stage}")()
         model_path = self.out / "model.safetensors"
-        if self.dist.main and {"vae", "unet", "refine"} & set(self.config.train.stages):
+        if self.dist.main and {"vae", "decoder", "unet", "refine"} & set(self.config.train.stages):
             self.pipe.save(model_path, dtype=self.config.train.export_dtype)
             (self.out / "config.json").write_text(json.dumps(self.config.model_dump(), indent=1))
         return model_path
