@@ -103,13 +103,17 @@ class Trainer:
                        v.object_contrast, v.object_margin)
         loss = loss.to(self.device)
         spec = self._spec("vae", loss, v.steps, v.learning_rate)
-
-        def batch(step: int, micro: int):
-            images = self._images(step, micro, v.batch_size, 0.0)[0]
-            return images, self._generator(step, micro), step >= v.disc_start
-
-        self._run(spec, batch).copy_to(spec.module)
+        self._run(spec, self._reconstruction_batch(v.batch_size)).copy_to(spec.module)
         self._fit_scaling_factor(v.latent_std)
+
+    def _reconstruction_batch(self, batch_size: int, free_fraction: float = 0.0):
+        """The vae and decoder stages' batches: images, the posterior's sampling generator, whether the
+        discriminator's term plays yet."""
+        def batch(step: int, micro: int):
+            images = self._images(step, micro, batch_size, 0.0, free_fraction)[0]
+            return images, self._generator(step, micro), step >= self.config.vae.disc_start
+
+        return batch
 
     def train_decoder(self) -> None:
         """The decoder (and post_quant_conv) alone, on the VAE stage's loss, the encoder frozen: the latent space and
@@ -122,12 +126,7 @@ class Trainer:
         loss = VAELoss(vae, 0.0, v.disc_weight, v.disc_channels, v.disc_layers, v.object_weight, v.object_contrast,
                        v.object_margin).to(self.device)
         spec = self._spec("decoder", loss, d.steps, d.learning_rate, d.warmup_steps)
-
-        def batch(step: int, micro: int):
-            images = self._images(step, micro, d.batch_size, 0.0, d.free_fraction)[0]
-            return images, self._generator(step, micro), step >= v.disc_start
-
-        self._run(spec, batch).copy_to(spec.module)
+        self._run(spec, self._reconstruction_batch(d.batch_size, d.free_fraction)).copy_to(spec.module)
         vae.requires_grad_(False)
 
     def _fit_scaling_factor(self, latent_std: float) -> None:
